@@ -1,0 +1,78 @@
+# Shared helpers for the local cluster scripts. Sourced, not run.
+# Every background process is recorded in $PIDS/<name>.pid and stopped by
+# that pid, never by name.
+
+E2E="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$E2E/.." && pwd)"
+STATE="${LOCALKUBE_STATE:-$E2E/.state}"
+PIDS="$STATE/pids"
+LOGS="$STATE/logs"
+BIN="$E2E/.bin"
+LOCALKUBE="$BIN/localkube"
+
+# Loopback ports; each can be moved with its environment variable.
+APISERVER_PORT="${LOCALKUBE_APISERVER_PORT:-16443}"
+ETCD_PORT="${LOCALKUBE_ETCD_PORT:-12379}"
+ETCD_PEER_PORT="${LOCALKUBE_ETCD_PEER_PORT:-12380}"
+KCM_PORT="${LOCALKUBE_KCM_PORT:-16445}"
+SCHEDULER_PORT="${LOCALKUBE_SCHEDULER_PORT:-16446}"
+KWOK_PORT="${LOCALKUBE_KWOK_PORT:-16447}"
+WAREHOUSE_PORT="${LOCALKUBE_WAREHOUSE_PORT:-15432}"
+NODES="local-node-0,local-node-1"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+pid_alive() { # name
+  local f="$PIDS/$1.pid"
+  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+# start_bg NAME CMD...: start CMD in the background (own session), log to
+# $LOGS/NAME.log, record its pid.
+start_bg() {
+  local name=$1; shift
+  mkdir -p "$PIDS" "$LOGS"
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo $! > "$PIDS/$name.pid"
+}
+
+# stop_pid NAME [GRACE]: SIGTERM the recorded pid (and its process group),
+# SIGKILL after GRACE seconds (default 10), remove the pid file.
+stop_pid() {
+  local name=$1 grace=${2:-10} f="$PIDS/$1.pid" pid i
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < grace * 10; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "$name (pid $pid) did not stop in ${grace}s; SIGKILL"
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$f"
+}
+
+# wait_for DESC TIMEOUT_SECONDS PIDNAME CMD...: poll CMD until it succeeds;
+# fail with the component's log tail if its process died or time ran out.
+wait_for() {
+  local desc=$1 timeout=$2 name=$3; shift 3
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if [ -n "$name" ] && ! pid_alive "$name"; then
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      die "$desc: $name exited (log: $LOGS/$name.log)"
+    fi
+    if ((SECONDS >= deadline)); then
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      die "$desc: not ready after ${timeout}s (log: $LOGS/$name.log)"
+    fi
+    sleep 0.5
+  done
+}
+
+kc() { kubectl --kubeconfig "$STATE/kubeconfig" "$@"; }

@@ -1,0 +1,161 @@
+package tests
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// applyCRD installs crds/ (generated from src/crd.rs) and waits until the
+// API server serves the DataSource type.
+func applyCRD(t *testing.T) {
+	t.Helper()
+	crd := filepath.Join(repoRoot(), "crds", "datasource.yaml")
+	if _, stderr, err := kubectl(t, "", "apply", "--server-side", "--force-conflicts", "-f", crd); err != nil {
+		t.Fatalf("apply %s: %v\n%s", crd, err, stderr)
+	}
+	if _, stderr, err := kubectl(t, "", "wait", "--for=condition=Established", "crd/datasources.shardpool.dev", "--timeout=60s"); err != nil {
+		t.Fatalf("CRD not established: %v\n%s", err, stderr)
+	}
+}
+
+func dataSource(ns, name, spec string) string {
+	return fmt.Sprintf("apiVersion: shardpool.dev/v1alpha1\nkind: DataSource\nmetadata:\n  name: %s\n  namespace: %s\nspec:\n%s", name, ns, spec)
+}
+
+const goodSpec = `  host: warehouse.example.com
+  port: 5432
+  database: sales
+  user: bi_reader
+  passwordSecretRef: {name: sales-db, key: password}
+  tls: {mode: prefer}
+  pool: {minIdle: 2, maxSize: 12, connectTimeout: 5s, acquireTimeout: 2s, idleTimeout: 10m, maxLifetime: 1h, statementTimeout: 30s}
+`
+
+// withField replaces (or, with an empty value, removes) one line of goodSpec
+// that starts with the given key.
+func withField(key, line string) string {
+	var out []string
+	for _, l := range strings.Split(strings.TrimRight(goodSpec, "\n"), "\n") {
+		if strings.HasPrefix(strings.TrimSpace(l), key+":") {
+			if line != "" {
+				out = append(out, "  "+line)
+			}
+			continue
+		}
+		out = append(out, l)
+	}
+	return strings.Join(out, "\n") + "\n"
+}
+
+func withPool(pool string) string { return withField("pool", "pool: "+pool) }
+
+// Every bad DataSource is rejected by the API server at admission, with a
+// message that names the offending field.
+func TestDataSourceSchemaRejectsBadResources(t *testing.T) {
+	c := client(t)
+	applyCRD(t)
+	ns := tempNamespace(t, c, "schema")
+	okPool := "minIdle: 1, maxSize: 4"
+	cases := []struct {
+		name, spec string
+		want       []string
+	}{
+		{"missing-host", withField("host", ""), []string{"spec.host", "Required"}},
+		{"port-zero", withField("port", "port: 0"), []string{"spec.port", "greater than or equal to 1"}},
+		{"port-too-big", withField("port", "port: 70000"), []string{"spec.port", "less than or equal to 65535"}},
+		{"port-not-a-number", withField("port", `port: "5432"`), []string{"spec.port", "integer"}},
+		{"min-idle-above-max-size", withPool("{minIdle: 20, maxSize: 10}"), []string{"spec.pool.minIdle", "minIdle must not exceed maxSize"}},
+		{"max-size-zero", withPool("{minIdle: 0, maxSize: 0}"), []string{"spec.pool.maxSize", "greater than or equal to 1"}},
+		{"max-size-too-big", withPool("{minIdle: 1, maxSize: 5000}"), []string{"spec.pool.maxSize", "less than or equal to 1000"}},
+		{"min-idle-negative", withPool("{minIdle: -1, maxSize: 4}"), []string{"spec.pool.minIdle", "greater than or equal to 0"}},
+		{"duration-words", withPool("{" + okPool + ", connectTimeout: 10 seconds}"), []string{"spec.pool.connectTimeout", "should match"}},
+		{"duration-days", withPool("{" + okPool + ", maxLifetime: 1d}"), []string{"spec.pool.maxLifetime", "should match"}},
+		{"unknown-tls-mode", withField("tls", "tls: {mode: verify-ca}"), []string{"spec.tls.mode", "Unsupported value", "verify-full"}},
+		{"verify-full-without-ca", withField("tls", "tls: {mode: verify-full}"), []string{"spec.tls.caSecretRef", "verify-full needs caSecretRef"}},
+		{"empty-secret-key", withField("passwordSecretRef", "passwordSecretRef: {name: sales-db, key: \"\"}"), []string{"spec.passwordSecretRef.key", "at least 1"}},
+		{"secret-name-uppercase", withField("passwordSecretRef", "passwordSecretRef: {name: Sales_DB, key: password}"), []string{"spec.passwordSecretRef.name", "should match"}},
+		{"missing-password-secret-ref", withField("passwordSecretRef", ""), []string{"spec.passwordSecretRef", "Required"}},
+		{"unknown-field", goodSpec + "  hostname: other.example.com\n", []string{"unknown field", "spec.hostname"}},
+		{"database-64-chars", withField("database", "database: "+strings.Repeat("d", 64)), []string{"spec.database", "Too long", "63"}},
+		{"database-64-bytes", withField("database", "database: "+strings.Repeat("é", 32)), []string{"spec.database", "63 bytes"}},
+		{"empty-user", withField("user", `user: ""`), []string{"spec.user", "at least 1"}},
+		{"host-with-space", withField("host", "host: db host"), []string{"spec.host", "should match"}},
+		{"paused-not-bool", goodSpec + "  paused: \"yes\"\n", []string{"spec.paused", "boolean"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, stderr, err := kubectl(t, dataSource(ns, tc.name, tc.spec), "apply", "-f", "-")
+			if err == nil {
+				t.Fatalf("accepted; want a rejection naming %v", tc.want)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("rejection does not mention %q:\n%s", w, stderr)
+				}
+			}
+		})
+	}
+	// Nothing bad was stored.
+	out, _, err := kubectl(t, "", "get", "datasources", "-n", ns, "-o", "name")
+	if err != nil || strings.TrimSpace(out) != "" {
+		t.Fatalf("bad DataSources were stored: %q (%v)", out, err)
+	}
+}
+
+// Good DataSources are accepted, defaults are filled in by the schema, and
+// the printer columns and short name work.
+func TestDataSourceSchemaAcceptsGoodResources(t *testing.T) {
+	c := client(t)
+	applyCRD(t)
+	ns := tempNamespace(t, c, "schema-ok")
+	good := map[string]string{
+		"full":    goodSpec,
+		"minimal": "  host: 10.0.0.12\n  database: analytics\n  user: bi\n  passwordSecretRef: {name: analytics, key: pw}\n",
+		"ipv6":    "  host: \"fd00::12\"\n  database: x\n  user: y\n  passwordSecretRef: {name: s, key: k}\n",
+		"verify-full": "  host: db.internal\n  database: x\n  user: y\n  passwordSecretRef: {name: s, key: k}\n" +
+			"  tls: {mode: verify-full, caSecretRef: {name: ca, key: ca.crt}}\n  pool: {minIdle: 0, maxSize: 1000}\n  paused: true\n",
+		"database-63-bytes": withField("database", "database: "+strings.Repeat("é", 31)+"x"),
+	}
+	for name, spec := range good {
+		if _, stderr, err := kubectl(t, dataSource(ns, name, spec), "apply", "-f", "-"); err != nil {
+			t.Errorf("%s rejected: %v\n%s", name, err, stderr)
+		}
+	}
+	out, _, err := kubectl(t, "", "get", "datasource", "minimal", "-n", ns, "-o", "jsonpath={.spec.port} {.spec.pool.minIdle} {.spec.pool.maxSize} {.spec.tls.mode} {.spec.pool.connectTimeout}")
+	if err != nil || out != "5432 1 10 prefer 10s" {
+		t.Errorf("defaults: got %q (%v), want \"5432 1 10 prefer 10s\"", out, err)
+	}
+	var header string
+	eventually(t, 10*time.Second, "kubectl get ds lists the sources", func() (bool, error) {
+		out, _, err := kubectl(t, "", "get", "ds", "-n", ns)
+		if err != nil {
+			return false, err
+		}
+		header = strings.SplitN(out, "\n", 2)[0]
+		return strings.Count(out, "\n") == len(good)+1, nil
+	})
+	for _, col := range []string{"NAME", "SHARD", "PHASE", "OPEN", "AGE"} {
+		if !strings.Contains(header, col) {
+			t.Errorf("printer columns %q lack %s", header, col)
+		}
+	}
+}
+
+// kubectl explain teaches the resource from the schema's descriptions.
+func TestDataSourceExplain(t *testing.T) {
+	applyCRD(t)
+	var out string
+	eventually(t, 20*time.Second, "kubectl explain datasource.spec.pool", func() (bool, error) {
+		o, _, err := kubectl(t, "", "explain", "datasource.spec.pool")
+		out = o
+		return err == nil && strings.Contains(o, "minIdle"), err
+	})
+	for _, want := range []string{"minIdle", "Connections kept open even when idle", "maxSize", "acquireTimeout", "ms, s, m, h"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("kubectl explain datasource.spec.pool lacks %q:\n%s", want, out)
+		}
+	}
+}
