@@ -76,3 +76,10 @@ wait_for() {
 }
 
 kc() { kubectl --kubeconfig "$STATE/kubeconfig" "$@"; }
+
+# ensure_helm: build helm from the version pinned in e2e/tools/go.mod.
+HELM="$BIN/helm"
+ensure_helm() {
+  mkdir -p "$BIN"
+  (cd "$E2E/tools" && go build -o "$HELM" helm.sh/helm/v3/cmd/helm) || die "building helm failed (see above)"
+}

@@ -12,6 +12,7 @@ import (
 // API server serves the DataSource type.
 func applyCRD(t *testing.T) {
 	t.Helper()
+	restConfig(t) // fails clearly without a cluster
 	crd := filepath.Join(repoRoot(), "crds", "datasource.yaml")
 	if _, stderr, err := kubectl(t, "", "apply", "--server-side", "--force-conflicts", "-f", crd); err != nil {
 		t.Fatalf("apply %s: %v\n%s", crd, err, stderr)
@@ -114,8 +115,8 @@ func TestDataSourceSchemaAcceptsGoodResources(t *testing.T) {
 	good := map[string]string{
 		"full":    goodSpec,
 		"minimal": "  host: 10.0.0.12\n  database: analytics\n  user: bi\n  passwordSecretRef: {name: analytics, key: pw}\n",
-		"ipv6":    "  host: \"fd00::12\"\n  database: x\n  user: y\n  passwordSecretRef: {name: s, key: k}\n",
-		"verify-full": "  host: db.internal\n  database: x\n  user: y\n  passwordSecretRef: {name: s, key: k}\n" +
+		"ipv6":    "  host: \"fd00::12\"\n  database: x\n  user: reporter\n  passwordSecretRef: {name: s, key: k}\n",
+		"verify-full": "  host: db.internal\n  database: x\n  user: reporter\n  passwordSecretRef: {name: s, key: k}\n" +
 			"  tls: {mode: verify-full, caSecretRef: {name: ca, key: ca.crt}}\n  pool: {minIdle: 0, maxSize: 1000}\n  paused: true\n",
 		"database-63-bytes": withField("database", "database: "+strings.Repeat("é", 31)+"x"),
 	}
@@ -129,8 +130,9 @@ func TestDataSourceSchemaAcceptsGoodResources(t *testing.T) {
 		t.Errorf("defaults: got %q (%v), want \"5432 1 10 prefer 10s\"", out, err)
 	}
 	var header string
-	eventually(t, 10*time.Second, "kubectl get ds lists the sources", func() (bool, error) {
-		out, _, err := kubectl(t, "", "get", "ds", "-n", ns)
+	eventually(t, 10*time.Second, "kubectl get dsrc lists the sources", func() (bool, error) {
+		// `ds` is also DaemonSets' short name, which kubectl prefers; `dsrc` is unambiguous.
+		out, _, err := kubectl(t, "", "get", "dsrc", "-n", ns)
 		if err != nil {
 			return false, err
 		}

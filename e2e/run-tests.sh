@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the end-to-end suite (e2e/tests) against the local cluster. Brings the
+# cluster up when it is not, and down again afterwards in that case only, so
+# a `make demo` cluster survives `make test`.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+started=0
+if ! { pid_alive apiserver && [ -f "$STATE/env" ]; }; then
+  "$E2E/up.sh"
+  started=1
+fi
+cleanup() { if [ "$started" = 1 ] && [ -z "${KEEP_CLUSTER:-}" ]; then "$E2E/down.sh"; fi; }
+trap cleanup EXIT
+# shellcheck disable=SC1091
+source "$STATE/env"
+cd "$E2E"
+# Bounded: the whole suite, including waits, must end within the timeout.
+go test ./tests/ -count=1 -timeout 20m -v "$@"

@@ -1,0 +1,390 @@
+//! The `DataSource` custom resource: one customer warehouse that shardpool
+//! keeps a warm pool for. These types are the schema's source of truth:
+//! `shardpool crd` prints the CustomResourceDefinition generated from them,
+//! and every constraint the API server can enforce at admission (required
+//! fields, ranges, enums, patterns, CEL rules) is declared here so that
+//! `kubectl apply` rejects a bad resource before any shardpool process sees it.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of shardpool's resources.
+pub const GROUP: &str = "shardpool.dev";
+
+/// Pattern of every duration field: one or more `<integer><unit>` parts with
+/// units `ms`, `s`, `m`, `h` (for example `500ms`, `30s`, `1h30m`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+
+/// A host name (RFC 1123 labels), an IPv4 address, or an IPv6 address.
+pub const HOST_PATTERN: &str = r"^(([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*\.?|[0-9a-fA-F]*:[0-9a-fA-F:.]*)$";
+
+/// A Kubernetes object name (DNS subdomain).
+pub const OBJECT_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// A key in a Secret's data.
+pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+
+/// A connection pool to one PostgreSQL-compatible warehouse (PostgreSQL,
+/// Redshift, CockroachDB, TimescaleDB, Aurora, ...). shardpool assigns it to
+/// exactly one pool shard, which keeps `pool.minIdle` connections open and
+/// serves queries routed to `<namespace>.<name>`.
+// clippy reads two printcolumns with the same `type_` as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "shardpool.dev",
+    version = "v1alpha1",
+    kind = "DataSource",
+    namespaced,
+    status = "DataSourceStatus",
+    shortname = "ds",
+    shortname = "dsrc",
+    category = "shardpool",
+    doc = "A PostgreSQL-compatible warehouse whose connection pool shardpool keeps warm on exactly one shard.",
+    printcolumn(
+        name = "Shard",
+        type_ = "integer",
+        json_path = ".status.shard",
+        description = "Pool shard that owns this source"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Lifecycle phase"
+    ),
+    printcolumn(
+        name = "Open",
+        type_ = "integer",
+        json_path = ".status.connections.open",
+        description = "Open server connections"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DataSourceSpec {
+    /// Host name or IP address of the warehouse.
+    #[schemars(length(min = 1, max = 253), regex(pattern = HOST_PATTERN))]
+    pub host: String,
+
+    /// TCP port of the warehouse, 1-65535.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Database to connect to (a PostgreSQL identifier: at most 63 bytes).
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = kube::core::Rule::new("size(bytes(self)) <= 63").message("must be at most 63 bytes (PostgreSQL identifier limit)"))]
+    pub database: String,
+
+    /// Role to log in as (a PostgreSQL identifier: at most 63 bytes).
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = kube::core::Rule::new("size(bytes(self)) <= 63").message("must be at most 63 bytes (PostgreSQL identifier limit)"))]
+    pub user: String,
+
+    /// Secret in the same namespace holding the password. It is read by the
+    /// shard that owns the source; a changed value is used for new connections.
+    pub password_secret_ref: SecretKeyRef,
+
+    /// TLS towards the warehouse.
+    #[serde(default)]
+    pub tls: TlsSpec,
+
+    /// Pool sizing and timeouts. Durations are written as `<integer><unit>`
+    /// parts with units ms, s, m, h, for example `500ms`, `30s` or `1h30m`.
+    #[serde(default)]
+    pub pool: PoolSpec,
+
+    /// When true the source's pool is closed and queries to it are refused;
+    /// the assignment to a shard is kept.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_port() -> i32 {
+    5432
+}
+
+/// A key in a Secret of the DataSource's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+    /// Key within the Secret's data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// TLS settings, with libpq's sslmode meanings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.mode != 'verify-full' || has(self.caSecretRef)").message("verify-full needs caSecretRef").field_path(".caSecretRef"))]
+pub struct TlsSpec {
+    /// disable: plain TCP; prefer: TLS when the server offers it; require:
+    /// TLS without certificate checks; verify-full: TLS with the certificate
+    /// chain checked against caSecretRef and the host name checked.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Secret key holding the PEM CA bundle used by verify-full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
+/// libpq-style TLS mode.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    // Plain TCP.
+    Disable,
+    // TLS when the server offers it, plain TCP otherwise.
+    #[default]
+    Prefer,
+    // TLS without certificate verification.
+    Require,
+    // TLS with certificate chain and host name verification.
+    VerifyFull,
+}
+
+/// Pool sizing and timeouts. Durations are written as `<integer><unit>`
+/// parts with units ms, s, m, h, for example `500ms`, `30s` or `1h30m`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.minIdle <= self.maxSize").message("minIdle must not exceed maxSize").field_path(".minIdle"))]
+pub struct PoolSpec {
+    /// Connections kept open even when idle (warm), 0-1000.
+    #[serde(default = "default_min_idle")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_idle: i32,
+    /// Most connections open at once, 1-1000.
+    #[serde(default = "default_max_size")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_size: i32,
+    /// Time allowed to open one server connection (TCP, TLS, authentication).
+    #[serde(default = "default_connect_timeout")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub connect_timeout: String,
+    /// Time a query may wait for a free connection before it fails.
+    #[serde(default = "default_acquire_timeout")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub acquire_timeout: String,
+    /// Idle connections above minIdle are closed after this long.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub idle_timeout: String,
+    /// Connections are replaced after this long, when idle.
+    #[serde(default = "default_max_lifetime")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub max_lifetime: String,
+    /// Server-side statement_timeout for every query; unset means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub statement_timeout: Option<String>,
+}
+
+fn default_min_idle() -> i32 {
+    1
+}
+fn default_max_size() -> i32 {
+    10
+}
+fn default_connect_timeout() -> String {
+    "10s".into()
+}
+fn default_acquire_timeout() -> String {
+    "5s".into()
+}
+fn default_idle_timeout() -> String {
+    "10m".into()
+}
+fn default_max_lifetime() -> String {
+    "1h".into()
+}
+
+impl Default for PoolSpec {
+    fn default() -> Self {
+        Self {
+            min_idle: default_min_idle(),
+            max_size: default_max_size(),
+            connect_timeout: default_connect_timeout(),
+            acquire_timeout: default_acquire_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_lifetime: default_max_lifetime(),
+            statement_timeout: None,
+        }
+    }
+}
+
+/// Observed state, written by the operator (assignment) and the owning shard
+/// (phase, connections), each with its own server-side-apply field manager.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DataSourceStatus {
+    /// Index of the pool shard that owns the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<i32>,
+    /// Lifecycle phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Assigned and Ready conditions, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Server connections of the owning shard's pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnectionCounts>,
+    /// Generation of the spec the shard last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Last connection or configuration error; never contains a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Lifecycle phase of a source.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    // Not yet assigned to a shard, or its shard has not picked it up.
+    Pending,
+    // The shard is opening the pool.
+    Connecting,
+    // minIdle connections are open and queries are served.
+    Ready,
+    // Serving, but below minIdle or with recent connection errors.
+    Degraded,
+    // spec.paused is true: the pool is closed.
+    Paused,
+    // The pool cannot be opened (see lastError).
+    Error,
+}
+
+/// Connection counts of one source's pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionCounts {
+    /// Open server connections.
+    pub open: i32,
+    /// Open and idle.
+    pub idle: i32,
+    /// Open and running a transaction.
+    pub in_use: i32,
+}
+
+/// A duration field that does not match [`DURATION_PATTERN`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid duration {0:?}: expected <integer><unit> parts with units ms, s, m, h")]
+pub struct DurationError(pub String);
+
+/// Parses a duration written as in the schema (`500ms`, `30s`, `1h30m`).
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let err = || DurationError(s.to_owned());
+    if s.is_empty() {
+        return Err(err());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else {
+            return Err(err());
+        };
+        rest = &rest[len..];
+        let part = unit
+            .checked_mul(u32::try_from(n).map_err(|_| err())?)
+            .ok_or_else(err)?;
+        total = total.checked_add(part).ok_or_else(err)?;
+    }
+    Ok(total)
+}
+
+/// The CustomResourceDefinition as YAML, exactly as `crds/datasource.yaml`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let body = serde_yaml::to_string(&DataSource::crd())?;
+    Ok(format!(
+        "# Generated by `shardpool crd` from src/crd.rs; do not edit (run `make generate`).\n{body}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "10", "s", "1d", "1.5s", "-1s", "99999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn duration_pattern_agrees_with_parser() {
+        // The API server checks DURATION_PATTERN; the shard parses. They must
+        // accept exactly the same strings.
+        let re = regex::Regex::new(DURATION_PATTERN).expect("pattern compiles");
+        for s in [
+            "500ms", "1h30m", "10s", "1m1s1ms", "0s", "", "10", "s", "1d", "1.5s", "-1s", "1 s",
+            "5M", "1ms1", "ms",
+        ] {
+            assert_eq!(re.is_match(s), parse_duration(s).is_ok(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn crd_has_names_columns_and_rules() {
+        let crd = DataSource::crd();
+        assert_eq!(crd.spec.group, GROUP);
+        assert_eq!(
+            crd.spec.names.short_names.as_deref(),
+            Some(&["ds".to_string(), "dsrc".to_string()][..])
+        );
+        let v = &crd.spec.versions[0];
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(cols, ["Shard", "Phase", "Open", "Age"]);
+        let yaml = crd_yaml().expect("crd serializes");
+        assert!(yaml.contains("self.minIdle <= self.maxSize"));
+        assert!(yaml.contains("x-kubernetes-list-map-keys"));
+    }
+
+    #[test]
+    fn spec_defaults_fill_in() {
+        let spec: DataSourceSpec = serde_json::from_value(serde_json::json!({
+            "host": "db.example.com", "database": "sales", "user": "bi",
+            "passwordSecretRef": {"name": "db", "key": "password"}
+        }))
+        .expect("minimal spec parses");
+        assert_eq!(spec.port, 5432);
+        assert_eq!(spec.tls.mode, TlsMode::Prefer);
+        assert_eq!(spec.pool, PoolSpec::default());
+    }
+}

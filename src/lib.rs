@@ -1,0 +1,9 @@
+//! shardpool keeps warm connection pools to thousands of PostgreSQL-compatible
+//! warehouses inside a Kubernetes cluster, sharded so that every warehouse's
+//! pool lives in exactly one pod, and reached through a thin query router.
+//! This library holds every role's code; the `shardpool` binary picks a role
+//! by subcommand. See DESIGN.md in the shared notes for the architecture.
+#![forbid(unsafe_code)]
+
+pub mod crd;
+pub mod telemetry;
