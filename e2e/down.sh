@@ -8,6 +8,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [ -d "$STATE" ] || { log "nothing to stop ($STATE does not exist)"; exit 0; }
 
+# Every pid this run recorded, to check at the end that none survived.
+recorded=()
+for f in "$PIDS"/*.pid "$STATE"/pods/*/*.pid; do
+  [ -f "$f" ] && recorded+=("$(cat "$f")")
+done
+
 stop_pid podrunner 45
 # Pod process groups the runner did not get to stop.
 for f in "$STATE"/pods/*/*.pid; do
@@ -26,5 +32,12 @@ if [ -f "$STATE/warehouse/postmaster.pid" ]; then
   fi
 fi
 stop_pid warehouse 20
+left=()
+for pid in "${recorded[@]}"; do
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && left+=("$pid")
+done
+if [ "${#left[@]}" -gt 0 ]; then
+  die "processes still running after down.sh: ${left[*]} (state kept in $STATE)"
+fi
 rm -rf "$STATE"
 log "local cluster stopped; $STATE removed"
