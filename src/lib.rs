@@ -6,4 +6,10 @@
 #![forbid(unsafe_code)]
 
 pub mod crd;
+pub mod health;
+pub mod lease;
+pub mod operator;
+pub mod proto;
+pub mod router;
+pub mod shard;
 pub mod telemetry;

@@ -18,15 +18,11 @@ enum Role {
     /// Print the DataSource CustomResourceDefinition as YAML.
     Crd,
     /// Reconcile DataSources: assign shards, own shard workloads, roll them.
-    Operator,
+    Operator(shardpool::operator::OperatorConfig),
     /// Hold the pools of the sources assigned to shard K while holding its Lease.
-    Shard {
-        /// Shard index K.
-        #[arg(long, env = "SHARDPOOL_SHARD_INDEX")]
-        index: u32,
-    },
+    Shard(shardpool::shard::ShardConfig),
     /// Accept PostgreSQL-protocol and HTTP clients and forward to the owning shard.
-    Router,
+    Router(shardpool::router::RouterConfig),
 }
 
 fn main() -> ExitCode {
@@ -42,10 +38,30 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Role::Operator | Role::Shard { .. } | Role::Router => {
-            shardpool::telemetry::init();
-            tracing::error!(role = ?cli.role, "this role is not implemented in this build");
-            ExitCode::from(2)
+        Role::Shard(cfg) => run(shardpool::shard::run(cfg)),
+        Role::Operator(cfg) => run(shardpool::operator::run(cfg)),
+        Role::Router(cfg) => run(shardpool::router::run(cfg)),
+    }
+}
+
+/// Runs a role on a multi-threaded runtime with logging set up.
+fn run(role: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCode {
+    shardpool::telemetry::init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(role) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "exiting");
+            ExitCode::FAILURE
         }
     }
 }

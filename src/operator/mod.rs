@@ -1,0 +1,190 @@
+//! The operator (`shardpool operator`): assigns every DataSource to a shard
+//! (rendezvous hashing with bounded load, [`assign`]), writes the
+//! assignment to the DataSource's status, and owns one Deployment per shard
+//! built from the shard template ([`template`]), rolling them one at a time
+//! when the template changes. Leader-elected through a Lease, so extra
+//! replicas wait as standbys; it holds no state outside the API server.
+//!
+//! It never touches a shard's pods or a warehouse connection: restarting or
+//! upgrading it leaves every pool alone.
+
+pub mod assign;
+pub mod reconcile;
+pub mod template;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tokio::sync::Notify;
+
+use crate::crd::DataSource;
+use crate::health::{self, Ready};
+use crate::lease::{self, LeaseConfig};
+
+/// Name of shard K's Deployment and Lease.
+pub fn shard_name(index: u32) -> String {
+    crate::shard::lease_name(index)
+}
+
+/// Operator settings, from flags and the pod's environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OperatorConfig {
+    /// This pod's name (leader identity; its Deployment owns the shards).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: String,
+    /// Namespace of the release (shard workloads, Leases, template).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Helm release name (labels).
+    #[arg(long, env = "SHARDPOOL_RELEASE", default_value = "shardpool")]
+    pub release: String,
+    /// ConfigMap holding the shard template.
+    #[arg(long, env = "SHARDPOOL_SHARD_TEMPLATE")]
+    pub shard_template: String,
+    /// Address of /healthz and /readyz.
+    #[arg(long, env = "POD_IP", default_value = "127.0.0.1")]
+    pub pod_ip: IpAddr,
+    /// Port of /healthz and /readyz.
+    #[arg(long, env = "SHARDPOOL_METRICS_PORT", default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Load bound: no shard above (1 + epsilon) times the mean summed maxSize.
+    #[arg(long, env = "SHARDPOOL_LOAD_EPSILON", default_value_t = 0.25)]
+    pub epsilon: f64,
+}
+
+fn watch_into<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> reflector::Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    tokio::spawn(
+        reflector::reflector(writer, watcher(api, cfg))
+            .default_backoff()
+            .touched_objects()
+            .for_each(move |r| {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "watch error");
+                }
+                notify.notify_one();
+                futures::future::ready(())
+            }),
+    );
+    store
+}
+
+/// Runs the operator until SIGTERM; returns the exit code.
+pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
+    let client = Client::try_default().await?;
+    let ready = Ready::default();
+    ready.set(true);
+    tokio::spawn(health::serve(
+        SocketAddr::new(cfg.pod_ip, cfg.metrics_port),
+        ready.clone(),
+        std::future::pending(),
+    ));
+    let term = crate::shard::shutdown_signal();
+    tokio::pin!(term);
+
+    let lease_cfg = LeaseConfig {
+        name: format!("{}-operator", cfg.release),
+        holder: cfg.pod_name.clone(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(5),
+        retry_every: Duration::from_secs(2),
+        labels: [
+            (
+                "app.kubernetes.io/name".to_string(),
+                "shardpool".to_string(),
+            ),
+            (
+                "app.kubernetes.io/component".to_string(),
+                "operator".to_string(),
+            ),
+        ]
+        .into(),
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let Some(mut held) = lease::acquire(leases, lease_cfg, &mut term).await else {
+        return Ok(0);
+    };
+    tracing::info!("leading");
+
+    let changed = Arc::new(Notify::new());
+    let sources = watch_into(
+        Api::<DataSource>::all(client.clone()),
+        watcher::Config::default(),
+        changed.clone(),
+    );
+    let shard_selector = format!(
+        "app.kubernetes.io/component=shard,app.kubernetes.io/instance={}",
+        cfg.release
+    );
+    let deployments = watch_into(
+        Api::<Deployment>::namespaced(client.clone(), &cfg.namespace),
+        watcher::Config::default().labels(&shard_selector),
+        changed.clone(),
+    );
+    let configmaps = watch_into(
+        Api::<ConfigMap>::namespaced(client.clone(), &cfg.namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", cfg.shard_template)),
+        changed.clone(),
+    );
+    let _ = tokio::join!(
+        sources.wait_until_ready(),
+        deployments.wait_until_ready(),
+        configmaps.wait_until_ready()
+    );
+    let ctx = reconcile::Context {
+        client: client.clone(),
+        cfg: cfg.clone(),
+        owner: reconcile::own_deployment(&client, &cfg).await,
+    };
+    if ctx.owner.is_none() {
+        tracing::warn!(
+            "cannot find the operator's own Deployment; shard workloads get no owner reference"
+        );
+    }
+    let mut renew = tokio::time::interval(Duration::from_secs(5));
+    let mut periodic = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = &mut term => break,
+            _ = changed.notified() => {
+                // Debounce bursts (an initial list, a helm upgrade).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = periodic.tick() => {}
+            _ = renew.tick() => {
+                if let Err(e) = held.renew().await {
+                    tracing::error!(error = %e, "leader lease renewal failed");
+                    if matches!(e, lease::LeaseError::Lost(_)) || held.must_fence() {
+                        tracing::error!("lost leadership; exiting");
+                        return Ok(3);
+                    }
+                }
+                continue;
+            }
+        }
+        if let Err(e) = reconcile::reconcile(&ctx, &sources, &deployments, &configmaps).await {
+            tracing::warn!(error = %e, reason = e.reason(), "reconcile failed; retrying");
+        }
+    }
+    if let Err(e) = held.release().await {
+        tracing::warn!(error = %e, "leader lease release failed");
+    }
+    Ok(0)
+}

@@ -1,0 +1,248 @@
+//! One reconcile pass over the whole fleet, as a pipeline: read the shard
+//! template, compute the assignment (pure), write changed assignments to
+//! status, then bring the shard Deployments in line (pure build, then
+//! server-side apply), rolling at most one shard at a time.
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::assign::{self, SourceLoad};
+use super::template::{self, HASH_ANNOTATION, ShardTemplate};
+use super::{OperatorConfig, shard_name};
+use crate::crd::DataSource;
+
+/// Field manager of everything the operator writes.
+pub const FIELD_MANAGER: &str = "shardpool-operator";
+
+/// What a pass needs.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Settings.
+    pub cfg: OperatorConfig,
+    /// The operator's own Deployment, owner of the shard workloads (so that
+    /// uninstalling the chart removes them through garbage collection).
+    pub owner: Option<OwnerReference>,
+}
+
+/// Why a pass failed; `reason()` is the metric label and Event reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The template ConfigMap is missing or unreadable.
+    #[error("shard template {0}: {1}")]
+    Template(String, String),
+    /// An API call failed.
+    #[error("kubernetes api: {0}")]
+    Api(#[from] kube::Error),
+}
+
+impl Error {
+    /// Short, stable name of the failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Template(..) => "TemplateInvalid",
+            Error::Api(_) => "ApiError",
+        }
+    }
+}
+
+/// Finds the Deployment that runs this operator pod (pod -> ReplicaSet ->
+/// Deployment), as an owner reference for the shard workloads.
+pub async fn own_deployment(client: &Client, cfg: &OperatorConfig) -> Option<OwnerReference> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &cfg.namespace);
+    let pod = pods.get(&cfg.pod_name).await.ok()?;
+    let rs_ref = pod
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "ReplicaSet")?
+        .clone();
+    let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), &cfg.namespace);
+    let rs = rss.get(&rs_ref.name).await.ok()?;
+    let d = rs
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "Deployment")?
+        .clone();
+    Some(OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: d.name,
+        uid: d.uid,
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    })
+}
+
+fn read_template(ctx: &Context, configmaps: &Store<ConfigMap>) -> Result<ShardTemplate, Error> {
+    let name = ctx.cfg.shard_template.clone();
+    let cm = configmaps
+        .state()
+        .into_iter()
+        .find(|c| c.name_any() == name)
+        .ok_or_else(|| Error::Template(name.clone(), "not found".into()))?;
+    let yaml = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("template.yaml"))
+        .ok_or_else(|| Error::Template(name.clone(), "no key template.yaml".into()))?;
+    ShardTemplate::parse(yaml).map_err(|e| Error::Template(name, e.to_string()))
+}
+
+/// The whole pass.
+pub async fn reconcile(
+    ctx: &Context,
+    sources: &Store<DataSource>,
+    deployments: &Store<Deployment>,
+    configmaps: &Store<ConfigMap>,
+) -> Result<(), Error> {
+    let template = read_template(ctx, configmaps)?;
+    let desired = assign_all(ctx, sources, template.count).await?;
+    apply_shards(ctx, &template, deployments, &desired).await
+}
+
+/// Computes the assignment and writes every changed one; returns the shard
+/// of each source, by key.
+async fn assign_all(
+    ctx: &Context,
+    sources: &Store<DataSource>,
+    count: u32,
+) -> Result<Vec<Option<u32>>, Error> {
+    let mut all = sources.state();
+    all.sort_by_key(|d| (d.namespace(), d.name_any()));
+    let loads: Vec<SourceLoad> = all
+        .iter()
+        .map(|d| SourceLoad {
+            key: format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any()),
+            weight: u64::try_from(d.spec.pool.max_size).unwrap_or(1).max(1),
+            current: d
+                .status
+                .as_ref()
+                .and_then(|s| s.shard)
+                .and_then(|s| u32::try_from(s).ok()),
+        })
+        .collect();
+    let result = assign::assign(&loads, count, ctx.cfg.epsilon);
+    for ((ds, load), target) in all.iter().zip(&loads).zip(&result) {
+        let Some(target) = *target else { continue };
+        let paused_phase_missing = ds.spec.paused
+            && ds.status.as_ref().and_then(|s| s.phase) != Some(crate::crd::Phase::Paused);
+        if load.current == Some(target) && !paused_phase_missing {
+            continue;
+        }
+        if let Some(from) = load.current {
+            tracing::info!(source = %load.key, from, to = target, "moving source");
+        } else {
+            tracing::info!(source = %load.key, shard = target, "assigning source");
+        }
+        write_assignment(ctx, ds, target).await?;
+    }
+    Ok(result)
+}
+
+async fn write_assignment(ctx: &Context, ds: &DataSource, shard: u32) -> Result<(), Error> {
+    let api: Api<DataSource> =
+        Api::namespaced(ctx.client.clone(), &ds.namespace().unwrap_or_default());
+    let generation = ds.metadata.generation.unwrap_or(0);
+    let mut status = json!({
+        "shard": shard,
+        "conditions": [{
+            "type": "Assigned",
+            "status": "True",
+            "reason": "Assigned",
+            "message": format!("assigned to shard {shard}"),
+            "observedGeneration": generation,
+            "lastTransitionTime": Time(Timestamp::now()),
+        }],
+    });
+    if ds.spec.paused {
+        status["phase"] = json!("Paused");
+    }
+    let patch =
+        json!({"apiVersion": "shardpool.dev/v1alpha1", "kind": "DataSource", "status": status});
+    api.patch_status(
+        &ds.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Whether a shard Deployment is still rolling out.
+fn rolling(d: &Deployment) -> bool {
+    let generation = d.metadata.generation.unwrap_or(0);
+    let Some(s) = d.status.as_ref() else {
+        return true;
+    };
+    s.observed_generation.unwrap_or(0) < generation
+        || s.updated_replicas.unwrap_or(0) < 1
+        || s.available_replicas.unwrap_or(0) < 1
+        || s.replicas.unwrap_or(0) > 1
+        || s.unavailable_replicas.unwrap_or(0) > 0
+}
+
+async fn apply_shards(
+    ctx: &Context,
+    t: &ShardTemplate,
+    deployments: &Store<Deployment>,
+    desired: &[Option<u32>],
+) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ctx.cfg.namespace);
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let existing = deployments.state();
+    let find = |name: &str| existing.iter().find(|d| d.name_any() == name).cloned();
+    let hash = t.hash();
+    let mut busy = existing.iter().any(|d| rolling(d));
+    for k in 0..t.count {
+        let name = shard_name(k);
+        let want = template::deployment(
+            t,
+            &ctx.cfg.release,
+            &ctx.cfg.namespace,
+            k,
+            ctx.owner.as_ref(),
+        );
+        match find(&name) {
+            None => {
+                tracing::info!(shard = k, "creating shard");
+                api.patch(&name, &pp, &Patch::Apply(&want)).await?;
+            }
+            Some(d) => {
+                let current = d.annotations().get(HASH_ANNOTATION).cloned();
+                if current.as_deref() == Some(hash.as_str()) {
+                    continue;
+                }
+                if busy {
+                    tracing::debug!(
+                        shard = k,
+                        "template changed; waiting for the shard in rollout"
+                    );
+                    continue;
+                }
+                tracing::info!(shard = k, "rolling shard to the new template");
+                api.patch(&name, &pp, &Patch::Apply(&want)).await?;
+                busy = true;
+            }
+        }
+    }
+    // Shards beyond the count go once no source is assigned to them.
+    for d in existing {
+        let index = d
+            .labels()
+            .get("shardpool.dev/shard")
+            .and_then(|s| s.parse::<u32>().ok());
+        let Some(index) = index else { continue };
+        if index >= t.count && !desired.contains(&Some(index)) {
+            tracing::info!(shard = index, "removing shard");
+            api.delete(&d.name_any(), &DeleteParams::background())
+                .await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! The shard template: what every shard Deployment looks like, read from the
+//! ConfigMap the Helm chart renders (`<release>-shard-template`, key
+//! `template.yaml`). A hash of it, stamped on each shard's pod template,
+//! tells which shards run an old template and must be rolled.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    LocalObjectReference, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::{Deserialize, Serialize};
+
+/// Annotation carrying the template hash on shard Deployments and pods.
+pub const HASH_ANNOTATION: &str = "shardpool.dev/template-hash";
+
+/// The shard settings the platform team controls through Helm values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardTemplate {
+    /// Number of shards.
+    pub count: u32,
+    /// ServiceAccount of shard pods.
+    pub service_account_name: String,
+    /// Image of the shardpool binary.
+    pub image: String,
+    /// Pull policy.
+    #[serde(default)]
+    pub image_pull_policy: Option<String>,
+    /// Drain time on shutdown.
+    #[serde(default = "default_grace")]
+    pub termination_grace_period_seconds: i64,
+    /// RUST_LOG of shards.
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// SHARDPOOL_LOG_FORMAT of shards.
+    #[serde(default)]
+    pub log_format: Option<String>,
+    /// Resources of the shard container.
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra pod annotations (changing them rolls the shards).
+    #[serde(default)]
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// Node selector.
+    #[serde(default)]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations.
+    #[serde(default)]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Pull secrets.
+    #[serde(default)]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
+}
+
+fn default_grace() -> i64 {
+    60
+}
+
+impl ShardTemplate {
+    /// Parses `template.yaml`.
+    pub fn parse(yaml: &str) -> Result<ShardTemplate, serde_yaml::Error> {
+        serde_yaml::from_str(yaml)
+    }
+
+    /// A stable hash of everything that shapes a shard pod (not `count`).
+    pub fn hash(&self) -> String {
+        let mut t = self.clone();
+        t.count = 0;
+        let json = serde_json::to_vec(&t).unwrap_or_default();
+        // FNV-1a: stable across Rust releases, enough to detect a change.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in json {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// Labels of shard K's objects.
+pub fn labels(release: &str, index: u32) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "shardpool".to_string()),
+        ("app.kubernetes.io/instance", release.to_string()),
+        ("app.kubernetes.io/component", "shard".to_string()),
+        (
+            "app.kubernetes.io/managed-by",
+            "shardpool-operator".to_string(),
+        ),
+        ("shardpool.dev/shard", index.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// The desired Deployment of shard `index` (pure: no client).
+pub fn deployment(
+    t: &ShardTemplate,
+    release: &str,
+    namespace: &str,
+    index: u32,
+    owner: Option<&OwnerReference>,
+) -> Deployment {
+    let name = super::shard_name(index);
+    let labels = labels(release, index);
+    let selector: BTreeMap<String, String> = labels
+        .iter()
+        .filter(|(k, _)| k.as_str() != "app.kubernetes.io/managed-by")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let hash = t.hash();
+    let mut pod_annotations = t.pod_annotations.clone().unwrap_or_default();
+    pod_annotations.insert(HASH_ANNOTATION.into(), hash.clone());
+    let container = Container {
+        name: "shard".into(),
+        image: Some(t.image.clone()),
+        image_pull_policy: t.image_pull_policy.clone(),
+        args: Some(vec!["shard".into(), "--index".into(), index.to_string()]),
+        env: Some(vec![
+            env(
+                "RUST_LOG",
+                t.log_level.clone().unwrap_or_else(|| "info".into()),
+            ),
+            env(
+                "SHARDPOOL_LOG_FORMAT",
+                t.log_format.clone().unwrap_or_else(|| "json".into()),
+            ),
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("POD_IP", "status.podIP"),
+            env(
+                "SHARDPOOL_DRAIN_SECONDS",
+                (t.termination_grace_period_seconds - 5).max(1).to_string(),
+            ),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("shard".into()),
+                container_port: 6432,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: 9090,
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/readyz".into()),
+                port: IntOrString::String("metrics".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(1),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::String("metrics".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            failure_threshold: Some(6),
+            ..Default::default()
+        }),
+        resources: t.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace.into()),
+            labels: Some(labels.clone()),
+            annotations: Some([(HASH_ANNOTATION.to_string(), hash)].into()),
+            owner_references: owner.map(|o| vec![o.clone()]),
+            ..Default::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(pod_annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(t.service_account_name.clone()),
+                    termination_grace_period_seconds: Some(t.termination_grace_period_seconds),
+                    containers: vec![container],
+                    node_selector: t.node_selector.clone(),
+                    tolerations: t.tolerations.clone(),
+                    image_pull_secrets: t.image_pull_secrets.clone(),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template() -> ShardTemplate {
+        ShardTemplate::parse(
+            "count: 2\nserviceAccountName: sp-shard\nimage: shardpool:1\npodAnnotations: {}\n",
+        )
+        .expect("parses")
+    }
+
+    #[test]
+    fn hash_ignores_count_and_sees_annotations() {
+        let a = template();
+        let mut b = a.clone();
+        b.count = 7;
+        assert_eq!(a.hash(), b.hash());
+        b.pod_annotations = Some([("rev".to_string(), "2".to_string())].into());
+        assert_ne!(a.hash(), b.hash());
+    }
+
+    #[test]
+    fn deployment_rolls_one_pod_at_a_time() {
+        let d = deployment(&template(), "sp", "ns", 3, None);
+        assert_eq!(d.metadata.name.as_deref(), Some("shardpool-shard-3"));
+        let spec = d.spec.expect("spec");
+        let ru = spec
+            .strategy
+            .and_then(|s| s.rolling_update)
+            .expect("rolling update");
+        assert_eq!(ru.max_surge, Some(IntOrString::Int(1)));
+        assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+        let pod = spec.template.spec.expect("pod spec");
+        assert_eq!(
+            pod.containers[0].args.as_deref(),
+            Some(&["shard".to_string(), "--index".into(), "3".into()][..])
+        );
+        assert_eq!(
+            spec.template
+                .metadata
+                .and_then(|m| m.labels)
+                .and_then(|l| l.get("shardpool.dev/shard").cloned())
+                .as_deref(),
+            Some("3")
+        );
+    }
+}

@@ -1,0 +1,191 @@
+//! Persistent, multiplexed connections from this router to shard pods: one
+//! per shard address, shared by every client session routed there. A reader
+//! task hands incoming frames to their sessions; a writer task coalesces
+//! whatever the sessions queued into one write.
+//!
+//! Lock discipline: `sessions` (std Mutex) is held only to insert, look up
+//! or remove a session's sender, never across an await; `links` likewise.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::proto::HELLO;
+use crate::proto::frame::{Frame, Kind};
+
+/// Frames queued towards one session.
+const SESSION_QUEUE: usize = 256;
+
+/// One connection to one shard pod.
+pub struct Link {
+    /// Where it goes.
+    pub addr: SocketAddr,
+    /// Frames to write.
+    tx: mpsc::Sender<Frame>,
+    /// session id -> its inbox.
+    sessions: Mutex<HashMap<u32, mpsc::Sender<Frame>>>,
+    /// Next session id.
+    next_id: AtomicU32,
+    /// Set when the connection failed; a new one is made on next use.
+    dead: AtomicBool,
+}
+
+impl Link {
+    /// Connects and greets a shard.
+    async fn connect(addr: SocketAddr) -> std::io::Result<Arc<Link>> {
+        let mut stream = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect to shard timed out")
+            })??;
+        stream.set_nodelay(true)?;
+        stream.write_all(HELLO).await?;
+        let mut hello = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(3), stream.read_exact(&mut hello))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "shard did not greet")
+            })??;
+        if &hello != HELLO {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "peer is not a shardpool shard",
+            ));
+        }
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Frame>(4096);
+        let link = Arc::new(Link {
+            addr,
+            tx,
+            sessions: Mutex::default(),
+            next_id: AtomicU32::new(1),
+            dead: AtomicBool::new(false),
+        });
+        let writer_link = link.clone();
+        tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            while let Some(f) = rx.recv().await {
+                f.encode(&mut buf);
+                while buf.len() < 256 * 1024 {
+                    match rx.try_recv() {
+                        Ok(f) => f.encode(&mut buf),
+                        Err(_) => break,
+                    }
+                }
+                if wr.write_all(&buf).await.is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+            writer_link.fail();
+        });
+        let reader_link = link.clone();
+        tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            'read: loop {
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                loop {
+                    match Frame::decode(&mut buf) {
+                        Ok(Some(f)) => {
+                            let inbox = reader_link
+                                .sessions
+                                .lock()
+                                .ok()
+                                .and_then(|s| s.get(&f.session).cloned());
+                            if let Some(inbox) = inbox {
+                                let _ = inbox.send(f).await;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(shard = %reader_link.addr, error = %e, "malformed frame from shard");
+                            break 'read;
+                        }
+                    }
+                }
+            }
+            reader_link.fail();
+        });
+        Ok(link)
+    }
+
+    /// Marks the link dead and ends every session on it (their inboxes close).
+    fn fail(&self) {
+        self.dead.store(true, Ordering::Relaxed);
+        if let Ok(mut s) = self.sessions.lock() {
+            s.clear();
+        }
+    }
+
+    /// Whether the link still works.
+    pub fn alive(&self) -> bool {
+        !self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Opens a session on `source` (`namespace/name`); its frames arrive on
+    /// the returned inbox, which closes if the link dies.
+    pub async fn open(self: &Arc<Self>, source: &str) -> Option<(u32, mpsc::Receiver<Frame>)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        self.sessions.lock().ok()?.insert(id, tx);
+        self.send(Frame::new(
+            id,
+            Kind::Open,
+            Bytes::copy_from_slice(source.as_bytes()),
+        ))
+        .await
+        .then_some((id, rx))
+    }
+
+    /// Queues a frame; false if the link is gone.
+    pub async fn send(&self, f: Frame) -> bool {
+        self.alive() && self.tx.send(f).await.is_ok()
+    }
+
+    /// Forgets a session (after telling the shard).
+    pub async fn close(&self, id: u32) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.remove(&id);
+        }
+        let _ = self.send(Frame::new(id, Kind::Close, Bytes::new())).await;
+    }
+}
+
+/// Links by shard address.
+#[derive(Default)]
+pub struct Links {
+    /// addr -> link; see the module's lock discipline.
+    links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
+}
+
+impl Links {
+    /// A live link to `addr`, reusing the existing one.
+    pub async fn get(&self, addr: SocketAddr) -> std::io::Result<Arc<Link>> {
+        if let Some(l) = self.links.lock().ok().and_then(|m| m.get(&addr).cloned()) {
+            if l.alive() {
+                return Ok(l);
+            }
+        }
+        let link = Link::connect(addr).await?;
+        if let Ok(mut m) = self.links.lock() {
+            // Another session may have connected meanwhile; keep one.
+            if let Some(existing) = m.get(&addr) {
+                if existing.alive() {
+                    return Ok(existing.clone());
+                }
+            }
+            m.insert(addr, link.clone());
+        }
+        Ok(link)
+    }
+}

@@ -1,0 +1,239 @@
+//! The query router (`shardpool router`): accepts PostgreSQL clients,
+//! authenticates them (SCRAM-SHA-256 against the router's users), finds the
+//! shard pod that owns the requested source from a watch-fed routing table,
+//! and passes the session through a multiplexed link to that pod. It keeps
+//! no state of its own: everything is rebuilt from watches on restart.
+
+pub mod link;
+pub mod pgwire;
+pub mod routes;
+pub mod session;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+
+use crate::crd::{DataSource, parse_duration};
+use crate::health::{self, Ready};
+use crate::proto::frame::{Frame, Kind};
+use link::{Link, Links};
+use pgwire::startup::Limits;
+use pgwire::users::Users;
+use routes::Routes;
+
+/// Router settings, from flags and the environment.
+#[derive(Clone, clap::Args)]
+pub struct RouterConfig {
+    /// Namespace of the shard Leases and pods (the release namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// PostgreSQL protocol listen address.
+    #[arg(long, env = "SHARDPOOL_PG_LISTEN", default_value = "0.0.0.0:5432")]
+    pub pg_listen: SocketAddr,
+    /// Address of /healthz and /readyz.
+    #[arg(long, env = "POD_IP", default_value = "127.0.0.1")]
+    pub pod_ip: IpAddr,
+    /// Port of /healthz and /readyz.
+    #[arg(long, env = "SHARDPOOL_METRICS_PORT", default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Router users: lines `name:password:ns1,ns2` (password or SCRAM verifier).
+    #[arg(long, env = "SHARDPOOL_ROUTER_USERS", hide_env_values = true)]
+    pub users: String,
+    /// How long to hold a session whose shard is handing over.
+    #[arg(long, env = "SHARDPOOL_HANDOVER_TIMEOUT", default_value = "10s")]
+    pub handover_timeout: String,
+    /// Namespace used when a client names a source without one.
+    #[arg(long, env = "SHARDPOOL_DEFAULT_NAMESPACE")]
+    pub default_namespace: Option<String>,
+    /// Port of the shards' router endpoint.
+    #[arg(long, env = "SHARDPOOL_SHARD_PORT", default_value_t = 6432)]
+    pub shard_port: u16,
+}
+
+impl std::fmt::Debug for RouterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterConfig")
+            .field("namespace", &self.namespace)
+            .field("pg_listen", &self.pg_listen)
+            .field("handover_timeout", &self.handover_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a client's cancel key leads.
+struct CancelTarget {
+    secret: u32,
+    link: Arc<Link>,
+    session: u32,
+}
+
+/// State shared by every client connection.
+pub struct Router {
+    /// Who may log in, and to which namespaces.
+    pub users: Users,
+    /// Startup limits.
+    pub limits: Limits,
+    /// The routing table.
+    pub routes: Routes,
+    /// Links to shard pods.
+    pub links: Links,
+    /// Hold time during a handover.
+    pub handover_timeout: Duration,
+    /// Namespace for bare source names.
+    pub default_namespace: Option<String>,
+    /// Cancel keys handed to clients -> the session to cancel. Std Mutex,
+    /// held only to insert, look up or remove.
+    cancels: Mutex<HashMap<u32, CancelTarget>>,
+}
+
+impl Router {
+    /// Gives a session a cancel key.
+    pub fn register(&self, link: Arc<Link>, session: u32) -> (u32, u32) {
+        let secret = rand::random::<u32>();
+        let Ok(mut map) = self.cancels.lock() else {
+            return (0, secret);
+        };
+        loop {
+            let pid = rand::random::<u32>() & 0x7fff_ffff;
+            if pid != 0 && !map.contains_key(&pid) {
+                map.insert(
+                    pid,
+                    CancelTarget {
+                        secret,
+                        link,
+                        session,
+                    },
+                );
+                return (pid, secret);
+            }
+        }
+    }
+
+    /// Points a cancel key at the session's new shard after a handover.
+    pub fn retarget(&self, pid: u32, link: Arc<Link>, session: u32) {
+        if let Ok(mut map) = self.cancels.lock() {
+            if let Some(t) = map.get_mut(&pid) {
+                t.link = link;
+                t.session = session;
+            }
+        }
+    }
+
+    /// Forgets a cancel key.
+    pub fn unregister(&self, pid: u32) {
+        if let Ok(mut map) = self.cancels.lock() {
+            map.remove(&pid);
+        }
+    }
+
+    /// Forwards a CancelRequest to the shard running the session.
+    pub async fn cancel(&self, pid: u32, secret: u32) {
+        let target = self.cancels.lock().ok().and_then(|m| {
+            m.get(&pid)
+                .filter(|t| t.secret == secret)
+                .map(|t| (t.link.clone(), t.session))
+        });
+        if let Some((link, session)) = target {
+            link.send(Frame::new(session, Kind::Cancel, Bytes::new()))
+                .await;
+        }
+    }
+}
+
+fn store_of<K>(api: Api<K>, cfg: watcher::Config) -> reflector::Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    tokio::spawn(
+        reflector::reflector(writer, watcher(api, cfg))
+            .default_backoff()
+            .touched_objects()
+            .for_each(|r| {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "watch error");
+                }
+                futures::future::ready(())
+            }),
+    );
+    store
+}
+
+/// Runs the router until SIGTERM; returns the exit code.
+pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
+    let users = Users::parse(&cfg.users)?;
+    let handover_timeout = parse_duration(&cfg.handover_timeout)?;
+    let client = Client::try_default().await?;
+    let ready = Ready::default();
+    tokio::spawn(health::serve(
+        SocketAddr::new(cfg.pod_ip, cfg.metrics_port),
+        ready.clone(),
+        std::future::pending(),
+    ));
+
+    let shards = watcher::Config::default().labels("app.kubernetes.io/component=shard");
+    let routes = Routes {
+        sources: store_of(
+            Api::<DataSource>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+        leases: store_of(
+            Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
+            shards.clone(),
+        ),
+        pods: store_of(
+            Api::<Pod>::namespaced(client.clone(), &cfg.namespace),
+            shards,
+        ),
+        namespace: cfg.namespace.clone(),
+        shard_port: cfg.shard_port,
+    };
+    let _ = tokio::join!(
+        routes.sources.wait_until_ready(),
+        routes.leases.wait_until_ready(),
+        routes.pods.wait_until_ready()
+    );
+    let router = Arc::new(Router {
+        users,
+        limits: Limits::default(),
+        routes,
+        links: Links::default(),
+        handover_timeout,
+        default_namespace: cfg.default_namespace.clone(),
+        cancels: Mutex::default(),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.pg_listen).await?;
+    tracing::info!(listen = %cfg.pg_listen, "router serving");
+    ready.set(true);
+    let term = crate::shard::shutdown_signal();
+    tokio::pin!(term);
+    loop {
+        tokio::select! {
+            _ = &mut term => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    tokio::spawn(session::serve(stream, peer, router.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            },
+        }
+    }
+    ready.set(false);
+    tracing::info!("router stopping");
+    Ok(0)
+}

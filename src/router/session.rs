@@ -1,0 +1,325 @@
+//! One client connection to the router: handshake, routing, then passing
+//! the client's messages to the owning shard and the shard's answers back.
+//!
+//! Handover: the router remembers the batches sent since the session was
+//! last idle. If the shard answers `Closed` with SQLSTATE 57P01 before any
+//! response to them (it drained without running them), the router waits
+//! for the shard's next owner (bounded by `handoverTimeout`) and sends them
+//! there. A batch that may have run is never sent twice: a shard lost
+//! mid-transaction ends the client connection with a retryable error.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::Router;
+use super::link::Link;
+use super::pgwire::codec::{self, PgError};
+use super::pgwire::startup::{self, Handshake};
+use super::routes::RouteError;
+use crate::proto::frame::{Frame, Kind};
+use crate::proto::pg;
+use crate::shard::session::{DRAINING, sync_points};
+
+/// Where a session currently runs.
+struct Attached {
+    link: Arc<Link>,
+    id: u32,
+    inbox: mpsc::Receiver<Frame>,
+}
+
+/// A client-visible failure: an ErrorResponse, then the connection ends.
+struct Fatal(PgError);
+
+fn fatal(code: &str, message: impl Into<String>) -> Fatal {
+    Fatal(PgError::fatal(code, message))
+}
+
+/// Serves one client connection to its end.
+pub async fn serve(mut stream: TcpStream, peer: SocketAddr, router: Arc<Router>) {
+    let _ = stream.set_nodelay(true);
+    let hs = match startup::handshake(&mut stream, &router.users, &router.limits).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "handshake failed");
+            return;
+        }
+    };
+    match hs {
+        Handshake::Cancel { pid, secret } => router.cancel(pid, secret).await,
+        Handshake::Session { user, database, .. } => {
+            let span = tracing::info_span!("client", %peer, %user, %database);
+            let _e = span.enter();
+            if let Err(Fatal(err)) = run(&mut stream, &router, &user, &database).await {
+                let mut out = BytesMut::new();
+                codec::error_response(&mut out, &err);
+                let _ = stream.write_all(&out).await;
+                tracing::debug!(code = %err.code, message = %err.message, "session ended with an error");
+            }
+        }
+    }
+}
+
+/// Splits `namespace.name`; a bare name uses the default namespace.
+fn source_name<'a>(database: &'a str, default_ns: Option<&'a str>) -> Option<(&'a str, &'a str)> {
+    match database.split_once('.') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Some((ns, name)),
+        Some(_) => None,
+        None => default_ns.map(|ns| (ns, database)),
+    }
+}
+
+async fn attach(
+    router: &Router,
+    ns: &str,
+    name: &str,
+    avoid: Option<SocketAddr>,
+) -> Result<(Attached, Bytes), Fatal> {
+    let deadline = tokio::time::Instant::now() + router.handover_timeout;
+    let key = format!("{ns}/{name}");
+    loop {
+        let attempt: Result<(), Option<Fatal>> = match router.routes.resolve(ns, name) {
+            Ok((_, addr)) if Some(addr) == avoid => Err(None),
+            Ok((_, addr)) => match router.links.get(addr).await {
+                Ok(link) => match link.open(&key).await {
+                    Some((id, mut inbox)) => {
+                        match tokio::time::timeout(Duration::from_secs(15), inbox.recv()).await {
+                            Ok(Some(f)) if f.kind == Kind::Opened => {
+                                return Ok((Attached { link, id, inbox }, f.payload));
+                            }
+                            Ok(Some(f))
+                                if f.kind == Kind::Closed
+                                    && pg::error_code(f.payload.get(5..).unwrap_or_default())
+                                        == Some(DRAINING) =>
+                            {
+                                Err(None)
+                            }
+                            Ok(Some(f)) => Err(Some(fatal(
+                                "08006",
+                                format!(
+                                    "shard refused the session: {}",
+                                    pg::error_field(f.payload.get(5..).unwrap_or_default(), b'M')
+                                        .unwrap_or("")
+                                ),
+                            ))),
+                            _ => Err(None),
+                        }
+                    }
+                    None => Err(None),
+                },
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "cannot reach shard");
+                    Err(None)
+                }
+            },
+            Err(RouteError::Unknown) => Err(Some(fatal(
+                "3D000",
+                format!("database \"{ns}.{name}\" does not exist"),
+            ))),
+            Err(RouteError::Paused) => Err(Some(fatal(
+                "57P03",
+                format!("source {ns}.{name} is paused"),
+            ))),
+            Err(_) => Err(None),
+        };
+        if let Err(Some(f)) = attempt {
+            return Err(f);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let why = match router.routes.resolve(ns, name) {
+                Err(e) => e.to_string(),
+                Ok(_) => "its shard did not accept the session".to_string(),
+            };
+            return Err(fatal(
+                "57P03",
+                format!("source {ns}.{name} is not available: {why}; retry later"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run(
+    stream: &mut TcpStream,
+    router: &Router,
+    user: &str,
+    database: &str,
+) -> Result<(), Fatal> {
+    let Some((ns, name)) = source_name(database, router.default_namespace.as_deref()) else {
+        return Err(fatal(
+            "3D000",
+            format!("database \"{database}\" does not exist"),
+        ));
+    };
+    // Denied and unknown look the same to the client.
+    if !router.users.may_access(user, ns) {
+        return Err(fatal(
+            "3D000",
+            format!("database \"{database}\" does not exist"),
+        ));
+    }
+    let (mut at, params) = attach(router, ns, name, None).await?;
+    let (pid, secret) = router.register(at.link.clone(), at.id);
+    let _unregister = scopeguard(router, pid);
+
+    let mut out = BytesMut::with_capacity(512);
+    out.extend_from_slice(&params);
+    codec::backend_key_data(&mut out, pid, secret);
+    codec::ready_for_query(&mut out, b'I');
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|_| fatal("08006", "client gone"))?;
+
+    let (mut rd, mut wr) = stream.split();
+    let mut inbuf = BytesMut::with_capacity(16 * 1024);
+    let mut pending = 0usize;
+    let mut status = b'I';
+    // Batches sent since the last idle point, while nothing came back yet.
+    let mut replay: Vec<Bytes> = Vec::new();
+    let mut replayable = true;
+    let mut attached = true;
+    loop {
+        tokio::select! {
+            r = rd.read_buf(&mut inbuf) => {
+                match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                // Every complete message goes out in one frame.
+                let mut end = 0;
+                let mut terminate = false;
+                loop {
+                    match pg::next_message(&inbuf[end..]) {
+                        Ok(Some((t, n))) => {
+                            if n > router.limits.max_message {
+                                return Err(fatal("08P01", "message too large"));
+                            }
+                            if t == b'X' { terminate = true; break; }
+                            end += n;
+                        }
+                        Ok(None) => {
+                            if inbuf.len() - end >= 5 {
+                                let len = u32::from_be_bytes([inbuf[end + 1], inbuf[end + 2], inbuf[end + 3], inbuf[end + 4]]) as usize;
+                                if len + 1 > router.limits.max_message {
+                                    return Err(fatal("08P01", "message too large"));
+                                }
+                            }
+                            break;
+                        }
+                        Err(_) => return Err(fatal("08P01", "invalid message length")),
+                    }
+                }
+                if end > 0 {
+                    let batch = inbuf.split_to(end).freeze();
+                    if pending == 0 && status == b'I' {
+                        replay.clear();
+                        replayable = true;
+                    }
+                    if !attached {
+                        let (a, _) = attach(router, ns, name, None).await?;
+                        router.retarget(pid, a.link.clone(), a.id);
+                        at = a;
+                        attached = true;
+                    }
+                    pending += sync_points(&batch);
+                    replay.push(batch.clone());
+                    if !at.link.send(Frame::new(at.id, Kind::Messages, batch)).await {
+                        attached = false;
+                    }
+                }
+                if terminate { break; }
+            }
+            f = at.inbox.recv(), if attached => {
+                match f {
+                    Some(f) if f.kind == Kind::Messages => {
+                        replayable = false;
+                        let mut rest = &f.payload[..];
+                        while let Ok(Some((t, n))) = pg::next_message(rest) {
+                            if t == b'Z' {
+                                pending = pending.saturating_sub(1);
+                                status = rest[5];
+                            }
+                            rest = &rest[n..];
+                        }
+                        wr.write_all(&f.payload).await.map_err(|_| fatal("08006", "client gone"))?;
+                        if pending == 0 && status == b'I' {
+                            replay.clear();
+                        }
+                    }
+                    Some(f) if f.kind == Kind::Closed => {
+                        let body = f.payload.get(5..).unwrap_or_default();
+                        if pg::error_code(body) == Some(DRAINING) && replayable {
+                            // Nothing ran: hand the batches to the next owner.
+                            let old = at.link.addr;
+                            tracing::info!("shard handing over; holding the session");
+                            let (a, _) = attach(router, ns, name, Some(old)).await?;
+                            router.retarget(pid, a.link.clone(), a.id);
+                            at = a;
+                            for b in &replay {
+                                if !at.link.send(Frame::new(at.id, Kind::Messages, b.clone())).await {
+                                    return Err(fatal("08006", "lost the shard during handover; retry"));
+                                }
+                            }
+                        } else {
+                            let msg = pg::error_field(body, b'M').unwrap_or("shard closed the session").to_string();
+                            return Err(fatal(pg::error_code(body).unwrap_or("08006"), msg));
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        // The link to the shard died.
+                        if pending == 0 && status == b'I' {
+                            attached = false; // reattach on the next batch
+                        } else {
+                            return Err(fatal("08006", "connection to the pool shard was lost during a transaction; the transaction's outcome is unknown, retry it"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if attached {
+        at.link.close(at.id).await;
+    }
+    Ok(())
+}
+
+/// Unregisters a cancel key when the session ends.
+struct Unregister<'a>(&'a Router, u32);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.0.unregister(self.1);
+    }
+}
+
+fn scopeguard(router: &Router, pid: u32) -> Unregister<'_> {
+    Unregister(router, pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_name;
+
+    #[test]
+    fn database_names() {
+        assert_eq!(source_name("tenants.acme", None), Some(("tenants", "acme")));
+        assert_eq!(
+            source_name("tenants.acme.eu", None),
+            Some(("tenants", "acme.eu"))
+        );
+        assert_eq!(
+            source_name("acme", Some("tenants")),
+            Some(("tenants", "acme"))
+        );
+        assert_eq!(source_name("acme", None), None);
+        assert_eq!(source_name(".acme", None), None);
+        assert_eq!(source_name("tenants.", None), None);
+    }
+}

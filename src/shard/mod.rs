@@ -1,0 +1,241 @@
+//! The pool shard (`shardpool shard --index K`): holds the pools of the
+//! sources assigned to shard K, only while it holds the Lease
+//! `shardpool-shard-K`, and runs routers' sessions on them.
+//!
+//! Life of a shard process: standby (waiting for the Lease; ready, so a
+//! rollout can proceed), then serving (pools warm, endpoint open), then on
+//! SIGTERM draining (no new transactions, running ones finish), closing
+//! pools and releasing the Lease. If it cannot renew the Lease in time it
+//! exits at once, before the Lease can expire, so two shards never hold
+//! the same source's connections.
+
+pub mod pool;
+pub mod registry;
+pub mod serve;
+pub mod server;
+pub mod session;
+pub mod sources;
+pub mod status;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::crd::DataSource;
+use crate::health::{self, Ready};
+use crate::lease::{self, LeaseConfig};
+
+/// Shard settings, from flags and the pod's environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShardConfig {
+    /// Shard index K.
+    #[arg(long, env = "SHARDPOOL_SHARD_INDEX")]
+    pub index: u32,
+    /// This pod's name (Lease holder identity).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: String,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Address to serve routers and probes on.
+    #[arg(long, env = "POD_IP", default_value = "127.0.0.1")]
+    pub pod_ip: IpAddr,
+    /// Port of the router endpoint.
+    #[arg(long, env = "SHARDPOOL_SHARD_PORT", default_value_t = 6432)]
+    pub port: u16,
+    /// Port of /healthz and /readyz.
+    #[arg(long, env = "SHARDPOOL_METRICS_PORT", default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Lease duration in seconds.
+    #[arg(long, env = "SHARDPOOL_LEASE_SECONDS", default_value_t = 15)]
+    pub lease_seconds: u64,
+    /// Most connection attempts in flight at once, shard-wide (storm control).
+    #[arg(long, env = "SHARDPOOL_CONNECT_CONCURRENCY", default_value_t = 32)]
+    pub connect_concurrency: usize,
+    /// Longest wait for running transactions on SIGTERM, in seconds.
+    #[arg(long, env = "SHARDPOOL_DRAIN_SECONDS", default_value_t = 45)]
+    pub drain_seconds: u64,
+}
+
+/// Name of shard K's Lease (and Deployment).
+pub fn lease_name(index: u32) -> String {
+    format!("shardpool-shard-{index}")
+}
+
+/// Runs the shard until SIGTERM; returns the process exit code.
+pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
+    let client = Client::try_default().await?;
+    let ready = Ready::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let term = shutdown_signal();
+    tokio::pin!(term);
+
+    // Probes: a standby is ready (a rollout may proceed past it).
+    ready.set(true);
+    let probe_addr = SocketAddr::new(cfg.pod_ip, cfg.metrics_port);
+    let mut probe_stop = stop_rx.clone();
+    tokio::spawn(health::serve(probe_addr, ready.clone(), async move {
+        let _ = probe_stop.wait_for(|s| *s).await;
+    }));
+
+    let lease_cfg = LeaseConfig {
+        name: lease_name(cfg.index),
+        holder: cfg.pod_name.clone(),
+        duration: Duration::from_secs(cfg.lease_seconds),
+        renew_every: Duration::from_secs(cfg.lease_seconds.max(3) / 3),
+        retry_every: Duration::from_millis(500),
+        labels: [
+            (
+                "app.kubernetes.io/name".to_string(),
+                "shardpool".to_string(),
+            ),
+            (
+                "app.kubernetes.io/component".to_string(),
+                "shard".to_string(),
+            ),
+            ("shardpool.dev/shard".to_string(), cfg.index.to_string()),
+        ]
+        .into(),
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    tracing::info!(shard = cfg.index, "standby: waiting for the lease");
+    let Some(mut held) = lease::acquire(leases, lease_cfg, &mut term).await else {
+        tracing::info!("terminated while standby");
+        return Ok(0);
+    };
+
+    // Serving.
+    let registry = Arc::new(registry::Registry::default());
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cfg.pod_ip, cfg.port)).await?;
+    tokio::spawn(serve::serve(
+        listener,
+        registry.clone(),
+        draining_rx,
+        stop_rx.clone(),
+    ));
+
+    let api: Api<DataSource> = Api::all(client.clone());
+    let (store, writer) = reflector::store();
+    let changed = Arc::new(Notify::new());
+    let notify = changed.clone();
+    tokio::spawn(
+        reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .touched_objects()
+            .for_each(move |r| {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "datasource watch error");
+                }
+                notify.notify_one();
+                futures::future::ready(())
+            }),
+    );
+    let _ = store.wait_until_ready().await;
+    let connect_limit = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+    let mut failures = sources::BuildFailures::new();
+    let mut written = status::Written::new();
+    let mut renew = tokio::time::interval(held.config().renew_every);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut status_tick = tokio::time::interval(Duration::from_secs(2));
+    tracing::info!(shard = cfg.index, "serving");
+    let mut resync = tokio::time::interval(Duration::from_secs(30));
+    sources::sync(
+        &client,
+        &store,
+        cfg.index,
+        &registry,
+        &connect_limit,
+        &mut failures,
+    )
+    .await;
+    loop {
+        tokio::select! {
+            _ = &mut term => break,
+            _ = changed.notified() => {
+                sources::sync(&client, &store, cfg.index, &registry, &connect_limit, &mut failures).await;
+            }
+            _ = resync.tick() => {
+                // Retry sources that failed to build (e.g. a Secret created later).
+                failures.clear();
+                sources::sync(&client, &store, cfg.index, &registry, &connect_limit, &mut failures).await;
+            }
+            _ = tick.tick() => {
+                let registry = registry.clone();
+                tokio::spawn(async move { sources::maintain_all(&registry).await });
+            }
+            _ = status_tick.tick() => {
+                status::write(&client, &store, cfg.index, &registry, &failures, &mut written).await;
+            }
+            _ = renew.tick() => {
+                if let Err(e) = held.renew().await {
+                    tracing::error!(error = %e, "lease renewal failed");
+                    if matches!(e, lease::LeaseError::Lost(_)) || held.must_fence() {
+                        // Fence: exiting closes every server connection at once,
+                        // before the Lease can be taken by a successor.
+                        tracing::error!("fencing: cannot keep the lease; exiting");
+                        std::process::exit(3);
+                    }
+                }
+            }
+        }
+        if held.must_fence() {
+            tracing::error!("fencing: lease not renewed in time; exiting");
+            std::process::exit(3);
+        }
+    }
+
+    // Drain: no new transactions; running ones finish within the deadline.
+    tracing::info!(busy = registry.busy(), "SIGTERM: draining");
+    ready.set(false);
+    let _ = draining_tx.send(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.drain_seconds);
+    while registry.busy() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = renew.tick() => { let _ = held.renew().await; }
+        }
+        if held.must_fence() {
+            std::process::exit(3);
+        }
+    }
+    let left = registry.busy();
+    for s in registry.all() {
+        sources::close(&s).await;
+    }
+    if let Err(e) = held.release().await {
+        tracing::warn!(error = %e, "lease release failed; the successor waits for expiry");
+    }
+    let _ = stop_tx.send(true);
+    tracing::info!(unfinished = left, "drained; exiting");
+    Ok(0)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

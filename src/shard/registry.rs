@@ -1,0 +1,73 @@
+//! The sources this shard currently serves, by `namespace/name`.
+//!
+//! Lock discipline: `sources` is a std RwLock held only to look up, insert
+//! or remove an `Arc<Source>`; never across an await. Lookups happen once
+//! per session open, not per query.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use super::pool::Pool;
+
+/// One served source.
+#[derive(Debug)]
+pub struct Source {
+    /// `namespace/name`.
+    pub key: String,
+    /// Its pool.
+    pub pool: Pool,
+    /// DataSource generation the pool was built from.
+    pub generation: i64,
+    /// ParameterStatus values of its server, learnt from the first connection.
+    pub server_params: RwLock<Vec<(String, String)>>,
+    /// Sessions currently holding a server connection (mid-transaction).
+    pub busy: AtomicUsize,
+}
+
+impl Source {
+    /// Sessions mid-transaction.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
+    }
+}
+
+/// All served sources.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// key -> source; see the module's lock discipline.
+    sources: RwLock<HashMap<String, Arc<Source>>>,
+}
+
+impl Registry {
+    /// The source with this key, if served.
+    pub fn get(&self, key: &str) -> Option<Arc<Source>> {
+        self.sources.read().ok()?.get(key).cloned()
+    }
+
+    /// Adds or replaces a source; returns the one it replaced.
+    pub fn insert(&self, source: Arc<Source>) -> Option<Arc<Source>> {
+        self.sources
+            .write()
+            .ok()?
+            .insert(source.key.clone(), source)
+    }
+
+    /// Removes a source.
+    pub fn remove(&self, key: &str) -> Option<Arc<Source>> {
+        self.sources.write().ok()?.remove(key)
+    }
+
+    /// Every served source.
+    pub fn all(&self) -> Vec<Arc<Source>> {
+        self.sources
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Sessions mid-transaction, over all sources.
+    pub fn busy(&self) -> usize {
+        self.all().iter().map(|s| s.busy()).sum()
+    }
+}

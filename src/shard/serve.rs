@@ -1,0 +1,160 @@
+//! The shard's internal endpoint for routers: accepts persistent
+//! connections, demultiplexes frames into sessions, and writes every
+//! session's answers back through one writer task that coalesces whatever
+//! is queued into a single write (few syscalls under load).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use super::registry::Registry;
+use super::session;
+use crate::proto::HELLO;
+use crate::proto::frame::{Frame, Kind};
+use crate::proto::pg;
+
+/// Frames queued per session before the reader waits (backpressure).
+const SESSION_QUEUE: usize = 64;
+/// Frames queued towards one router connection.
+const WRITER_QUEUE: usize = 1024;
+
+/// Serves routers on `listener` until `stop` flips to true.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    draining: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let registry = registry.clone();
+                    let draining = draining.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(stream, peer, registry, draining).await {
+                            tracing::debug!(%peer, error = %e, "router connection ended");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            },
+            _ = stop.changed() => if *stop.borrow() { return },
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    registry: Arc<Registry>,
+    draining: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut hello = [0u8; 8];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        rd.read_exact(&mut hello),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
+    if &hello != HELLO {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a shardpool router",
+        ));
+    }
+    wr.write_all(HELLO).await?;
+    tracing::debug!(%peer, "router connected");
+
+    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(WRITER_QUEUE);
+    let writer = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        while let Some(f) = out_rx.recv().await {
+            f.encode(&mut buf);
+            // Coalesce everything already queued into this write.
+            while buf.len() < 256 * 1024 {
+                match out_rx.try_recv() {
+                    Ok(f) => f.encode(&mut buf),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+    });
+
+    let mut sessions: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    'read: loop {
+        if rd.read_buf(&mut buf).await? == 0 {
+            break;
+        }
+        loop {
+            let frame = match Frame::decode(&mut buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "malformed frame; closing router connection");
+                    break 'read;
+                }
+            };
+            let id = frame.session;
+            match frame.kind {
+                Kind::Open => {
+                    let key = String::from_utf8_lossy(&frame.payload).into_owned();
+                    let Some(source) = registry.get(&key) else {
+                        let msg = pg::error(
+                            "FATAL",
+                            session::DRAINING,
+                            &format!("source {key} is not served by this shard"),
+                        );
+                        let _ = out_tx.send(Frame::new(id, Kind::Closed, msg)).await;
+                        continue;
+                    };
+                    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+                    sessions.insert(id, tx);
+                    tokio::spawn(session::run(
+                        id,
+                        source,
+                        rx,
+                        out_tx.clone(),
+                        draining.clone(),
+                    ));
+                }
+                Kind::Close => {
+                    if let Some(tx) = sessions.remove(&id) {
+                        let _ = tx.send(frame).await;
+                    }
+                }
+                Kind::Messages | Kind::Cancel => {
+                    let gone = match sessions.get(&id) {
+                        Some(tx) => tx.send(frame).await.is_err(),
+                        None => false,
+                    };
+                    if gone {
+                        sessions.remove(&id);
+                    }
+                }
+                Kind::Opened | Kind::Closed => {
+                    tracing::warn!(%peer, "router sent a shard-side frame; closing");
+                    break 'read;
+                }
+            }
+        }
+        // Sessions that ended on their own.
+        sessions.retain(|_, tx| !tx.is_closed());
+    }
+    drop(sessions);
+    drop(out_tx);
+    let _ = writer.await;
+    Ok(())
+}

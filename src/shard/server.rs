@@ -1,0 +1,369 @@
+//! One server connection to a warehouse, spoken to in raw PostgreSQL
+//! protocol so that client messages pass through unchanged. Connecting does
+//! the startup and authentication (cleartext, MD5 or SCRAM-SHA-256 through
+//! postgres-protocol) and records the server's parameters and cancel key.
+
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::proto::pg;
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectParams {
+    /// Warehouse host.
+    pub host: String,
+    /// Warehouse port.
+    pub port: u16,
+    /// Database.
+    pub database: String,
+    /// Login role.
+    pub user: String,
+    /// `shardpool/<ns>/<name>/<shard>`: makes every connection traceable in
+    /// pg_stat_activity.
+    pub application_name: String,
+    /// Server-side statement_timeout, in PostgreSQL syntax (e.g. `30s`).
+    pub statement_timeout: Option<String>,
+}
+
+/// Why a connection could not be opened. Messages never hold the password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP or I/O failure.
+    #[error("connect to {addr}: {source}")]
+    Io {
+        /// host:port
+        addr: String,
+        /// cause
+        source: std::io::Error,
+    },
+    /// The server refused, with its SQLSTATE and message.
+    #[error("server error {code}: {message}")]
+    Server {
+        /// SQLSTATE
+        code: String,
+        /// server's message
+        message: String,
+    },
+    /// The server asked for something this client does not do.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The server broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// connectTimeout elapsed.
+    #[error("connect timed out")]
+    Timeout,
+}
+
+/// An open, idle-or-busy server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    stream: TcpStream,
+    /// Bytes read from the server not yet handed out.
+    rbuf: BytesMut,
+    /// Cancel key sent by the server (BackendKeyData).
+    pub backend_pid: i32,
+    /// Cancel secret sent by the server.
+    pub backend_secret: i32,
+    /// ParameterStatus values as of the end of startup.
+    pub params: Vec<(String, String)>,
+    /// When it was opened (for maxLifetime).
+    pub created: Instant,
+    /// Set when its state is unknown (I/O error, abandoned mid-transaction):
+    /// the pool discards it instead of reusing it.
+    pub broken: bool,
+}
+
+impl ServerConn {
+    /// Opens and authenticates a connection; the caller bounds the time.
+    pub async fn connect(p: &ConnectParams, password: &str) -> Result<ServerConn, ConnectError> {
+        let addr = format!("{}:{}", p.host, p.port);
+        let io = |source| ConnectError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        let stream = TcpStream::connect((p.host.as_str(), p.port))
+            .await
+            .map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
+        let mut conn = ServerConn {
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            backend_pid: 0,
+            backend_secret: 0,
+            params: Vec::new(),
+            created: Instant::now(),
+            broken: false,
+        };
+        let mut out = BytesMut::new();
+        let mut startup: Vec<(&str, &str)> = vec![
+            ("user", p.user.as_str()),
+            ("database", p.database.as_str()),
+            ("application_name", p.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+        ];
+        let options;
+        if let Some(t) = &p.statement_timeout {
+            options = format!("-c statement_timeout={t}");
+            startup.push(("options", options.as_str()));
+        }
+        frontend::startup_message(startup, &mut out).map_err(io)?;
+        conn.stream.write_all(&out).await.map_err(io)?;
+        conn.authenticate(&p.user, password)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Io { source, .. } => io(source),
+                other => other,
+            })?;
+        Ok(conn)
+    }
+
+    async fn read_backend(&mut self) -> Result<backend::Message, ConnectError> {
+        loop {
+            let parsed = backend::Message::parse(&mut self.rbuf)
+                .map_err(|e| ConnectError::Protocol(e.to_string()))?;
+            if let Some(m) = parsed {
+                return Ok(m);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|source| ConnectError::Io {
+                    addr: String::new(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(ConnectError::Protocol(
+                    "server closed the connection during startup".into(),
+                ));
+            }
+        }
+    }
+
+    async fn send(&mut self, out: &BytesMut) -> Result<(), ConnectError> {
+        self.stream
+            .write_all(out)
+            .await
+            .map_err(|source| ConnectError::Io {
+                addr: String::new(),
+                source,
+            })
+    }
+
+    async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), ConnectError> {
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let mut out = BytesMut::new();
+            match self.read_backend().await? {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password.as_bytes(), &mut out).map_err(proto)?;
+                    self.send(&out).await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(user.as_bytes(), password.as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut out).map_err(proto)?;
+                    self.send(&out).await?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let mut mechs = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = fallible_next(&mut mechs)? {
+                        has_scram |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ConnectError::Unsupported(
+                            "server offers no SCRAM-SHA-256".into(),
+                        ));
+                    }
+                    let s = sasl::ScramSha256::new(
+                        password.as_bytes(),
+                        sasl::ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)
+                        .map_err(proto)?;
+                    self.send(&out).await?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnectError::Protocol("unexpected SASL continue".into()))?;
+                    s.update(body.data()).map_err(|_| auth_failed(user))?;
+                    frontend::sasl_response(s.message(), &mut out).map_err(proto)?;
+                    self.send(&out).await?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnectError::Protocol("unexpected SASL final".into()))?;
+                    s.finish(body.data())
+                        .map_err(|_| ConnectError::Protocol("server signature mismatch".into()))?;
+                }
+                backend::Message::ParameterStatus(body) => {
+                    let name = body.name().map_err(proto)?.to_owned();
+                    let value = body.value().map_err(proto)?.to_owned();
+                    self.params.push((name, value));
+                }
+                backend::Message::BackendKeyData(body) => {
+                    self.backend_pid = body.process_id();
+                    self.backend_secret = body.secret_key();
+                }
+                backend::Message::NoticeResponse(_) => {}
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                backend::Message::ErrorResponse(body) => {
+                    let mut code = String::new();
+                    let mut message = String::new();
+                    let mut fields = body.fields();
+                    while let Some(f) = fallible_next(&mut fields)? {
+                        match f.type_() {
+                            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                            _ => {}
+                        }
+                    }
+                    return Err(ConnectError::Server { code, message });
+                }
+                backend::Message::AuthenticationGss
+                | backend::Message::AuthenticationSspi
+                | backend::Message::AuthenticationKerberosV5
+                | backend::Message::AuthenticationScmCredential => {
+                    return Err(ConnectError::Unsupported(
+                        "server asks for GSS/SSPI/Kerberos authentication".into(),
+                    ));
+                }
+                _ => {
+                    return Err(ConnectError::Protocol(
+                        "unexpected message during startup".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Writes client bytes to the server.
+    pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let r = self.stream.write_all(bytes).await;
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// Reads until at least one complete message is buffered, then returns
+    /// every complete message as one chunk, with the statuses of the
+    /// ReadyForQuery messages it contains, in order.
+    pub async fn read_messages(&mut self) -> std::io::Result<(BytesMut, Vec<u8>)> {
+        loop {
+            let mut end = 0;
+            let mut ready = Vec::new();
+            loop {
+                match pg::next_message(&self.rbuf[end..]) {
+                    Ok(Some((t, n))) => {
+                        if t == b'Z' {
+                            ready.push(self.rbuf[end + 5]);
+                        }
+                        end += n;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.broken = true;
+                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                    }
+                }
+            }
+            if end > 0 {
+                return Ok((self.rbuf.split_to(end), ready));
+            }
+            match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "server closed the connection",
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Runs one simple query to completion, discarding its results; used to
+    /// reset a connection's state. Err if the server reported an error.
+    pub async fn simple(&mut self, sql: &str) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.write_all(&out).await?;
+        let mut failed = None;
+        loop {
+            let (chunk, ready) = self.read_messages().await?;
+            let mut rest = &chunk[..];
+            while let Ok(Some((t, n))) = pg::next_message(rest) {
+                if t == b'E' {
+                    failed = pg::error_field(&rest[5..n], b'M').map(str::to_owned);
+                }
+                rest = &rest[n..];
+            }
+            if !ready.is_empty() {
+                return match failed {
+                    Some(m) => Err(std::io::Error::other(m)),
+                    None => Ok(()),
+                };
+            }
+        }
+    }
+
+    /// Says goodbye to the server and closes the socket.
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = self.stream.write_all(&out).await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Bytes already read past the last message handed out (none when idle).
+    pub fn has_pending_input(&self) -> bool {
+        self.rbuf.has_remaining()
+    }
+}
+
+/// Asks the server to cancel the query running on the connection with this key.
+pub async fn cancel(host: &str, port: u16, pid: i32, secret: i32) -> std::io::Result<()> {
+    let mut s = TcpStream::connect((host, port)).await?;
+    let mut out = BytesMut::new();
+    frontend::cancel_request(pid, secret, &mut out);
+    s.write_all(&out).await?;
+    // The server closes the connection when done; wait briefly for that.
+    let mut sink = [0u8; 1];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut sink)).await;
+    Ok(())
+}
+
+fn proto(e: std::io::Error) -> ConnectError {
+    ConnectError::Protocol(e.to_string())
+}
+
+fn auth_failed(user: &str) -> ConnectError {
+    ConnectError::Server {
+        code: "28P01".into(),
+        message: format!("SCRAM authentication failed for user \"{user}\""),
+    }
+}
+
+fn fallible_next<I>(it: &mut I) -> Result<Option<I::Item>, ConnectError>
+where
+    I: fallible_iterator::FallibleIterator<Error = std::io::Error>,
+{
+    it.next().map_err(proto)
+}

@@ -1,0 +1,223 @@
+//! One client session on this shard, under transaction pooling: a server
+//! connection is taken from the source's pool when the session's first
+//! message after an idle point arrives, and given back at the
+//! ReadyForQuery that ends the transaction (status 'I' with every Sync or
+//! Query answered). Messages pass through unchanged.
+//!
+//! While the shard drains, a session that holds no server connection
+//! answers its next batch with `Closed` carrying SQLSTATE 57P01 before
+//! running anything, so the router can safely send it to the next owner.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, watch};
+
+use super::pool::Conn;
+use super::registry::Source;
+use super::server;
+use crate::proto::frame::{Frame, Kind};
+use crate::proto::pg;
+
+/// SQLSTATE sent with `Closed` when the shard drains: nothing ran, retry elsewhere.
+pub const DRAINING: &str = "57P01";
+
+/// Number of sync points (Query, Sync) in a batch of client messages:
+/// each one is answered by exactly one ReadyForQuery.
+pub fn sync_points(batch: &[u8]) -> usize {
+    let mut n = 0;
+    let mut rest = batch;
+    while let Ok(Some((t, len))) = pg::next_message(rest) {
+        if t == b'Q' || t == b'S' {
+            n += 1;
+        }
+        rest = &rest[len..];
+    }
+    n
+}
+
+/// Marks a source busy for as long as it lives.
+struct Busy(Arc<Source>);
+
+impl Busy {
+    fn new(s: &Arc<Source>) -> Busy {
+        s.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(s.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A checked-out connection and what the session owes it.
+struct Held {
+    conn: Conn,
+    /// Sync points sent and not yet answered.
+    pending: usize,
+    /// Transaction status of the last ReadyForQuery.
+    status: u8,
+    _busy: Busy,
+}
+
+/// Runs a session until the router closes it or it fails.
+pub async fn run(
+    id: u32,
+    source: Arc<Source>,
+    mut rx: mpsc::Receiver<Frame>,
+    tx: mpsc::Sender<Frame>,
+    draining: watch::Receiver<bool>,
+) {
+    let span = tracing::debug_span!("session", id, source = %source.key);
+    let _e = span.enter();
+    // The client needs its server's parameters (server_version, encoding,
+    // DateStyle, ...): learnt from the first connection of the pool.
+    let mut params = source
+        .server_params
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_default();
+    if params.is_empty() {
+        if let Ok(conn) = source.pool.get().await {
+            params = conn.params.clone();
+            if let Ok(mut p) = source.server_params.write() {
+                p.clone_from(&params);
+            }
+        }
+    }
+    if tx
+        .send(Frame::new(id, Kind::Opened, opened_payload(&params)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut held: Option<Held> = None;
+    loop {
+        let frame = match held.as_mut() {
+            None => match rx.recv().await {
+                Some(f) => f,
+                None => break,
+            },
+            Some(h) => {
+                tokio::select! {
+                    f = rx.recv() => match f { Some(f) => f, None => break },
+                    r = h.conn.read_messages() => {
+                        match r {
+                            Ok((chunk, ready)) => {
+                                for s in ready {
+                                    h.pending = h.pending.saturating_sub(1);
+                                    h.status = s;
+                                }
+                                if tx.send(Frame::new(id, Kind::Messages, chunk.freeze())).await.is_err() {
+                                    break;
+                                }
+                                if h.pending == 0 && h.status == b'I' {
+                                    held = None; // back to the pool
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "server connection lost mid-transaction");
+                                let msg = pg::error("FATAL", "08006", "server connection lost; the transaction was not completed");
+                                let _ = tx.send(Frame::new(id, Kind::Closed, msg)).await;
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        match frame.kind {
+            Kind::Messages => {
+                if held.is_none() {
+                    if *draining.borrow() {
+                        let msg = pg::error(
+                            "FATAL",
+                            DRAINING,
+                            "shard is handing over; retry on its successor",
+                        );
+                        let _ = tx.send(Frame::new(id, Kind::Closed, msg)).await;
+                        return;
+                    }
+                    match source.pool.get().await {
+                        Ok(conn) => {
+                            held = Some(Held {
+                                conn,
+                                pending: 0,
+                                status: b'I',
+                                _busy: Busy::new(&source),
+                            })
+                        }
+                        Err(e) => {
+                            let syncs = sync_points(&frame.payload);
+                            let mut out = BytesMut::new();
+                            pg::put_error(
+                                &mut out,
+                                "ERROR",
+                                "53300",
+                                &format!("no server connection available: {e}"),
+                            );
+                            for _ in 0..syncs {
+                                pg::put_ready(&mut out, b'I');
+                            }
+                            if tx
+                                .send(Frame::new(id, Kind::Messages, out.freeze()))
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                let Some(h) = held.as_mut() else { continue };
+                h.pending += sync_points(&frame.payload);
+                if let Err(e) = h.conn.write_all(&frame.payload).await {
+                    tracing::warn!(error = %e, "writing to the server failed");
+                    let msg = pg::error("FATAL", "08006", "server connection lost");
+                    let _ = tx.send(Frame::new(id, Kind::Closed, msg)).await;
+                    return;
+                }
+            }
+            Kind::Cancel => {
+                if let Some(h) = held.as_ref() {
+                    let p = source.pool.manager().params();
+                    let (host, port, pid, secret) = (
+                        p.host.clone(),
+                        p.port,
+                        h.conn.backend_pid,
+                        h.conn.backend_secret,
+                    );
+                    tokio::spawn(async move {
+                        if let Err(e) = server::cancel(&host, port, pid, secret).await {
+                            tracing::warn!(error = %e, "cancel request failed");
+                        }
+                    });
+                }
+            }
+            Kind::Close => break,
+            _ => {}
+        }
+    }
+    // The client is gone. A connection left mid-transaction or mid-query
+    // has unknown state: discard it rather than hand it to someone else.
+    if let Some(mut h) = held.take() {
+        if h.pending > 0 || h.status != b'I' {
+            h.conn.broken = true;
+        }
+    }
+}
+
+/// The ParameterStatus messages to replay to a client opening a session.
+pub fn opened_payload(params: &[(String, String)]) -> Bytes {
+    let mut out = BytesMut::new();
+    for (k, v) in params {
+        pg::put_parameter(&mut out, k, v);
+    }
+    out.freeze()
+}

@@ -1,0 +1,194 @@
+//! Which sources this shard serves: DataSources whose `status.shard` is this
+//! shard's index and that are not paused. Builds a pool for each (reading
+//! the password from its Secret), rebuilds one whose spec changed, and
+//! drains and closes the ones that left. Other sources' pools are never
+//! touched by a change to one source.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::Semaphore;
+
+use super::pool::{self, Manager, PoolSettings};
+use super::registry::{Registry, Source};
+use super::server::ConnectParams;
+use crate::crd::{DataSource, parse_duration};
+
+/// Why a source could not be served; shown in its status (no secrets).
+pub type BuildFailures = HashMap<String, String>;
+
+/// The key of a DataSource: `namespace/name`.
+pub fn key(ds: &DataSource) -> String {
+    format!("{}/{}", ds.namespace().unwrap_or_default(), ds.name_any())
+}
+
+/// Whether this shard should serve the source.
+pub fn wanted(ds: &DataSource, shard: u32) -> bool {
+    !ds.spec.paused && ds.status.as_ref().and_then(|s| s.shard) == Some(shard as i32)
+}
+
+/// Pool settings and connection parameters from a DataSource spec.
+pub fn settings(ds: &DataSource, shard: u32) -> Result<(ConnectParams, PoolSettings), String> {
+    let p = &ds.spec.pool;
+    let d = |s: &str| parse_duration(s).map_err(|e| e.to_string());
+    if matches!(
+        ds.spec.tls.mode,
+        crate::crd::TlsMode::Require | crate::crd::TlsMode::VerifyFull
+    ) {
+        return Err(format!(
+            "tls mode {:?} is not supported by this build yet; use disable or prefer",
+            ds.spec.tls.mode
+        ));
+    }
+    let params = ConnectParams {
+        host: ds.spec.host.clone(),
+        port: u16::try_from(ds.spec.port).map_err(|_| "port out of range".to_string())?,
+        database: ds.spec.database.clone(),
+        user: ds.spec.user.clone(),
+        application_name: format!(
+            "shardpool/{}/{}/{}",
+            ds.namespace().unwrap_or_default(),
+            ds.name_any(),
+            shard
+        ),
+        statement_timeout: p.statement_timeout.clone(),
+    };
+    let settings = PoolSettings {
+        min_idle: usize::try_from(p.min_idle).unwrap_or(0),
+        max_size: usize::try_from(p.max_size).unwrap_or(1).max(1),
+        connect_timeout: d(&p.connect_timeout)?,
+        acquire_timeout: d(&p.acquire_timeout)?,
+        idle_timeout: d(&p.idle_timeout)?,
+        max_lifetime: d(&p.max_lifetime)?,
+    };
+    Ok((params, settings))
+}
+
+async fn password(client: &Client, ds: &DataSource) -> Result<String, String> {
+    let ns = ds.namespace().unwrap_or_default();
+    let r = &ds.spec.password_secret_ref;
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = api
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| format!("reading secret {ns}/{}: {e}", r.name))?;
+    let secret = secret.ok_or_else(|| format!("secret {ns}/{} not found", r.name))?;
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .ok_or_else(|| format!("secret {ns}/{} has no key {:?}", r.name, r.key))?;
+    String::from_utf8(value.0.clone())
+        .map_err(|_| format!("secret {ns}/{} key {:?} is not UTF-8", r.name, r.key))
+}
+
+/// Brings the registry in line with the DataSources in `store`.
+pub async fn sync(
+    client: &Client,
+    store: &Store<DataSource>,
+    shard: u32,
+    registry: &Registry,
+    connect_limit: &Arc<Semaphore>,
+    failures: &mut BuildFailures,
+) {
+    let mut desired: HashMap<String, Arc<DataSource>> = HashMap::new();
+    for ds in store.state() {
+        if wanted(&ds, shard) {
+            desired.insert(key(&ds), ds);
+        }
+    }
+    for s in registry.all() {
+        if !desired.contains_key(&s.key) {
+            tracing::info!(source = %s.key, "source left this shard; draining");
+            if let Some(old) = registry.remove(&s.key) {
+                tokio::spawn(drain(old));
+            }
+        }
+    }
+    failures.retain(|k, _| desired.contains_key(k));
+    for (k, ds) in desired {
+        let generation = ds.metadata.generation.unwrap_or(0);
+        if let Some(current) = registry.get(&k) {
+            if current.generation == generation {
+                continue;
+            }
+        }
+        match build(client, &ds, shard, connect_limit).await {
+            Ok(source) => {
+                failures.remove(&k);
+                tracing::info!(source = %k, generation, "pool created");
+                if let Some(old) = registry.insert(Arc::new(source)) {
+                    tokio::spawn(drain(old));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(source = %k, error = %e, "cannot serve source");
+                failures.insert(k, e);
+            }
+        }
+    }
+}
+
+async fn build(
+    client: &Client,
+    ds: &DataSource,
+    shard: u32,
+    connect_limit: &Arc<Semaphore>,
+) -> Result<Source, String> {
+    let (params, settings) = settings(ds, shard)?;
+    let password = password(client, ds).await?;
+    let manager = Manager::new(params, settings, password, connect_limit.clone());
+    let pool = pool::build(manager).map_err(|e| e.to_string())?;
+    Ok(Source {
+        key: key(ds),
+        pool,
+        generation: ds.metadata.generation.unwrap_or(0),
+        server_params: Default::default(),
+        busy: Default::default(),
+    })
+}
+
+/// Waits (bounded) for the source's transactions to finish, then closes
+/// its idle connections politely and the pool.
+pub async fn drain(source: Arc<Source>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while source.busy() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    close(&source).await;
+}
+
+/// Closes every idle connection with a Terminate, then the pool.
+pub async fn close(source: &Source) {
+    let removed = source.pool.retain(|_, _| false);
+    let closing = removed.removed.into_iter().map(|c| c.terminate());
+    futures::future::join_all(closing).await;
+    source.pool.close();
+}
+
+/// One maintenance pass over every source: warm to minIdle, trim idle.
+pub async fn maintain_all(registry: &Registry) {
+    use futures::StreamExt;
+    let sources = registry.all();
+    futures::stream::iter(sources)
+        .for_each_concurrent(64, |s| async move {
+            pool::maintain(&s.pool).await;
+            let known = s
+                .server_params
+                .read()
+                .map(|p| !p.is_empty())
+                .unwrap_or(true);
+            if !known && s.pool.status().available > 0 {
+                if let Ok(conn) = s.pool.get().await {
+                    if let Ok(mut p) = s.server_params.write() {
+                        *p = conn.params.clone();
+                    }
+                }
+            }
+        })
+        .await;
+}

@@ -1,0 +1,158 @@
+//! Writes each served source's phase, connection counts and last error to
+//! its DataSource status with server-side apply (field manager
+//! `shardpool-shard`), only when they changed, at most once per pass.
+
+use std::collections::HashMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::pool;
+use super::registry::Registry;
+use super::sources::{self, BuildFailures};
+use crate::crd::{DataSource, Phase};
+
+/// Field manager of the shards' status writes.
+pub const FIELD_MANAGER: &str = "shardpool-shard";
+
+/// What was last written per source, to write only changes.
+pub type Written = HashMap<String, Observed>;
+
+/// The status fields a shard owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// Phase.
+    pub phase: Phase,
+    /// (open, idle, in use).
+    pub counts: (usize, usize, usize),
+    /// Secret-free error.
+    pub last_error: Option<String>,
+    /// Generation acted on.
+    pub generation: i64,
+}
+
+/// Computes the phase of a served source.
+pub fn observe(s: &super::registry::Source, min_idle: usize) -> Observed {
+    let counts = pool::counts(&s.pool);
+    let health = s.pool.manager().health();
+    let phase = if counts.0 >= min_idle && health.failures == 0 {
+        Phase::Ready
+    } else if health.failures > 0 && counts.0 == 0 {
+        Phase::Error
+    } else if health.failures > 0 {
+        Phase::Degraded
+    } else if counts.0 >= min_idle {
+        Phase::Ready
+    } else {
+        Phase::Connecting
+    };
+    Observed {
+        phase,
+        counts,
+        last_error: health.last_error,
+        generation: s.generation,
+    }
+}
+
+/// One pass: observe every source this shard is responsible for and apply
+/// the changed ones.
+pub async fn write(
+    client: &Client,
+    store: &Store<DataSource>,
+    shard: u32,
+    registry: &Registry,
+    failures: &BuildFailures,
+    written: &mut Written,
+) {
+    for ds in store.state() {
+        if !sources::wanted(&ds, shard) {
+            continue;
+        }
+        let key = sources::key(&ds);
+        let obs = if let Some(s) = registry.get(&key) {
+            observe(&s, usize::try_from(ds.spec.pool.min_idle).unwrap_or(0))
+        } else if let Some(err) = failures.get(&key) {
+            Observed {
+                phase: Phase::Error,
+                counts: (0, 0, 0),
+                last_error: Some(err.clone()),
+                generation: ds.metadata.generation.unwrap_or(0),
+            }
+        } else {
+            continue;
+        };
+        if written.get(&key) == Some(&obs) {
+            continue;
+        }
+        match apply(client, &ds, shard, &obs).await {
+            Ok(()) => {
+                written.insert(key, obs);
+            }
+            Err(e) => tracing::warn!(source = %key, error = %e, "status write failed"),
+        }
+    }
+    written.retain(|k, _| registry.get(k).is_some() || failures.contains_key(k));
+}
+
+async fn apply(
+    client: &Client,
+    ds: &DataSource,
+    shard: u32,
+    obs: &Observed,
+) -> Result<(), kube::Error> {
+    let ns = ds.namespace().unwrap_or_default();
+    let api: Api<DataSource> = Api::namespaced(client.clone(), &ns);
+    let ready = obs.phase == Phase::Ready;
+    let previous = ds
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .filter(|c| (c.status == "True") == ready)
+        .map(|c| c.last_transition_time.clone());
+    let since = previous.unwrap_or_else(|| Time(Timestamp::now()));
+    let (reason, message) = match obs.phase {
+        Phase::Ready => (
+            "PoolWarm",
+            format!("{} connections open on shard {shard}", obs.counts.0),
+        ),
+        Phase::Connecting => (
+            "Connecting",
+            format!("opening connections on shard {shard}"),
+        ),
+        Phase::Degraded => (
+            "ConnectionErrors",
+            obs.last_error.clone().unwrap_or_default(),
+        ),
+        Phase::Error => ("CannotConnect", obs.last_error.clone().unwrap_or_default()),
+        Phase::Pending | Phase::Paused => ("NotServing", String::new()),
+    };
+    let patch = json!({
+        "apiVersion": "shardpool.dev/v1alpha1",
+        "kind": "DataSource",
+        "status": {
+            "phase": obs.phase,
+            "connections": {"open": obs.counts.0, "idle": obs.counts.1, "inUse": obs.counts.2},
+            "lastError": obs.last_error,
+            "observedGeneration": obs.generation,
+            "conditions": [{
+                "type": "Ready",
+                "status": if ready { "True" } else { "False" },
+                "reason": reason,
+                "message": message,
+                "observedGeneration": obs.generation,
+                "lastTransitionTime": since,
+            }],
+        }
+    });
+    api.patch_status(
+        &ds.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
+}
