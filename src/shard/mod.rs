@@ -10,6 +10,7 @@
 //! the same source's connections.
 
 pub mod pool;
+pub mod prepared;
 pub mod registry;
 pub mod serve;
 pub mod server;
@@ -146,6 +147,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
     tracing::info!(shard = cfg.index, "serving");
     let mut resync = tokio::time::interval(Duration::from_secs(30));
+    let maintaining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     sources::sync(
         &client,
         &store,
@@ -167,8 +169,16 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 sources::sync(&client, &store, cfg.index, &registry, &connect_limit, &mut failures).await;
             }
             _ = tick.tick() => {
-                let registry = registry.clone();
-                tokio::spawn(async move { sources::maintain_all(&registry).await });
+                // One maintenance pass at a time: overlapping passes would
+                // each see the same shortfall and open it twice.
+                if !maintaining.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    let registry = registry.clone();
+                    let maintaining = maintaining.clone();
+                    tokio::spawn(async move {
+                        sources::maintain_all(&registry).await;
+                        maintaining.store(false, std::sync::atomic::Ordering::Release);
+                    });
+                }
             }
             _ = status_tick.tick() => {
                 status::write(&client, &store, cfg.index, &registry, &failures, &mut written).await;

@@ -78,6 +78,8 @@ pub struct ServerConn {
     /// Set when its state is unknown (I/O error, abandoned mid-transaction):
     /// the pool discards it instead of reusing it.
     pub broken: bool,
+    /// Server-side names of the statements prepared on it.
+    pub prepared: std::collections::HashSet<bytes::Bytes>,
 }
 
 impl ServerConn {
@@ -100,6 +102,7 @@ impl ServerConn {
             params: Vec::new(),
             created: Instant::now(),
             broken: false,
+            prepared: Default::default(),
         };
         let mut out = BytesMut::new();
         let mut startup: Vec<(&str, &str)> = vec![

@@ -14,7 +14,10 @@ use std::sync::atomic::Ordering;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 
+use std::collections::VecDeque;
+
 use super::pool::Conn;
+use super::prepared::{self, Expect, Statements};
 use super::registry::Source;
 use super::server;
 use crate::proto::frame::{Frame, Kind};
@@ -96,6 +99,8 @@ pub async fn run(
         return;
     }
     let mut held: Option<Held> = None;
+    let mut stmts = Statements::default();
+    let mut owed: VecDeque<Expect> = VecDeque::new();
     loop {
         let frame = match held.as_mut() {
             None => match rx.recv().await {
@@ -112,7 +117,8 @@ pub async fn run(
                                     h.pending = h.pending.saturating_sub(1);
                                     h.status = s;
                                 }
-                                if tx.send(Frame::new(id, Kind::Messages, chunk.freeze())).await.is_err() {
+                                let chunk = prepared::filter(chunk.freeze(), &mut owed);
+                                if tx.send(Frame::new(id, Kind::Messages, chunk)).await.is_err() {
                                     break;
                                 }
                                 if h.pending == 0 && h.status == b'I' {
@@ -177,7 +183,16 @@ pub async fn run(
                 }
                 let Some(h) = held.as_mut() else { continue };
                 h.pending += sync_points(&frame.payload);
-                if let Err(e) = h.conn.write_all(&frame.payload).await {
+                let bytes = if prepared::needs_rewrite(&frame.payload) {
+                    let r = prepared::rewrite(&frame.payload, &mut stmts, &h.conn.prepared);
+                    owed.extend(r.expect);
+                    h.conn.prepared.extend(r.prepares);
+                    r.bytes
+                } else {
+                    owed.extend((0..sync_points(&frame.payload)).map(|_| Expect::Ready));
+                    frame.payload.clone()
+                };
+                if let Err(e) = h.conn.write_all(&bytes).await {
                     tracing::warn!(error = %e, "writing to the server failed");
                     let msg = pg::error("FATAL", "08006", "server connection lost");
                     let _ = tx.send(Frame::new(id, Kind::Closed, msg)).await;
