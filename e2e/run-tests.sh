@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the end-to-end suite (e2e/tests) against the local cluster. Brings the
-# cluster up when it is not, and down again afterwards in that case only, so
+# Runs the end-to-end suite (e2e/tests) against the local cluster with
+# shardpool installed (e2e/install.sh). Brings the cluster up when it is not, and down again afterwards in that case only, so
 # a `make demo` cluster survives `make test`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -12,6 +12,8 @@ if ! { pid_alive apiserver && [ -f "$STATE/env" ]; }; then
 fi
 cleanup() { if [ "$started" = 1 ] && [ -z "${KEEP_CLUSTER:-}" ]; then "$E2E/down.sh"; fi; }
 trap cleanup EXIT
+# The data-path tests need shardpool installed (idempotent when it is).
+"$E2E/install.sh"
 # shellcheck disable=SC1091
 source "$STATE/env"
 cd "$E2E"

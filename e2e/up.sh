@@ -83,6 +83,7 @@ start_bg controller-manager "$LOCALKUBE" controller-manager \
   --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" \
   --use-service-account-credentials=true \
   --controllers='*' \
+  --node-monitor-grace-period=2m \
   --concurrent-deployment-syncs=10 --concurrent-replicaset-syncs=10 --concurrent-gc-syncs=20
 start_bg scheduler "$LOCALKUBE" scheduler \
   --kubeconfig="$STATE/kubeconfig" \
@@ -99,6 +100,7 @@ start_bg kwok "$LOCALKUBE" kwok \
   --manage-all-nodes=false \
   --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
   --node-ip=127.0.0.1 \
+  --node-lease-duration-seconds=40 \
   --server-address="127.0.0.1:$KWOK_PORT"
 wait_for "nodes Ready" 90 kwok kc wait --for=condition=Ready node --all --timeout=2s
 

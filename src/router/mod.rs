@@ -4,6 +4,7 @@
 //! and passes the session through a multiplexed link to that pod. It keeps
 //! no state of its own: everything is rebuilt from watches on restart.
 
+pub mod http;
 pub mod link;
 pub mod pgwire;
 pub mod routes;
@@ -56,6 +57,18 @@ pub struct RouterConfig {
     /// Port of the shards' router endpoint.
     #[arg(long, env = "SHARDPOOL_SHARD_PORT", default_value_t = 6432)]
     pub shard_port: u16,
+    /// HTTP/JSON API listen address.
+    #[arg(long, env = "SHARDPOOL_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    pub http_listen: SocketAddr,
+    /// HTTP bearer tokens: lines `token:ns1,ns2`. Without any, the HTTP API
+    /// answers 401 to everything.
+    #[arg(
+        long,
+        env = "SHARDPOOL_HTTP_TOKENS",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub http_tokens: String,
 }
 
 impl std::fmt::Debug for RouterConfig {
@@ -177,6 +190,7 @@ where
 /// Runs the router until SIGTERM; returns the exit code.
 pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     let users = Users::parse(&cfg.users)?;
+    let tokens = http::Tokens::parse(&cfg.http_tokens).map_err(anyhow::Error::msg)?;
     let handover_timeout = parse_duration(&cfg.handover_timeout)?;
     let client = Client::try_default().await?;
     let ready = Ready::default();
@@ -218,7 +232,17 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         cancels: Mutex::default(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.pg_listen).await?;
-    tracing::info!(listen = %cfg.pg_listen, "router serving");
+    let http_listener = tokio::net::TcpListener::bind(cfg.http_listen).await?;
+    let app = http::app(Arc::new(http::Http {
+        router: router.clone(),
+        tokens,
+    }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app).await {
+            tracing::error!(error = %e, "http api stopped");
+        }
+    });
+    tracing::info!(pg = %cfg.pg_listen, http = %cfg.http_listen, "router serving");
     ready.set(true);
     let term = crate::shard::shutdown_signal();
     tokio::pin!(term);

@@ -27,14 +27,14 @@ use crate::proto::pg;
 use crate::shard::session::{DRAINING, sync_points};
 
 /// Where a session currently runs.
-struct Attached {
-    link: Arc<Link>,
-    id: u32,
-    inbox: mpsc::Receiver<Frame>,
+pub(crate) struct Attached {
+    pub(crate) link: Arc<Link>,
+    pub(crate) id: u32,
+    pub(crate) inbox: mpsc::Receiver<Frame>,
 }
 
 /// A client-visible failure: an ErrorResponse, then the connection ends.
-struct Fatal(PgError);
+pub(crate) struct Fatal(pub(crate) PgError);
 
 fn fatal(code: &str, message: impl Into<String>) -> Fatal {
     Fatal(PgError::fatal(code, message))
@@ -74,7 +74,7 @@ fn source_name<'a>(database: &'a str, default_ns: Option<&'a str>) -> Option<(&'
     }
 }
 
-async fn attach(
+pub(crate) async fn attach(
     router: &Router,
     ns: &str,
     name: &str,

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,9 +49,7 @@ type podWorker struct {
 	stopCh   chan struct{}
 	stopOnce sync.Once
 
-	// lastStatus is the status last written, to skip identical writes (run only).
-	lastStatus *corev1.PodStatus
-	startTime  metav1.Time
+	startTime metav1.Time
 }
 
 func newPodWorker(r *Runner, p *corev1.Pod) *podWorker {
@@ -286,11 +283,14 @@ func (w *podWorker) absDir() string {
 	return a
 }
 
-// syncStatus writes the pod status when it differs from the last write.
+// syncStatus writes the pod status when the API server's copy differs from
+// what the runner observes. Comparing with the server's copy (not with the
+// last write) repairs changes made by others, e.g. the node lifecycle
+// controller marking pods not ready.
 func (w *podWorker) syncStatus(ctx context.Context) {
 	p := w.current()
 	st := w.buildStatus(p)
-	if w.lastStatus != nil && statusEqual(w.lastStatus, st) {
+	if statusKey(&p.Status) == statusKey(st) {
 		return
 	}
 	for attempt := 0; attempt < 5; attempt++ {
@@ -298,7 +298,6 @@ func (w *podWorker) syncStatus(ctx context.Context) {
 		cp.Status = *st
 		_, err := w.r.client.CoreV1().Pods(w.ns).UpdateStatus(ctx, cp, metav1.UpdateOptions{})
 		if err == nil {
-			w.lastStatus = st
 			return
 		}
 		if apierrors.IsNotFound(err) {
@@ -321,21 +320,32 @@ func (w *podWorker) syncStatus(ctx context.Context) {
 			return
 		}
 		p = fresh
+		st = w.buildStatus(p)
 	}
 	// Could not write now; try again on the next event.
 	go func() { time.Sleep(time.Second); w.wake() }()
 }
 
-func statusEqual(a, b *corev1.PodStatus) bool {
-	strip := func(s *corev1.PodStatus) *corev1.PodStatus {
-		c := s.DeepCopy()
-		for i := range c.Conditions {
-			c.Conditions[i].LastTransitionTime = metav1.Time{}
-			c.Conditions[i].LastProbeTime = metav1.Time{}
-		}
-		return c
+// statusKey is what the runner owns in a pod status, as a comparable string.
+func statusKey(s *corev1.PodStatus) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s|%s|", s.Phase, s.PodIP)
+	for _, c := range s.Conditions {
+		fmt.Fprintf(&b, "%s=%s,", c.Type, c.Status)
 	}
-	return reflect.DeepEqual(strip(a), strip(b))
+	for _, c := range s.ContainerStatuses {
+		state := "waiting"
+		switch {
+		case c.State.Running != nil:
+			state = "running:" + c.ContainerID
+		case c.State.Terminated != nil:
+			state = fmt.Sprintf("terminated:%d", c.State.Terminated.ExitCode)
+		case c.State.Waiting != nil:
+			state = "waiting:" + c.State.Waiting.Reason
+		}
+		fmt.Fprintf(&b, "|%s:%v:%d:%s", c.Name, c.Ready, c.RestartCount, state)
+	}
+	return b.String()
 }
 
 func (w *podWorker) buildStatus(p *corev1.Pod) *corev1.PodStatus {
