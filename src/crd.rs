@@ -249,6 +249,9 @@ pub struct DataSourceStatus {
     /// Last connection or configuration error; never contains a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The shard pod holding the source's pool now (changes on handover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<String>,
 }
 
 /// Lifecycle phase of a source.

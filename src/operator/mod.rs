@@ -138,6 +138,16 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         watcher::Config::default().labels(&shard_selector),
         changed.clone(),
     );
+    let leases_store = watch_into(
+        Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
+        watcher::Config::default().labels("app.kubernetes.io/component=shard"),
+        changed.clone(),
+    );
+    let pods = watch_into(
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &cfg.namespace),
+        watcher::Config::default().labels(&shard_selector),
+        changed.clone(),
+    );
     let configmaps = watch_into(
         Api::<ConfigMap>::namespaced(client.clone(), &cfg.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", cfg.shard_template)),
@@ -146,8 +156,17 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
     let _ = tokio::join!(
         sources.wait_until_ready(),
         deployments.wait_until_ready(),
-        configmaps.wait_until_ready()
+        configmaps.wait_until_ready(),
+        leases_store.wait_until_ready(),
+        pods.wait_until_ready()
     );
+    let stores = reconcile::Stores {
+        sources,
+        deployments,
+        configmaps,
+        leases: leases_store,
+        pods,
+    };
     let ctx = reconcile::Context {
         client: client.clone(),
         cfg: cfg.clone(),
@@ -179,7 +198,7 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
                 continue;
             }
         }
-        if let Err(e) = reconcile::reconcile(&ctx, &sources, &deployments, &configmaps).await {
+        if let Err(e) = reconcile::reconcile(&ctx, &stores).await {
             tracing::warn!(error = %e, reason = e.reason(), "reconcile failed; retrying");
         }
     }

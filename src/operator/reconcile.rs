@@ -4,6 +4,7 @@
 //! server-side apply), rolling at most one shard at a time.
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -15,7 +16,7 @@ use serde_json::json;
 use super::assign::{self, SourceLoad};
 use super::template::{self, HASH_ANNOTATION, ShardTemplate};
 use super::{OperatorConfig, shard_name};
-use crate::crd::DataSource;
+use crate::crd::{DataSource, Phase};
 
 /// Field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "shardpool-operator";
@@ -94,16 +95,61 @@ fn read_template(ctx: &Context, configmaps: &Store<ConfigMap>) -> Result<ShardTe
     ShardTemplate::parse(yaml).map_err(|e| Error::Template(name, e.to_string()))
 }
 
+/// What a pass reads, all kept current by watches.
+pub struct Stores {
+    /// Every DataSource.
+    pub sources: Store<DataSource>,
+    /// Shard Deployments of this release.
+    pub deployments: Store<Deployment>,
+    /// The shard template ConfigMap.
+    pub configmaps: Store<ConfigMap>,
+    /// Shard Leases.
+    pub leases: Store<Lease>,
+    /// Shard pods of this release.
+    pub pods: Store<Pod>,
+}
+
 /// The whole pass.
-pub async fn reconcile(
-    ctx: &Context,
-    sources: &Store<DataSource>,
-    deployments: &Store<Deployment>,
-    configmaps: &Store<ConfigMap>,
-) -> Result<(), Error> {
-    let template = read_template(ctx, configmaps)?;
-    let desired = assign_all(ctx, sources, template.count).await?;
-    apply_shards(ctx, &template, deployments, &desired).await
+pub async fn reconcile(ctx: &Context, stores: &Stores) -> Result<(), Error> {
+    let template = read_template(ctx, &stores.configmaps)?;
+    let desired = assign_all(ctx, &stores.sources, template.count).await?;
+    apply_shards(ctx, &template, stores, &desired).await
+}
+
+/// Whether shard `index` finished taking over after a template change: its
+/// Deployment settled, its Lease held by a pod of the current template, and
+/// every source assigned to it served by that pod and past connecting.
+pub fn shard_settled(index: u32, d: &Deployment, hash: &str, stores: &Stores) -> bool {
+    if rolling(d) {
+        return false;
+    }
+    let name = shard_name(index);
+    let holder = stores
+        .leases
+        .state()
+        .into_iter()
+        .find(|l| l.name_any() == name)
+        .and_then(|l| l.spec.as_ref().and_then(|s| s.holder_identity.clone()))
+        .filter(|h| !h.is_empty());
+    let Some(holder) = holder else { return false };
+    let holder_current = stores.pods.state().iter().any(|p| {
+        p.name_any() == holder
+            && p.annotations().get(HASH_ANNOTATION).map(String::as_str) == Some(hash)
+    });
+    if !holder_current {
+        return false;
+    }
+    stores.sources.state().iter().all(|ds| {
+        let st = ds.status.as_ref();
+        if ds.spec.paused || st.and_then(|s| s.shard) != Some(index as i32) {
+            return true;
+        }
+        st.and_then(|s| s.served_by.as_deref()) == Some(holder.as_str())
+            && matches!(
+                st.and_then(|s| s.phase),
+                Some(Phase::Ready | Phase::Degraded | Phase::Error)
+            )
+    })
 }
 
 /// Computes the assignment and writes every changed one; returns the shard
@@ -190,15 +236,25 @@ fn rolling(d: &Deployment) -> bool {
 async fn apply_shards(
     ctx: &Context,
     t: &ShardTemplate,
-    deployments: &Store<Deployment>,
+    stores: &Stores,
     desired: &[Option<u32>],
 ) -> Result<(), Error> {
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ctx.cfg.namespace);
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let existing = deployments.state();
+    let existing = stores.deployments.state();
     let find = |name: &str| existing.iter().find(|d| d.name_any() == name).cloned();
     let hash = t.hash();
-    let mut busy = existing.iter().any(|d| rolling(d));
+    // A shard is in rollout from its update until its new pod serves every
+    // source; only one at a time.
+    let mut busy = existing.iter().any(|d| {
+        let index = d
+            .labels()
+            .get("shardpool.dev/shard")
+            .and_then(|s| s.parse::<u32>().ok());
+        let updated =
+            d.annotations().get(HASH_ANNOTATION).map(String::as_str) == Some(hash.as_str());
+        rolling(d) || (updated && index.is_some_and(|k| !shard_settled(k, d, &hash, stores)))
+    });
     for k in 0..t.count {
         let name = shard_name(k);
         let want = template::deployment(

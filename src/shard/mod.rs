@@ -181,7 +181,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 }
             }
             _ = status_tick.tick() => {
-                status::write(&client, &store, cfg.index, &registry, &failures, &mut written).await;
+                status::write(&client, &store, cfg.index, &cfg.pod_name, &registry, &failures, &mut written).await;
             }
             _ = renew.tick() => {
                 if let Err(e) = held.renew().await {

@@ -64,6 +64,7 @@ pub async fn write(
     client: &Client,
     store: &Store<DataSource>,
     shard: u32,
+    pod: &str,
     registry: &Registry,
     failures: &BuildFailures,
     written: &mut Written,
@@ -88,7 +89,7 @@ pub async fn write(
         if written.get(&key) == Some(&obs) {
             continue;
         }
-        match apply(client, &ds, shard, &obs).await {
+        match apply(client, &ds, shard, pod, &obs).await {
             Ok(()) => {
                 written.insert(key, obs);
             }
@@ -102,6 +103,7 @@ async fn apply(
     client: &Client,
     ds: &DataSource,
     shard: u32,
+    pod: &str,
     obs: &Observed,
 ) -> Result<(), kube::Error> {
     let ns = ds.namespace().unwrap_or_default();
@@ -138,6 +140,7 @@ async fn apply(
             "connections": {"open": obs.counts.0, "idle": obs.counts.1, "inUse": obs.counts.2},
             "lastError": obs.last_error,
             "observedGeneration": obs.generation,
+            "servedBy": pod,
             "conditions": [{
                 "type": "Ready",
                 "status": if ready { "True" } else { "False" },
