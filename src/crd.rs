@@ -249,6 +249,10 @@ pub struct DataSourceStatus {
     /// Last connection or configuration error; never contains a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The shard holding the source's pool now; cleared by that shard once it
+    /// has closed the pool, which lets the next owner open it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_shard: Option<i32>,
     /// The shard pod holding the source's pool now (changes on handover).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_by: Option<String>,

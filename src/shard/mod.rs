@@ -9,6 +9,7 @@
 //! exits at once, before the Lease can expire, so two shards never hold
 //! the same source's connections.
 
+pub mod handover;
 pub mod pool;
 pub mod prepared;
 pub mod registry;
@@ -138,8 +139,29 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 futures::future::ready(())
             }),
     );
-    let _ = store.wait_until_ready().await;
+    let leases_api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let (lease_store, lease_writer) = reflector::store();
+    let lease_notify = changed.clone();
+    tokio::spawn(
+        reflector::reflector(lease_writer, watcher(leases_api, watcher::Config::default().labels("app.kubernetes.io/component=shard")))
+            .default_backoff()
+            .touched_objects()
+            .for_each(move |_| {
+                lease_notify.notify_one();
+                futures::future::ready(())
+            }),
+    );
+    let _ = tokio::join!(store.wait_until_ready(), lease_store.wait_until_ready());
     let connect_limit = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+    let sync_cx = sources::SyncContext {
+        client: &client,
+        store: &store,
+        leases: &lease_store,
+        namespace: &cfg.namespace,
+        shard: cfg.index,
+        pod: &cfg.pod_name,
+        connect_limit: &connect_limit,
+    };
     let mut failures = sources::BuildFailures::new();
     let mut written = status::Written::new();
     let mut renew = tokio::time::interval(held.config().renew_every);
@@ -148,25 +170,17 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     tracing::info!(shard = cfg.index, "serving");
     let mut resync = tokio::time::interval(Duration::from_secs(30));
     let maintaining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    sources::sync(
-        &client,
-        &store,
-        cfg.index,
-        &registry,
-        &connect_limit,
-        &mut failures,
-    )
-    .await;
+    sources::sync(&sync_cx, &registry, &mut failures).await;
     loop {
         tokio::select! {
             _ = &mut term => break,
             _ = changed.notified() => {
-                sources::sync(&client, &store, cfg.index, &registry, &connect_limit, &mut failures).await;
+                sources::sync(&sync_cx, &registry, &mut failures).await;
             }
             _ = resync.tick() => {
                 // Retry sources that failed to build (e.g. a Secret created later).
                 failures.clear();
-                sources::sync(&client, &store, cfg.index, &registry, &connect_limit, &mut failures).await;
+                sources::sync(&sync_cx, &registry, &mut failures).await;
             }
             _ = tick.tick() => {
                 // One maintenance pass at a time: overlapping passes would
@@ -181,6 +195,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 }
             }
             _ = status_tick.tick() => {
+                sources::sync(&sync_cx, &registry, &mut failures).await;
                 status::write(&client, &store, cfg.index, &cfg.pod_name, &registry, &failures, &mut written).await;
             }
             _ = renew.tick() => {

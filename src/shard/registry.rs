@@ -23,6 +23,9 @@ pub struct Source {
     pub server_params: RwLock<Vec<(String, String)>>,
     /// Sessions currently holding a server connection (mid-transaction).
     pub busy: AtomicUsize,
+    /// Set when the source leaves this shard (or is rebuilt): sessions take
+    /// no new transaction on it and send the router elsewhere.
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 impl Source {

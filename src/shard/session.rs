@@ -140,7 +140,7 @@ pub async fn run(
         match frame.kind {
             Kind::Messages => {
                 if held.is_none() {
-                    if *draining.borrow() {
+                    if *draining.borrow() || source.retired.load(Ordering::Relaxed) {
                         let msg = pg::error(
                             "FATAL",
                             DRAINING,

@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Semaphore;
 
+use super::handover;
 use super::pool::{self, Manager, PoolSettings};
 use super::registry::{Registry, Source};
 use super::server::ConnectParams;
@@ -86,15 +88,29 @@ async fn password(client: &Client, ds: &DataSource) -> Result<String, String> {
         .map_err(|_| format!("secret {ns}/{} key {:?} is not UTF-8", r.name, r.key))
 }
 
-/// Brings the registry in line with the DataSources in `store`.
-pub async fn sync(
-    client: &Client,
-    store: &Store<DataSource>,
-    shard: u32,
-    registry: &Registry,
-    connect_limit: &Arc<Semaphore>,
-    failures: &mut BuildFailures,
-) {
+/// What [`sync`] needs besides the registry.
+pub struct SyncContext<'a> {
+    /// API client.
+    pub client: &'a Client,
+    /// DataSources.
+    pub store: &'a Store<DataSource>,
+    /// Shard Leases (who is alive).
+    pub leases: &'a Store<Lease>,
+    /// Namespace of the Leases.
+    pub namespace: &'a str,
+    /// This shard's index.
+    pub shard: u32,
+    /// This pod's name.
+    pub pod: &'a str,
+    /// Shard-wide connection attempt limit.
+    pub connect_limit: &'a Arc<Semaphore>,
+}
+
+/// Brings the registry in line with the DataSources: opens sources assigned
+/// here (after the previous owner released them), drains and releases the
+/// ones that left.
+pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &mut BuildFailures) {
+    let (client, store, shard, connect_limit) = (cx.client, cx.store, cx.shard, cx.connect_limit);
     let mut desired: HashMap<String, Arc<DataSource>> = HashMap::new();
     for ds in store.state() {
         if wanted(&ds, shard) {
@@ -105,7 +121,15 @@ pub async fn sync(
         if !desired.contains_key(&s.key) {
             tracing::info!(source = %s.key, "source left this shard; draining");
             if let Some(old) = registry.remove(&s.key) {
-                tokio::spawn(drain(old));
+                let client = client.clone();
+                tokio::spawn(async move {
+                    drain(old.clone()).await;
+                    if let Err(e) = handover::release(&client, &old.key, shard).await {
+                        tracing::warn!(source = %old.key, error = %e, "release acknowledgement failed");
+                    } else {
+                        tracing::info!(source = %old.key, "released");
+                    }
+                });
             }
         }
     }
@@ -115,6 +139,19 @@ pub async fn sync(
         if let Some(current) = registry.get(&k) {
             if current.generation == generation {
                 continue;
+            }
+        }
+        if registry.get(&k).is_none() {
+            if !handover::may_open(&ds, shard, cx.leases, cx.namespace) {
+                tracing::debug!(source = %k, "waiting for the previous shard to release the source");
+                continue;
+            }
+            let serving = ds.status.as_ref().and_then(|s| s.serving_shard);
+            if serving != Some(shard as i32) {
+                if let Err(e) = handover::claim(client, &ds, shard, cx.pod).await {
+                    tracing::warn!(source = %k, error = %e, "cannot claim source");
+                    continue;
+                }
             }
         }
         match build(client, &ds, shard, connect_limit).await {
@@ -149,12 +186,14 @@ async fn build(
         generation: ds.metadata.generation.unwrap_or(0),
         server_params: Default::default(),
         busy: Default::default(),
+        retired: Default::default(),
     })
 }
 
 /// Waits (bounded) for the source's transactions to finish, then closes
 /// its idle connections politely and the pool.
 pub async fn drain(source: Arc<Source>) {
+    source.retired.store(true, std::sync::atomic::Ordering::Relaxed);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while source.busy() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -141,6 +141,7 @@ async fn apply(
             "lastError": obs.last_error,
             "observedGeneration": obs.generation,
             "servedBy": pod,
+            "servingShard": shard,
             "conditions": [{
                 "type": "Ready",
                 "status": if ready { "True" } else { "False" },

@@ -1,0 +1,198 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+func helmSet(t *testing.T, set ...string) {
+	t.Helper()
+	args := []string{"--kubeconfig", os.Getenv("KUBECONFIG"), "upgrade", "shardpool", filepath.Join(repoRoot(), "charts", "shardpool"),
+		"-n", systemNS, "--reuse-values", "--timeout", "120s"}
+	for _, s := range set {
+		args = append(args, "--set", s)
+	}
+	out, err := exec.Command(filepath.Join(repoRoot(), "e2e", ".bin", "helm"), args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("helm upgrade %v: %v\n%s", set, err, out)
+	}
+}
+
+// assignments returns name -> "shard phase servingShard" for the namespace.
+func assignments(t *testing.T, ns string) map[string][3]string {
+	t.Helper()
+	out, _, err := kubectl(t, "", "-n", ns, "get", "datasources", "-o", `jsonpath={range .items[*]}{.metadata.name} {.status.shard} {.status.phase} {.status.servingShard}{"\n"}{end}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string][3]string{}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Fields(line)
+		for len(f) < 4 {
+			f = append(f, "")
+		}
+		m[f[0]] = [3]string{f[1], f[2], f[3]}
+	}
+	return m
+}
+
+// settledAt waits until every source is Ready and served by its assigned shard.
+func settledAt(t *testing.T, ns string, n int) map[string]string {
+	t.Helper()
+	var shards map[string]string
+	eventually(t, 120*time.Second, "every source Ready on its assigned shard", func() (bool, error) {
+		a := assignments(t, ns)
+		shards = map[string]string{}
+		for name, v := range a {
+			if v[1] != "Ready" || v[0] != v[2] {
+				return false, fmt.Errorf("%s: %v", name, v)
+			}
+			shards[name] = v[0]
+		}
+		return len(shards) == n, nil
+	})
+	return shards
+}
+
+// Rescaling moves about 1/(N+1) of the sources to the new shard and nothing
+// else, each move drained, acknowledged and only then reopened (never two
+// shards' connections for one source), with no failed query; scaling down
+// moves only the removed shard's sources.
+func TestRescaleMovesWithoutOverlap(t *testing.T) {
+	ip, pw := installed(t)
+	c := client(t)
+	ns := tempNamespace(t, c, "scale")
+	const n = 60
+	var b strings.Builder
+	fmt.Fprintf(&b, "apiVersion: v1\nkind: Secret\nmetadata: {name: acme-warehouse, namespace: %s}\nstringData: {password: %q}\n", ns, os.Getenv("WAREHOUSE_PGPASSWORD"))
+	for i := 0; i < n; i++ {
+		fmt.Fprintf(&b, "---\napiVersion: shardpool.dev/v1alpha1\nkind: DataSource\nmetadata: {name: src-%02d, namespace: %s}\nspec: {host: %s, port: %s, database: acme, user: %s, passwordSecretRef: {name: acme-warehouse, key: password}, tls: {mode: disable}, pool: {minIdle: 1, maxSize: 2}}\n",
+			i, ns, os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"), os.Getenv("WAREHOUSE_PGUSER"))
+	}
+	if _, stderr, err := kubectl(t, b.String(), "apply", "-f", "-"); err != nil {
+		t.Fatalf("apply: %v\n%s", err, stderr)
+	}
+	// The router user may reach this namespace only through '*'; use the
+	// warehouse check for overlap and the tenants sources for query load.
+	t.Cleanup(func() { helmSet(t, "shard.count=2") })
+	helmSet(t, "shard.count=3")
+	before := settledAt(t, ns, n)
+
+	// Query load on the example sources while shards come and go.
+	var failures atomic.Int64
+	var queries atomic.Int64
+	var firstErr atomic.Value
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, db := range []string{"tenants.acme", "tenants.globex", "tenants.initech"} {
+		wg.Add(1)
+		go func(db string) {
+			defer wg.Done()
+			conn, err := pgxConn(t, ip, pw, db, pgx.QueryExecModeSimpleProtocol)
+			if err != nil {
+				failures.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+				return
+			}
+			defer conn.Close(context.Background())
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				var one int
+				err := conn.QueryRow(ctx, "SELECT 1").Scan(&one)
+				cancel()
+				queries.Add(1)
+				if err != nil {
+					failures.Add(1)
+					firstErr.CompareAndSwap(nil, err.Error())
+					return
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}(db)
+	}
+
+	// Overlap sampler: per source, the set of shards holding connections.
+	var overlaps []string
+	var mu sync.Mutex
+	sampling := make(chan struct{})
+	go func() {
+		defer close(sampling)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			rows := warehouse(t, "postgres", "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'shardpool/"+ns+"/%'")
+			seen := map[string]map[string]bool{}
+			for _, app := range strings.Split(rows, "\n") {
+				parts := strings.Split(app, "/")
+				if len(parts) != 4 {
+					continue
+				}
+				if seen[parts[2]] == nil {
+					seen[parts[2]] = map[string]bool{}
+				}
+				seen[parts[2]][parts[3]] = true
+			}
+			for src, shards := range seen {
+				if len(shards) > 1 {
+					mu.Lock()
+					overlaps = append(overlaps, fmt.Sprintf("%s on shards %v", src, shards))
+					mu.Unlock()
+				}
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+
+	helmSet(t, "shard.count=4")
+	after := settledAt(t, ns, n)
+	moved := 0
+	for name, s := range after {
+		if s != before[name] {
+			moved++
+			if s != "3" {
+				t.Errorf("%s moved from shard %s to %s, not to the new shard 3", name, before[name], s)
+			}
+		}
+	}
+	frac := float64(moved) / n
+	t.Logf("3 -> 4 shards: %d of %d sources moved (%.0f%%)", moved, n, frac*100)
+	if frac < 0.15 || frac > 0.35 {
+		t.Errorf("3 -> 4 moved %.0f%% of the sources, want about 25%%", frac*100)
+	}
+
+	helmSet(t, "shard.count=3")
+	back := settledAt(t, ns, n)
+	for name, s := range back {
+		if s != after[name] && after[name] != "3" {
+			t.Errorf("%s moved from shard %s to %s when only shard 3 was removed", name, after[name], s)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	<-sampling
+	t.Logf("%d queries through the router during the rescale, %d failed", queries.Load(), failures.Load())
+	if failures.Load() > 0 {
+		t.Errorf("queries failed during the rescale: %v", firstErr.Load())
+	}
+	if len(overlaps) > 0 {
+		t.Errorf("a source had connections from two shards at once: %v", overlaps[:min(5, len(overlaps))])
+	}
+}
