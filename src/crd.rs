@@ -249,6 +249,11 @@ pub struct DataSourceStatus {
     /// Last connection or configuration error; never contains a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Number of shards when the operator last placed or kept the source: it
+    /// moves only to a shard added since, or when its shard is removed or
+    /// overloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_among: Option<i32>,
     /// The shard holding the source's pool now; cleared by that shard once it
     /// has closed the pool, which lets the next owner open it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -171,6 +171,11 @@ async fn assign_all(
                 .as_ref()
                 .and_then(|s| s.shard)
                 .and_then(|s| u32::try_from(s).ok()),
+            placed_among: d
+                .status
+                .as_ref()
+                .and_then(|s| s.assigned_among)
+                .and_then(|s| u32::try_from(s).ok()),
         })
         .collect();
     let result = assign::assign(&loads, count, ctx.cfg.epsilon);
@@ -178,32 +183,54 @@ async fn assign_all(
         let Some(target) = *target else { continue };
         let paused_phase_missing = ds.spec.paused
             && ds.status.as_ref().and_then(|s| s.phase) != Some(crate::crd::Phase::Paused);
-        if load.current == Some(target) && !paused_phase_missing {
+        // Every pass records the shard count it considered, so only a shard
+        // added after this pass can attract the source later.
+        let among = count;
+        if load.current == Some(target) && !paused_phase_missing && load.placed_among == Some(among)
+        {
             continue;
         }
-        if let Some(from) = load.current {
+        if load.current == Some(target) {
+            tracing::debug!(source = %load.key, among, "recording the shard count");
+        } else if let Some(from) = load.current {
             tracing::info!(source = %load.key, from, to = target, "moving source");
         } else {
             tracing::info!(source = %load.key, shard = target, "assigning source");
         }
-        write_assignment(ctx, ds, target).await?;
+        write_assignment(ctx, ds, target, among).await?;
     }
     Ok(result)
 }
 
-async fn write_assignment(ctx: &Context, ds: &DataSource, shard: u32) -> Result<(), Error> {
+async fn write_assignment(
+    ctx: &Context,
+    ds: &DataSource,
+    shard: u32,
+    among: u32,
+) -> Result<(), Error> {
     let api: Api<DataSource> =
         Api::namespaced(ctx.client.clone(), &ds.namespace().unwrap_or_default());
     let generation = ds.metadata.generation.unwrap_or(0);
+    let since = ds
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Assigned" && c.status == "True")
+        })
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(Timestamp::now()));
     let mut status = json!({
         "shard": shard,
+        "assignedAmong": among,
         "conditions": [{
             "type": "Assigned",
             "status": "True",
             "reason": "Assigned",
             "message": format!("assigned to shard {shard}"),
             "observedGeneration": generation,
-            "lastTransitionTime": Time(Timestamp::now()),
+            "lastTransitionTime": since,
         }],
     });
     if ds.spec.paused {

@@ -29,13 +29,19 @@ pub fn shard_alive(leases: &Store<Lease>, namespace: &str, shard: u32) -> bool {
     let Some(lease) = leases.get(&ObjectRef::new(&lease_name(shard)).within(namespace)) else {
         return false;
     };
-    let Some(spec) = lease.spec.as_ref() else { return false };
+    let Some(spec) = lease.spec.as_ref() else {
+        return false;
+    };
     if spec.holder_identity.as_deref().is_none_or(str::is_empty) {
         return false;
     }
     let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
     match spec.renew_time.as_ref() {
-        Some(t) => t.0.checked_add(duration).map(|end| end > Timestamp::now()).unwrap_or(true),
+        Some(t) => {
+            t.0.checked_add(duration)
+                .map(|end| end > Timestamp::now())
+                .unwrap_or(true)
+        }
         None => true,
     }
 }
@@ -45,19 +51,31 @@ pub fn may_open(ds: &DataSource, shard: u32, leases: &Store<Lease>, namespace: &
     match ds.status.as_ref().and_then(|s| s.serving_shard) {
         None => true,
         Some(s) if s == shard as i32 => true,
-        Some(other) => u32::try_from(other).map(|o| !shard_alive(leases, namespace, o)).unwrap_or(true),
+        Some(other) => u32::try_from(other)
+            .map(|o| !shard_alive(leases, namespace, o))
+            .unwrap_or(true),
     }
 }
 
 /// Claims the source for `shard` before its pool opens.
-pub async fn claim(client: &Client, ds: &DataSource, shard: u32, pod: &str) -> Result<(), kube::Error> {
+pub async fn claim(
+    client: &Client,
+    ds: &DataSource,
+    shard: u32,
+    pod: &str,
+) -> Result<(), kube::Error> {
     let api: Api<DataSource> = Api::namespaced(client.clone(), &ds.namespace().unwrap_or_default());
     let patch = json!({
         "apiVersion": "shardpool.dev/v1alpha1",
         "kind": "DataSource",
         "status": {"servingShard": shard, "servedBy": pod, "phase": "Connecting"},
     });
-    api.patch_status(&ds.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
+    api.patch_status(
+        &ds.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
     Ok(())
 }
 
@@ -71,7 +89,10 @@ pub async fn release(client: &Client, key: &str, shard: u32) -> Result<(), kube:
         {"op": "remove", "path": "/status/servingShard"},
     ]))
     .map_err(kube::Error::SerdeError)?;
-    match api.patch_status(name, &PatchParams::default(), &Patch::<()>::Json(ops)).await {
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::<()>::Json(ops))
+        .await
+    {
         Ok(_) => Ok(()),
         // 422: the test failed, someone else serves it now; 404: deleted.
         Err(kube::Error::Api(e)) if e.code == 422 || e.code == 404 => Ok(()),

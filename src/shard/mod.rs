@@ -143,13 +143,19 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let (lease_store, lease_writer) = reflector::store();
     let lease_notify = changed.clone();
     tokio::spawn(
-        reflector::reflector(lease_writer, watcher(leases_api, watcher::Config::default().labels("app.kubernetes.io/component=shard")))
-            .default_backoff()
-            .touched_objects()
-            .for_each(move |_| {
-                lease_notify.notify_one();
-                futures::future::ready(())
-            }),
+        reflector::reflector(
+            lease_writer,
+            watcher(
+                leases_api,
+                watcher::Config::default().labels("app.kubernetes.io/component=shard"),
+            ),
+        )
+        .default_backoff()
+        .touched_objects()
+        .for_each(move |_| {
+            lease_notify.notify_one();
+            futures::future::ready(())
+        }),
     );
     let _ = tokio::join!(store.wait_until_ready(), lease_store.wait_until_ready());
     let connect_limit = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));

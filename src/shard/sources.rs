@@ -193,7 +193,9 @@ async fn build(
 /// Waits (bounded) for the source's transactions to finish, then closes
 /// its idle connections politely and the pool.
 pub async fn drain(source: Arc<Source>) {
-    source.retired.store(true, std::sync::atomic::Ordering::Relaxed);
+    source
+        .retired
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while source.busy() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
