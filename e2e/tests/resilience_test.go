@@ -56,7 +56,14 @@ func deletePodsAndWait(t *testing.T, component string) {
 // alone: the same backend PIDs before and after.
 func TestControlPlaneRestartsLeavePoolsAlone(t *testing.T) {
 	installed(t)
-	before := backendPids(t)
+	// Start from a quiet state: the same connections twice, a second apart.
+	var before []string
+	eventually(t, 30*time.Second, "server connections stable", func() (bool, error) {
+		a := backendPids(t)
+		time.Sleep(time.Second)
+		before = backendPids(t)
+		return strings.Join(a, "\n") == strings.Join(before, "\n"), nil
+	})
 	if len(before) == 0 {
 		t.Fatal("no shardpool connections to compare")
 	}

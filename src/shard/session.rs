@@ -221,9 +221,11 @@ pub async fn run(
     }
     // The client is gone. A connection left mid-transaction or mid-query
     // has unknown state: discard it rather than hand it to someone else.
-    if let Some(mut h) = held.take() {
+    if let Some(h) = held.take() {
         if h.pending > 0 || h.status != b'I' {
-            h.conn.broken = true;
+            // Out of the pool at once; maintenance opens a replacement.
+            let conn = deadpool::managed::Object::take(h.conn);
+            tokio::spawn(conn.terminate());
         }
     }
 }
