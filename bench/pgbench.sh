@@ -90,10 +90,16 @@ pool_mode = transaction
 default_pool_size = $POOL
 min_pool_size = $POOL
 max_client_conn = 1000
-max_prepared_statements = 200
 logfile = $PGB/pgbouncer.log
 pidfile = $PGB/pgbouncer.pid
 INI
+PGB_VERSION=$("$PGBOUNCER" --version | head -n 1 | awk '{print $2}')
+# Prepared statements in transaction mode need PgBouncer 1.21+.
+PGB_PREPARED=0
+if printf '1.21\n%s\n' "$PGB_VERSION" | sort -V -C; then
+  echo "max_prepared_statements = 200" >> "$PGB/pgbouncer.ini"
+  PGB_PREPARED=1
+fi
 chmod 600 "$PGB/userlist.txt" "$PGB/pgbouncer.ini"
 if [ "$(id -u)" = 0 ]; then
   chown -R postgres: "$PGB"
@@ -114,13 +120,16 @@ tps() { sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -n 1; }
 out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
 {
   echo "# pgbench -S (select-only), $DURATION s per run, scale $SCALE, server pool $POOL, $(nproc) cores, all on this machine"
-  echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; PgBouncer $("$PGBOUNCER" --version | head -n 1 | awk '{print $2}'), transaction mode"
+  echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; PgBouncer $PGB_VERSION, transaction mode (0 = not run: prepared statements need PgBouncer 1.21+)"
   printf '%-8s %-8s %12s %12s %12s %10s %10s\n' clients mode direct pgbouncer shardpool sp/pgb sp/direct
   for c in $CLIENTS; do
     for mode in simple extended prepared; do
       j=$(( c < 2 ? 1 : 2 ))
       d=$(run "$WAREHOUSE_PGHOST" "$WAREHOUSE_PGPORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER" -M $mode -c "$c" -j $j -T "$DURATION" | tps)
-      b=$(run 127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER" -M $mode -c "$c" -j $j -T "$DURATION" | tps)
+      b=0
+      if [ "$mode" != prepared ] || [ "$PGB_PREPARED" = 1 ]; then
+        b=$(run 127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER" -M $mode -c "$c" -j $j -T "$DURATION" | tps)
+      fi
       s=$(run "$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi -M $mode -c "$c" -j $j -T "$DURATION" | tps)
       awk -v c="$c" -v m="$mode" -v d="${d:-0}" -v b="${b:-0}" -v s="${s:-0}" 'BEGIN {
         printf "%-8s %-8s %12.0f %12.0f %12.0f %10.2f %10.2f\n", c, m, d, b, s, (b > 0 ? s / b : 0), (d > 0 ? s / d : 0) }'

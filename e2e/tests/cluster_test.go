@@ -351,7 +351,7 @@ func TestGracePeriodThenKill(t *testing.T) {
 	if took < time.Duration(grace)*time.Second {
 		t.Fatalf("a process that ignores SIGTERM stopped after %s, before its %ds grace period", took, grace)
 	}
-	logPath := filepath.Join(repoRoot(), "e2e", ".state", "logs", ns+"_stubborn.log")
+	logPath := filepath.Join(stateDir(), "logs", ns+"_stubborn.log")
 	if b, err := os.ReadFile(logPath); err == nil && !strings.Contains(string(b), "got TERM") {
 		t.Errorf("the process did not receive SIGTERM first (log %s):\n%s", logPath, b)
 	}

@@ -39,7 +39,7 @@ func installed(t *testing.T) (routerIP, password string) {
 	if routerIP == "" {
 		t.Fatal("no Ready router pod in shardpool-system: run e2e/install.sh")
 	}
-	b, err := os.ReadFile(filepath.Join(repoRoot(), "e2e", ".state", "install", "router-bi"))
+	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-bi"))
 	if err != nil {
 		t.Fatalf("router credentials: %v (run e2e/install.sh)", err)
 	}

@@ -27,6 +27,15 @@ func repoRoot() string {
 	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
 }
 
+// stateDir is the local cluster's state directory (e2e/.state unless
+// LOCALKUBE_STATE says otherwise, as in e2e/lib.sh).
+func stateDir() string {
+	if d := os.Getenv("LOCALKUBE_STATE"); d != "" {
+		return d
+	}
+	return filepath.Join(repoRoot(), "e2e", ".state")
+}
+
 func restConfig(t *testing.T) *rest.Config {
 	t.Helper()
 	kc := os.Getenv("KUBECONFIG")

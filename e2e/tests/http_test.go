@@ -53,7 +53,7 @@ func postQuery(t *testing.T, ip, token, ns, name, body string) (int, httpResult,
 // whose fault an error was through its status code.
 func TestHTTPAPI(t *testing.T) {
 	ip, _ := installed(t)
-	b, err := os.ReadFile(filepath.Join(repoRoot(), "e2e", ".state", "install", "router-http-token"))
+	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-http-token"))
 	if err != nil {
 		t.Fatal(err)
 	}

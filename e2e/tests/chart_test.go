@@ -1,0 +1,72 @@
+package tests
+
+import (
+	"context"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The chart renders into objects the API server accepts (server-side dry
+// run, CRD included), and values.schema.json rejects a wrong value.
+func TestChartRendersAndTheServerAcceptsIt(t *testing.T) {
+	restConfig(t)
+	helm := filepath.Join(repoRoot(), "e2e", ".bin", "helm")
+	chart := filepath.Join(repoRoot(), "charts", "shardpool")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, helm, "template", "dryrun", chart, "--namespace", systemNS, "--include-crds").Output()
+	if err != nil {
+		t.Fatalf("helm template: %v", err)
+	}
+	stdout, stderr, err := kubectl(t, string(out), "apply", "--dry-run=server", "-n", systemNS, "-f", "-")
+	if err != nil {
+		t.Fatalf("server rejected the rendered chart: %v\n%s", err, stderr)
+	}
+	for _, kind := range []string{"deployment.apps/dryrun-shardpool-operator", "deployment.apps/dryrun-shardpool-router", "clusterrole.rbac.authorization.k8s.io/dryrun-shardpool-shard", "configmap/dryrun-shardpool-shard-template"} {
+		if !strings.Contains(stdout, kind) {
+			t.Errorf("dry run lacks %s:\n%s", kind, stdout)
+		}
+	}
+	bad, err := exec.CommandContext(ctx, helm, "template", "dryrun", chart, "--set", "shard.count=0").CombinedOutput()
+	if err == nil || !strings.Contains(string(bad), "/shard/count") {
+		t.Errorf("shard.count=0 was not rejected by values.schema.json: %v\n%s", err, bad)
+	}
+}
+
+// Each role's ServiceAccount can do what it needs and nothing more.
+func TestRBACIsLeastPrivilege(t *testing.T) {
+	installed(t)
+	sa := func(role string) string { return "system:serviceaccount:" + systemNS + ":shardpool-" + role }
+	cases := []struct {
+		who, verb, resource, ns string
+		want                    bool
+	}{
+		{"router", "list", "datasources.shardpool.dev", "tenants", true},
+		{"router", "watch", "leases.coordination.k8s.io", systemNS, true},
+		{"router", "get", "secrets", "tenants", false},
+		{"router", "get", "secrets", systemNS, false},
+		{"router", "create", "pods", systemNS, false},
+		{"router", "patch", "datasources.shardpool.dev/status", "tenants", false},
+		{"router", "update", "leases.coordination.k8s.io", systemNS, false},
+		{"shard", "get", "secrets", "tenants", true},
+		{"shard", "patch", "datasources.shardpool.dev/status", "tenants", true},
+		{"shard", "update", "leases.coordination.k8s.io", systemNS, true},
+		{"shard", "patch", "datasources.shardpool.dev", "tenants", false},
+		{"shard", "delete", "deployments.apps", systemNS, false},
+		{"shard", "update", "leases.coordination.k8s.io", "kube-system", false},
+		{"operator", "patch", "deployments.apps", systemNS, true},
+		{"operator", "patch", "datasources.shardpool.dev/status", "tenants", true},
+		{"operator", "get", "secrets", "tenants", false},
+		{"operator", "create", "deployments.apps", "kube-system", false},
+		{"operator", "delete", "datasources.shardpool.dev", "tenants", false},
+	}
+	for _, c := range cases {
+		out, _, _ := kubectl(t, "", "auth", "can-i", c.verb, c.resource, "-n", c.ns, "--as", sa(c.who))
+		if got := strings.TrimSpace(out) == "yes"; got != c.want {
+			t.Errorf("%s can %s %s in %s: %v, want %v", c.who, c.verb, c.resource, c.ns, got, c.want)
+		}
+	}
+}
