@@ -17,7 +17,7 @@ func TestChartRendersAndTheServerAcceptsIt(t *testing.T) {
 	chart := filepath.Join(repoRoot(), "charts", "shardpool")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, helm, "template", "dryrun", chart, "--namespace", systemNS, "--include-crds").Output()
+	out, err := exec.CommandContext(ctx, helm, "template", "dryrun", chart, "--namespace", systemNS, "--include-crds", "--kube-version", "1.33.0").Output()
 	if err != nil {
 		t.Fatalf("helm template: %v", err)
 	}
@@ -30,7 +30,7 @@ func TestChartRendersAndTheServerAcceptsIt(t *testing.T) {
 			t.Errorf("dry run lacks %s:\n%s", kind, stdout)
 		}
 	}
-	bad, err := exec.CommandContext(ctx, helm, "template", "dryrun", chart, "--set", "shard.count=0").CombinedOutput()
+	bad, err := exec.CommandContext(ctx, helm, "template", "dryrun", chart, "--kube-version", "1.33.0", "--set", "shard.count=0").CombinedOutput()
 	if err == nil || !strings.Contains(string(bad), "/shard/count") {
 		t.Errorf("shard.count=0 was not rejected by values.schema.json: %v\n%s", err, bad)
 	}
@@ -64,7 +64,11 @@ func TestRBACIsLeastPrivilege(t *testing.T) {
 		{"operator", "delete", "datasources.shardpool.dev", "tenants", false},
 	}
 	for _, c := range cases {
-		out, _, _ := kubectl(t, "", "auth", "can-i", c.verb, c.resource, "-n", c.ns, "--as", sa(c.who))
+		args := []string{"auth", "can-i", c.verb, c.resource, "-n", c.ns, "--as", sa(c.who)}
+		if res, sub, ok := strings.Cut(c.resource, "/"); ok {
+			args = []string{"auth", "can-i", c.verb, res, "--subresource=" + sub, "-n", c.ns, "--as", sa(c.who)}
+		}
+		out, _, _ := kubectl(t, "", args...)
 		if got := strings.TrimSpace(out) == "yes"; got != c.want {
 			t.Errorf("%s can %s %s in %s: %v, want %v", c.who, c.verb, c.resource, c.ns, got, c.want)
 		}
