@@ -42,6 +42,9 @@ pub struct ShardTemplate {
     /// SHARDPOOL_LOG_FORMAT of shards.
     #[serde(default)]
     pub log_format: Option<String>,
+    /// Runtime threads of a shard process (SHARDPOOL_WORKER_THREADS; unset = every core).
+    #[serde(default)]
+    pub worker_threads: Option<u32>,
     /// Resources of the shard container.
     #[serde(default)]
     pub resources: Option<ResourceRequirements>,
