@@ -1,0 +1,197 @@
+//! A throwaway PostgreSQL server for integration tests: initdb in a
+//! temporary directory under target/, password (SCRAM) authentication, a
+//! free loopback port, stopped by pid when dropped.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running test server.
+pub struct TestPg {
+    /// Data directory (removed on drop).
+    pub dir: PathBuf,
+    /// Loopback port.
+    pub port: u16,
+    /// Superuser name.
+    pub user: String,
+    /// Superuser password.
+    pub password: String,
+    child: Child,
+}
+
+fn bin(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.pop()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+fn as_pg(program: PathBuf) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl TestPg {
+    /// Starts a server; panics with a clear message when it cannot.
+    pub fn start(name: &str) -> TestPg {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("pg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test pg dir");
+        let password = "test-password-Zq7".to_string();
+        let pwfile = dir.join("pw");
+        std::fs::write(&pwfile, &password).expect("write pwfile");
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(&dir)
+                .status()
+                .map(|s| s.success());
+            assert_eq!(ok.ok(), Some(true), "chown of the test pg dir failed");
+        }
+        let data = dir.join("data");
+        let out = as_pg(bin("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "tester",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .expect("run initdb (is the PostgreSQL server package installed?)");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let child = as_pg(bin("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                &format!("port={port}"),
+                "-c",
+                "fsync=off",
+            ])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", data.display()))
+            .args(["-c", "max_connections=300"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start postgres");
+        let pg = TestPg {
+            dir,
+            port,
+            user: "tester".into(),
+            password,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(bin("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "test postgres did not become ready in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        pg
+    }
+
+    /// Runs SQL as the superuser through psql; returns trimmed output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                &self.user,
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        // Fast shutdown by pid: SIGINT to the postmaster (runuser forwards it).
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The postmaster itself (child of runuser) writes its pid here.
+        if let Ok(s) = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid")) {
+            if let Some(pm) = s.lines().next() {
+                let _ = Command::new("kill").args(["-KILL", pm.trim()]).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
