@@ -332,6 +332,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     Ok(total)
 }
 
+/// Server-side applies `status` (a JSON object with the fields this writer
+/// owns) to a DataSource's status subresource under `field_manager`.
+pub async fn apply_status(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    field_manager: &str,
+    status: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let api: kube::Api<DataSource> = kube::Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({"apiVersion": "shardpool.dev/v1alpha1", "kind": "DataSource", "status": status});
+    let pp = kube::api::PatchParams::apply(field_manager).force();
+    api.patch_status(name, &pp, &kube::api::Patch::Apply(patch))
+        .await?;
+    Ok(())
+}
+
 /// The CustomResourceDefinition as YAML, exactly as `crds/datasource.yaml`.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     let body = serde_yaml::to_string(&DataSource::crd())?;

@@ -13,3 +13,4 @@ pub mod proto;
 pub mod router;
 pub mod shard;
 pub mod telemetry;
+pub mod watch;

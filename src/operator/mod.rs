@@ -16,11 +16,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::sync::Notify;
 
@@ -57,33 +56,6 @@ pub struct OperatorConfig {
     /// Load bound: no shard above (1 + epsilon) times the mean summed maxSize.
     #[arg(long, env = "SHARDPOOL_LOAD_EPSILON", default_value_t = 0.25)]
     pub epsilon: f64,
-}
-
-fn watch_into<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> reflector::Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    tokio::spawn(
-        reflector::reflector(writer, watcher(api, cfg))
-            .default_backoff()
-            .touched_objects()
-            .for_each(move |r| {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "watch error");
-                }
-                notify.notify_one();
-                futures::future::ready(())
-            }),
-    );
-    store
 }
 
 /// Runs the operator until SIGTERM; returns the exit code.
@@ -124,34 +96,34 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
     tracing::info!("leading");
 
     let changed = Arc::new(Notify::new());
-    let sources = watch_into(
+    let sources = crate::watch::store(
         Api::<DataSource>::all(client.clone()),
         watcher::Config::default(),
-        changed.clone(),
+        Some(changed.clone()),
     );
     let shard_selector = format!(
         "app.kubernetes.io/component=shard,app.kubernetes.io/instance={}",
         cfg.release
     );
-    let deployments = watch_into(
+    let deployments = crate::watch::store(
         Api::<Deployment>::namespaced(client.clone(), &cfg.namespace),
         watcher::Config::default().labels(&shard_selector),
-        changed.clone(),
+        Some(changed.clone()),
     );
-    let leases_store = watch_into(
+    let leases_store = crate::watch::store(
         Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
         watcher::Config::default().labels("app.kubernetes.io/component=shard"),
-        changed.clone(),
+        Some(changed.clone()),
     );
-    let pods = watch_into(
+    let pods = crate::watch::store(
         Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &cfg.namespace),
         watcher::Config::default().labels(&shard_selector),
-        changed.clone(),
+        Some(changed.clone()),
     );
-    let configmaps = watch_into(
+    let configmaps = crate::watch::store(
         Api::<ConfigMap>::namespaced(client.clone(), &cfg.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", cfg.shard_template)),
-        changed.clone(),
+        Some(changed.clone()),
     );
     let _ = tokio::join!(
         sources.wait_until_ready(),

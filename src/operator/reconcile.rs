@@ -208,7 +208,7 @@ async fn write_assignment(
     shard: u32,
     among: u32,
 ) -> Result<(), Error> {
-    let api: Api<DataSource> =
+    let _api: Api<DataSource> =
         Api::namespaced(ctx.client.clone(), &ds.namespace().unwrap_or_default());
     let generation = ds.metadata.generation.unwrap_or(0);
     let since = ds
@@ -236,12 +236,12 @@ async fn write_assignment(
     if ds.spec.paused {
         status["phase"] = json!("Paused");
     }
-    let patch =
-        json!({"apiVersion": "shardpool.dev/v1alpha1", "kind": "DataSource", "status": status});
-    api.patch_status(
+    crate::crd::apply_status(
+        &ctx.client,
+        &ds.namespace().unwrap_or_default(),
         &ds.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
+        FIELD_MANAGER,
+        status,
     )
     .await?;
     Ok(())

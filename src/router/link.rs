@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::proto::HELLO;
-use crate::proto::frame::{Frame, Kind};
+use crate::proto::frame::{Frame, Kind, write_coalesced};
 
 /// Frames queued towards one session.
 const SESSION_QUEUE: usize = 256;
@@ -59,7 +59,7 @@ impl Link {
                 "peer is not a shardpool shard",
             ));
         }
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Frame>(4096);
         let link = Arc::new(Link {
             addr,
@@ -70,20 +70,7 @@ impl Link {
         });
         let writer_link = link.clone();
         tokio::spawn(async move {
-            let mut buf = BytesMut::with_capacity(64 * 1024);
-            while let Some(f) = rx.recv().await {
-                f.encode(&mut buf);
-                while buf.len() < 256 * 1024 {
-                    match rx.try_recv() {
-                        Ok(f) => f.encode(&mut buf),
-                        Err(_) => break,
-                    }
-                }
-                if wr.write_all(&buf).await.is_err() {
-                    break;
-                }
-                buf.clear();
-            }
+            let _ = write_coalesced(wr, &mut rx).await;
             writer_link.fail();
         });
         let reader_link = link.clone();

@@ -16,10 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use crate::crd::{DataSource, parse_duration};
@@ -161,32 +160,6 @@ impl Router {
     }
 }
 
-fn store_of<K>(api: Api<K>, cfg: watcher::Config) -> reflector::Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    tokio::spawn(
-        reflector::reflector(writer, watcher(api, cfg))
-            .default_backoff()
-            .touched_objects()
-            .for_each(|r| {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "watch error");
-                }
-                futures::future::ready(())
-            }),
-    );
-    store
-}
-
 /// Runs the router until SIGTERM; returns the exit code.
 pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     let users = Users::parse(&cfg.users)?;
@@ -202,17 +175,20 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
 
     let shards = watcher::Config::default().labels("app.kubernetes.io/component=shard");
     let routes = Routes {
-        sources: store_of(
+        sources: crate::watch::store(
             Api::<DataSource>::all(client.clone()),
             watcher::Config::default(),
+            None,
         ),
-        leases: store_of(
+        leases: crate::watch::store(
             Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
             shards.clone(),
+            None,
         ),
-        pods: store_of(
+        pods: crate::watch::store(
             Api::<Pod>::namespaced(client.clone(), &cfg.namespace),
             shards,
+            None,
         ),
         namespace: cfg.namespace.clone(),
         shard_port: cfg.shard_port,

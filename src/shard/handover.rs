@@ -64,19 +64,15 @@ pub async fn claim(
     shard: u32,
     pod: &str,
 ) -> Result<(), kube::Error> {
-    let api: Api<DataSource> = Api::namespaced(client.clone(), &ds.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": "shardpool.dev/v1alpha1",
-        "kind": "DataSource",
-        "status": {"servingShard": shard, "servedBy": pod, "phase": "Connecting"},
-    });
-    api.patch_status(
+    let status = json!({"servingShard": shard, "servedBy": pod, "phase": "Connecting"});
+    crate::crd::apply_status(
+        client,
+        &ds.namespace().unwrap_or_default(),
         &ds.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
+        FIELD_MANAGER,
+        status,
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// Acknowledges that `shard` closed the source's pool: clears

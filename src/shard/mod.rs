@@ -23,9 +23,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -123,39 +122,16 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         stop_rx.clone(),
     ));
 
-    let api: Api<DataSource> = Api::all(client.clone());
-    let (store, writer) = reflector::store();
     let changed = Arc::new(Notify::new());
-    let notify = changed.clone();
-    tokio::spawn(
-        reflector::reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
-            .for_each(move |r| {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "datasource watch error");
-                }
-                notify.notify_one();
-                futures::future::ready(())
-            }),
+    let store = crate::watch::store(
+        Api::<DataSource>::all(client.clone()),
+        watcher::Config::default(),
+        Some(changed.clone()),
     );
-    let leases_api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    let (lease_store, lease_writer) = reflector::store();
-    let lease_notify = changed.clone();
-    tokio::spawn(
-        reflector::reflector(
-            lease_writer,
-            watcher(
-                leases_api,
-                watcher::Config::default().labels("app.kubernetes.io/component=shard"),
-            ),
-        )
-        .default_backoff()
-        .touched_objects()
-        .for_each(move |_| {
-            lease_notify.notify_one();
-            futures::future::ready(())
-        }),
+    let lease_store = crate::watch::store(
+        Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
+        watcher::Config::default().labels("app.kubernetes.io/component=shard"),
+        Some(changed.clone()),
     );
     let _ = tokio::join!(store.wait_until_ready(), lease_store.wait_until_ready());
     let connect_limit = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use super::registry::Registry;
 use super::session;
 use crate::proto::HELLO;
-use crate::proto::frame::{Frame, Kind};
+use crate::proto::frame::{Frame, Kind, write_coalesced};
 use crate::proto::pg;
 
 /// Frames queued per session before the reader waits (backpressure).
@@ -75,21 +75,7 @@ async fn connection(
 
     let (out_tx, mut out_rx) = mpsc::channel::<Frame>(WRITER_QUEUE);
     let writer = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        while let Some(f) = out_rx.recv().await {
-            f.encode(&mut buf);
-            // Coalesce everything already queued into this write.
-            while buf.len() < 256 * 1024 {
-                match out_rx.try_recv() {
-                    Ok(f) => f.encode(&mut buf),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&buf).await.is_err() {
-                return;
-            }
-            buf.clear();
-        }
+        let _ = write_coalesced(wr, &mut out_rx).await;
     });
 
     let mut sessions: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();

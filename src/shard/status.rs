@@ -6,9 +6,8 @@ use std::collections::HashMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::pool;
@@ -106,8 +105,7 @@ async fn apply(
     pod: &str,
     obs: &Observed,
 ) -> Result<(), kube::Error> {
-    let ns = ds.namespace().unwrap_or_default();
-    let api: Api<DataSource> = Api::namespaced(client.clone(), &ns);
+    let _ns = ds.namespace().unwrap_or_default();
     let ready = obs.phase == Phase::Ready;
     let previous = ds
         .status
@@ -132,10 +130,7 @@ async fn apply(
         Phase::Error => ("CannotConnect", obs.last_error.clone().unwrap_or_default()),
         Phase::Pending | Phase::Paused => ("NotServing", String::new()),
     };
-    let patch = json!({
-        "apiVersion": "shardpool.dev/v1alpha1",
-        "kind": "DataSource",
-        "status": {
+    let status = json!({
             "phase": obs.phase,
             "connections": {"open": obs.counts.0, "idle": obs.counts.1, "inUse": obs.counts.2},
             "lastError": obs.last_error,
@@ -150,12 +145,13 @@ async fn apply(
                 "observedGeneration": obs.generation,
                 "lastTransitionTime": since,
             }],
-        }
     });
-    api.patch_status(
+    crate::crd::apply_status(
+        client,
+        &ds.namespace().unwrap_or_default(),
         &ds.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
+        FIELD_MANAGER,
+        status,
     )
     .await?;
     Ok(())
