@@ -133,7 +133,20 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         watcher::Config::default().labels("app.kubernetes.io/component=shard"),
         Some(changed.clone()),
     );
-    let _ = tokio::join!(store.wait_until_ready(), lease_store.wait_until_ready());
+    // Secret metadata only (no values in memory): a changed resourceVersion
+    // of a referenced Secret triggers one read of that Secret.
+    let secret_store = crate::watch::store(
+        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(
+            client.clone(),
+        ),
+        watcher::Config::default(),
+        None,
+    );
+    let _ = tokio::join!(
+        store.wait_until_ready(),
+        lease_store.wait_until_ready(),
+        secret_store.wait_until_ready()
+    );
     let connect_limit = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
     let sync_cx = sources::SyncContext {
         client: &client,
@@ -178,6 +191,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
             }
             _ = status_tick.tick() => {
                 sources::sync(&sync_cx, &registry, &mut failures).await;
+                sources::refresh_passwords(&client, &secret_store, &registry).await;
                 status::write(&client, &store, cfg.index, &cfg.pod_name, &registry, &failures, &mut written).await;
             }
             _ = renew.tick() => {

@@ -140,8 +140,10 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ConnectError> {
-        if conn.broken || conn.has_pending_input() {
-            return Err(RecycleError::message("connection state unknown"));
+        if !conn.idle_and_alive() {
+            return Err(RecycleError::message(
+                "connection closed or in an unknown state",
+            ));
         }
         if conn.created.elapsed() > self.settings.max_lifetime {
             return Err(RecycleError::message("max lifetime reached"));
@@ -179,7 +181,7 @@ pub async fn maintain(pool: &Pool) -> usize {
     let idle_now = pool.status().available;
     let removed = pool.retain(|conn, m| {
         let keep = conn.created.elapsed() <= s.max_lifetime
-            && !conn.broken
+            && conn.idle_and_alive()
             && (m.last_used() <= s.idle_timeout || idle_kept < s.min_idle.min(idle_now));
         if keep {
             idle_kept += 1;

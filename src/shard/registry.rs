@@ -26,6 +26,10 @@ pub struct Source {
     /// Set when the source leaves this shard (or is rebuilt): sessions take
     /// no new transaction on it and send the router elsewhere.
     pub retired: std::sync::atomic::AtomicBool,
+    /// The password Secret: (namespace, name, key).
+    pub secret: (String, String, String),
+    /// resourceVersion of the Secret the current password came from.
+    pub secret_version: std::sync::Mutex<String>,
 }
 
 impl Source {

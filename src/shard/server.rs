@@ -335,6 +335,20 @@ impl ServerConn {
         let _ = self.stream.shutdown().await;
     }
 
+    /// Whether an idle connection is still usable: the server has neither
+    /// closed it nor sent anything unasked (such as the FATAL of an
+    /// administrator's pg_terminate_backend). Never blocks.
+    pub fn idle_and_alive(&self) -> bool {
+        if self.broken || self.rbuf.has_remaining() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            Ok(_) => false, // EOF, or unexpected bytes
+        }
+    }
+
     /// Bytes already read past the last message handed out (none when idle).
     pub fn has_pending_input(&self) -> bool {
         self.rbuf.has_remaining()

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::reflector::Store;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Semaphore;
 
@@ -70,22 +71,66 @@ pub fn settings(ds: &DataSource, shard: u32) -> Result<(ConnectParams, PoolSetti
     Ok((params, settings))
 }
 
-async fn password(client: &Client, ds: &DataSource) -> Result<String, String> {
-    let ns = ds.namespace().unwrap_or_default();
-    let r = &ds.spec.password_secret_ref;
-    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+/// Reads a password from a Secret; returns it with the Secret's
+/// resourceVersion. Errors name the Secret and key, never the value.
+pub async fn read_password(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    key: &str,
+) -> Result<(String, String), String> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = api
-        .get_opt(&r.name)
+        .get_opt(name)
         .await
-        .map_err(|e| format!("reading secret {ns}/{}: {e}", r.name))?;
-    let secret = secret.ok_or_else(|| format!("secret {ns}/{} not found", r.name))?;
+        .map_err(|e| format!("reading secret {ns}/{name}: {e}"))?;
+    let secret = secret.ok_or_else(|| format!("secret {ns}/{name} not found"))?;
     let value = secret
         .data
         .as_ref()
-        .and_then(|d| d.get(&r.key))
-        .ok_or_else(|| format!("secret {ns}/{} has no key {:?}", r.name, r.key))?;
-    String::from_utf8(value.0.clone())
-        .map_err(|_| format!("secret {ns}/{} key {:?} is not UTF-8", r.name, r.key))
+        .and_then(|d| d.get(key))
+        .ok_or_else(|| format!("secret {ns}/{name} has no key {key:?}"))?;
+    let password = String::from_utf8(value.0.clone())
+        .map_err(|_| format!("secret {ns}/{name} key {key:?} is not UTF-8"))?;
+    Ok((
+        password,
+        secret.metadata.resource_version.unwrap_or_default(),
+    ))
+}
+
+/// Picks up rotated passwords: for each served source whose Secret changed
+/// (by resourceVersion, from the metadata watch), the new password is used
+/// for connections opened from now on; open ones carry on.
+pub async fn refresh_passwords(
+    client: &Client,
+    secrets: &Store<PartialObjectMeta<Secret>>,
+    registry: &Registry,
+) {
+    for s in registry.all() {
+        let (ns, name, key) = &s.secret;
+        let Some(meta) = secrets.get(&ObjectRef::new(name).within(ns)) else {
+            continue;
+        };
+        let rv = meta.metadata.resource_version.clone().unwrap_or_default();
+        let known = s
+            .secret_version
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        if rv == known {
+            continue;
+        }
+        match read_password(client, ns, name, key).await {
+            Ok((password, version)) => {
+                s.pool.manager().set_password(password);
+                if let Ok(mut v) = s.secret_version.lock() {
+                    *v = version;
+                }
+                tracing::info!(source = %s.key, secret = %format!("{ns}/{name}"), "password rotated; new connections use it");
+            }
+            Err(e) => tracing::warn!(source = %s.key, error = %e, "cannot read the rotated secret"),
+        }
+    }
 }
 
 /// What [`sync`] needs besides the registry.
@@ -177,7 +222,9 @@ async fn build(
     connect_limit: &Arc<Semaphore>,
 ) -> Result<Source, String> {
     let (params, settings) = settings(ds, shard)?;
-    let password = password(client, ds).await?;
+    let ns = ds.namespace().unwrap_or_default();
+    let r = &ds.spec.password_secret_ref;
+    let (password, version) = read_password(client, &ns, &r.name, &r.key).await?;
     let manager = Manager::new(params, settings, password, connect_limit.clone());
     let pool = pool::build(manager).map_err(|e| e.to_string())?;
     Ok(Source {
@@ -187,6 +234,8 @@ async fn build(
         server_params: Default::default(),
         busy: Default::default(),
         retired: Default::default(),
+        secret: (ns, r.name.clone(), r.key.clone()),
+        secret_version: std::sync::Mutex::new(version),
     })
 }
 
