@@ -52,9 +52,12 @@ unset PGPASSWORD
 log "router credentials"
 kc create namespace "$NS" --dry-run=client -o yaml | kc apply -f - >/dev/null
 ROUTER_PW=$(secret router-bi)
+OPS_PW=$(secret router-ops)
 HTTP_TOKEN=$(secret router-http-token)
+# bi reaches the tenants namespace only; ops every namespace.
 kc -n "$NS" create secret generic shardpool-router-auth \
-  --from-literal=users="bi:$ROUTER_PW:tenants" \
+  --from-literal=users="bi:$ROUTER_PW:tenants
+ops:$OPS_PW:*" \
   --from-literal=tokens="$HTTP_TOKEN:tenants" \
   --dry-run=client -o yaml | kc apply -f - >/dev/null
 

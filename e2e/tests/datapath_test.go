@@ -46,12 +46,28 @@ func installed(t *testing.T) (routerIP, password string) {
 	return routerIP, strings.TrimSpace(string(b))
 }
 
-// psqlRouter runs psql against the router; returns stdout, stderr.
+// psqlRouter runs psql against the router as user bi; returns stdout, stderr.
 func psqlRouter(t *testing.T, ip, password, database string, args ...string) (string, string, error) {
+	t.Helper()
+	return psqlRouterAs(t, "bi", ip, password, database, args...)
+}
+
+// opsPassword is the password of the router user allowed in every namespace.
+func opsPassword(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-ops"))
+	if err != nil {
+		t.Fatalf("ops credentials: %v (run e2e/install.sh)", err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// psqlRouterAs runs psql against the router as `user`.
+func psqlRouterAs(t *testing.T, user, ip, password, database string, args ...string) (string, string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	full := append([]string{"-X", "-At", "-v", "ON_ERROR_STOP=1", fmt.Sprintf("host=%s port=5432 user=bi dbname=%s connect_timeout=10", ip, database)}, args...)
+	full := append([]string{"-X", "-At", "-v", "ON_ERROR_STOP=1", fmt.Sprintf("host=%s port=5432 user=%s dbname=%s connect_timeout=10", ip, user, database)}, args...)
 	cmd := exec.CommandContext(ctx, "psql", full...)
 	cmd.Env = append(os.Environ(), "PGPASSWORD="+password, "PGSSLMODE=prefer")
 	var out, errb strings.Builder

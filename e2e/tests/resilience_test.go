@@ -15,7 +15,7 @@ import (
 // backendPids lists "application_name pid" of every shardpool server connection.
 func backendPids(t *testing.T) []string {
 	t.Helper()
-	rows := strings.Split(warehouse(t, "postgres", "SELECT application_name || ' ' || pid FROM pg_stat_activity WHERE application_name LIKE 'shardpool/%' ORDER BY 1"), "\n")
+	rows := strings.Split(warehouse(t, "postgres", "SELECT application_name || ' ' || pid FROM pg_stat_activity WHERE application_name LIKE 'shardpool/tenants/%' ORDER BY 1"), "\n")
 	sort.Strings(rows)
 	return rows
 }

@@ -5,6 +5,8 @@
 //! touched by a change to one source.
 
 use std::collections::HashMap;
+
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,27 +181,41 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &mut Buil
         }
     }
     failures.retain(|k, _| desired.contains_key(k));
+    // Which sources to (re)build now; the rest wait for their previous owner.
+    let mut to_open = Vec::new();
     for (k, ds) in desired {
         let generation = ds.metadata.generation.unwrap_or(0);
-        if let Some(current) = registry.get(&k) {
-            if current.generation == generation {
-                continue;
-            }
-        }
-        if registry.get(&k).is_none() {
-            if !handover::may_open(&ds, shard, cx.leases, cx.namespace) {
+        match registry.get(&k) {
+            Some(current) if current.generation == generation => continue,
+            Some(_) => {}
+            None if !handover::may_open(&ds, shard, cx.leases, cx.namespace) => {
                 tracing::debug!(source = %k, "waiting for the previous shard to release the source");
                 continue;
             }
+            None => {}
+        }
+        to_open.push((k, ds));
+    }
+    // Claim and build concurrently (API round trips dominate at scale);
+    // connection attempts are bounded separately by `connect_limit`.
+    let results: Vec<(String, i64, Result<Source, String>)> = futures::stream::iter(to_open)
+        .map(|(k, ds)| async move {
+            let generation = ds.metadata.generation.unwrap_or(0);
+            let fresh = registry.get(&k).is_none();
             let serving = ds.status.as_ref().and_then(|s| s.serving_shard);
-            if serving != Some(shard as i32) {
+            if fresh && serving != Some(shard as i32) {
                 if let Err(e) = handover::claim(client, &ds, shard, cx.pod).await {
-                    tracing::warn!(source = %k, error = %e, "cannot claim source");
-                    continue;
+                    return (k, generation, Err(format!("cannot claim the source: {e}")));
                 }
             }
-        }
-        match build(client, &ds, shard, connect_limit).await {
+            let r = build(client, &ds, shard, connect_limit).await;
+            (k, generation, r)
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for (k, generation, r) in results {
+        match r {
             Ok(source) => {
                 failures.remove(&k);
                 tracing::info!(source = %k, generation, "pool created");
