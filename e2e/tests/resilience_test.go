@@ -56,7 +56,13 @@ func deletePodsAndWait(t *testing.T, component string) {
 // alone: the same backend PIDs before and after.
 func TestControlPlaneRestartsLeavePoolsAlone(t *testing.T) {
 	installed(t)
-	// Start from a quiet state: the same connections twice, a second apart.
+	// Start from a quiet state: no namespace of an earlier test still
+	// terminating (its sources going away), then the same connections
+	// twice, a second apart.
+	eventually(t, 120*time.Second, "earlier test namespaces gone", func() (bool, error) {
+		out, _, err := kubectl(t, "", "get", "namespaces", "-o", "jsonpath={range .items[*]}{.status.phase} {end}")
+		return !strings.Contains(out, "Terminating"), err
+	})
 	var before []string
 	eventually(t, 30*time.Second, "server connections stable", func() (bool, error) {
 		a := backendPids(t)

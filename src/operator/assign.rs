@@ -13,7 +13,9 @@
 //!    load. This moves about 1/(N+1) of the sources to a new shard when
 //!    scaling up, and never moves a source between shards that both
 //!    existed before.
-//! 2. A shard over the bound sheds its lowest-scoring sources.
+//! 2. A shard over the bound with twice the slack sheds its lowest-scoring
+//!    sources (hysteresis: deletions lower the bound, and must not move the
+//!    sources that stay).
 //! 3. Unplaced sources (new, on a removed shard, shed) go to their
 //!    highest-scoring shard with room under the bound.
 
@@ -80,6 +82,9 @@ pub fn assign(sources: &[SourceLoad], shards: u32, epsilon: f64) -> Vec<Option<u
         return out;
     }
     let cap = capacity(sources, shards, epsilon);
+    // Sources already placed are shed only above twice the slack, so that
+    // deleting sources (which lowers the bound) does not move the others.
+    let keep_cap = capacity(sources, shards, 2.0 * epsilon.max(0.0));
     let total: u64 = sources.iter().map(|s| s.weight.max(1)).sum();
     let mean = total.div_ceil(u64::from(shards));
     let ranks: Vec<Vec<u32>> = sources.iter().map(|s| ranking(&s.key, shards)).collect();
@@ -101,7 +106,7 @@ pub fn assign(sources: &[SourceLoad], shards: u32, epsilon: f64) -> Vec<Option<u
         members.sort_by_key(|&i| (std::cmp::Reverse(score(&sources[i].key, shard)), i));
         for &i in members.iter() {
             let w = sources[i].weight.max(1);
-            if load[shard as usize] + w <= cap {
+            if load[shard as usize] + w <= keep_cap {
                 load[shard as usize] += w;
                 out[i] = Some(shard);
             } else {
@@ -130,7 +135,7 @@ pub fn assign(sources: &[SourceLoad], shards: u32, epsilon: f64) -> Vec<Option<u
             continue;
         };
         let w = sources[i].weight.max(1);
-        if load[c as usize] + w <= cap {
+        if load[c as usize] + w <= keep_cap {
             load[c as usize] += w;
             out[i] = Some(c);
         } else {
@@ -312,6 +317,30 @@ mod tests {
                     .zip(&back)
                     .all(|(y, x)| x == y || *y == Some(3))
         );
+    }
+
+    #[test]
+    fn deleting_many_sources_moves_none_of_the_rest() {
+        let mut sources = fleet(400, |i| [2, 3, 12, 16][i % 4]);
+        let a = assign(&sources, 2, 0.25);
+        apply(&mut sources, &a, 2);
+        // Delete a fifth of the sources, spread over both shards.
+        let kept: Vec<(SourceLoad, Option<u32>)> = sources
+            .iter()
+            .cloned()
+            .zip(a.iter().copied())
+            .enumerate()
+            .filter(|(i, _)| i % 5 != 0)
+            .map(|(_, x)| x)
+            .collect();
+        let rest: Vec<SourceLoad> = kept.iter().map(|(s, _)| s.clone()).collect();
+        let b = assign(&rest, 2, 0.25);
+        let moved = kept
+            .iter()
+            .zip(&b)
+            .filter(|((_, before), after)| before != *after)
+            .count();
+        assert_eq!(moved, 0, "deletions moved {moved} of the remaining sources");
     }
 
     #[test]
