@@ -230,6 +230,16 @@ func TestGoDriverThroughTheRouter(t *testing.T) {
 	}
 }
 
+// The operator records assignments as Events on the DataSource, shown by
+// kubectl describe.
+func TestAssignmentEvents(t *testing.T) {
+	installed(t)
+	eventually(t, 20*time.Second, "an Assigned event on tenants/acme", func() (bool, error) {
+		out, _, err := kubectl(t, "", "-n", "tenants", "describe", "datasource", "acme")
+		return strings.Contains(out, "Assigned") && strings.Contains(out, "assigned to shard"), err
+	})
+}
+
 // Every source has exactly minIdle warm connections, all from the shard
 // that owns it (application_name shardpool/<ns>/<name>/<shard>).
 func TestOnePoolPerSourceAtMinIdle(t *testing.T) {

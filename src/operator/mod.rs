@@ -143,6 +143,13 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         client: client.clone(),
         cfg: cfg.clone(),
         owner: reconcile::own_deployment(&client, &cfg).await,
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "shardpool-operator".into(),
+                instance: Some(cfg.pod_name.clone()),
+            },
+        ),
     };
     if ctx.owner.is_none() {
         tracing::warn!(

@@ -8,7 +8,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -30,6 +32,8 @@ pub struct Context {
     /// The operator's own Deployment, owner of the shard workloads (so that
     /// uninstalling the chart removes them through garbage collection).
     pub owner: Option<OwnerReference>,
+    /// Publishes Kubernetes Events (assignments, moves).
+    pub recorder: Recorder,
 }
 
 /// Why a pass failed; `reason()` is the metric label and Event reason.
@@ -190,14 +194,32 @@ async fn assign_all(
         {
             continue;
         }
-        if load.current == Some(target) {
+        let event = if load.current == Some(target) {
             tracing::debug!(source = %load.key, among, "recording the shard count");
+            None
         } else if let Some(from) = load.current {
             tracing::info!(source = %load.key, from, to = target, "moving source");
+            Some((
+                "Moved",
+                format!("moved from shard {from} to shard {target}"),
+            ))
         } else {
             tracing::info!(source = %load.key, shard = target, "assigning source");
-        }
+            Some(("Assigned", format!("assigned to shard {target}")))
+        };
         write_assignment(ctx, ds, target, among).await?;
+        if let Some((reason, note)) = event {
+            let ev = Event {
+                type_: EventType::Normal,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Assign".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &ds.object_ref(&())).await {
+                tracing::debug!(source = %load.key, error = %e, "event not published");
+            }
+        }
     }
     Ok(result)
 }
