@@ -109,3 +109,16 @@ func kubectl(t *testing.T, stdin string, args ...string) (string, string, error)
 	}
 	return out.String(), errb.String(), err
 }
+
+// warehouseSources is the manifest of a Secret and n DataSources named
+// fmt.Sprintf(nameFormat, i) in ns, all pointing at the acme database of the
+// local warehouse as its superuser, with the given pool sizes.
+func warehouseSources(ns, nameFormat string, n, minIdle, maxSize int) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "apiVersion: v1\nkind: Secret\nmetadata: {name: acme-warehouse, namespace: %s}\nstringData: {password: %q}\n", ns, os.Getenv("WAREHOUSE_PGPASSWORD"))
+	for i := 0; i < n; i++ {
+		fmt.Fprintf(&b, "---\napiVersion: shardpool.dev/v1alpha1\nkind: DataSource\nmetadata: {name: %s, namespace: %s}\nspec: {host: %s, port: %s, database: acme, user: %s, passwordSecretRef: {name: acme-warehouse, key: password}, tls: {mode: disable}, pool: {minIdle: %d, maxSize: %d}}\n",
+			fmt.Sprintf(nameFormat, i), ns, os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"), os.Getenv("WAREHOUSE_PGUSER"), minIdle, maxSize)
+	}
+	return b.String()
+}

@@ -2,7 +2,6 @@ package tests
 
 import (
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -17,14 +16,9 @@ func TestTwoHundredSourcesWarmExactlyOnce(t *testing.T) {
 	c := client(t)
 	ns := tempNamespace(t, c, "many")
 	const n = 200
-	var b strings.Builder
-	fmt.Fprintf(&b, "apiVersion: v1\nkind: Secret\nmetadata: {name: acme-warehouse, namespace: %s}\nstringData: {password: %q}\n", ns, os.Getenv("WAREHOUSE_PGPASSWORD"))
-	for i := 0; i < n; i++ {
-		fmt.Fprintf(&b, "---\napiVersion: shardpool.dev/v1alpha1\nkind: DataSource\nmetadata: {name: w%03d, namespace: %s}\nspec: {host: %s, port: %s, database: acme, user: %s, passwordSecretRef: {name: acme-warehouse, key: password}, tls: {mode: disable}, pool: {minIdle: 1, maxSize: 3}}\n",
-			i, ns, os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"), os.Getenv("WAREHOUSE_PGUSER"))
-	}
+	manifest := warehouseSources(ns, "w%03d", n, 1, 3)
 	start := time.Now()
-	if _, stderr, err := kubectl(t, b.String(), "apply", "-f", "-"); err != nil {
+	if _, stderr, err := kubectl(t, manifest, "apply", "-f", "-"); err != nil {
 		t.Fatalf("apply: %v\n%s", err, stderr)
 	}
 	var ready time.Duration

@@ -73,13 +73,8 @@ func TestRescaleMovesWithoutOverlap(t *testing.T) {
 	c := client(t)
 	ns := tempNamespace(t, c, "scale")
 	const n = 60
-	var b strings.Builder
-	fmt.Fprintf(&b, "apiVersion: v1\nkind: Secret\nmetadata: {name: acme-warehouse, namespace: %s}\nstringData: {password: %q}\n", ns, os.Getenv("WAREHOUSE_PGPASSWORD"))
-	for i := 0; i < n; i++ {
-		fmt.Fprintf(&b, "---\napiVersion: shardpool.dev/v1alpha1\nkind: DataSource\nmetadata: {name: src-%02d, namespace: %s}\nspec: {host: %s, port: %s, database: acme, user: %s, passwordSecretRef: {name: acme-warehouse, key: password}, tls: {mode: disable}, pool: {minIdle: 1, maxSize: 2}}\n",
-			i, ns, os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"), os.Getenv("WAREHOUSE_PGUSER"))
-	}
-	if _, stderr, err := kubectl(t, b.String(), "apply", "-f", "-"); err != nil {
+	manifest := warehouseSources(ns, "src-%02d", n, 1, 2)
+	if _, stderr, err := kubectl(t, manifest, "apply", "-f", "-"); err != nil {
 		t.Fatalf("apply: %v\n%s", err, stderr)
 	}
 	// The router user may reach this namespace only through '*'; use the
