@@ -74,6 +74,11 @@ func TestControlPlaneRestartsLeavePoolsAlone(t *testing.T) {
 		t.Fatal("no shardpool connections to compare")
 	}
 	deletePodsAndWait(t, "operator")
+	// One of the two replicas leads again.
+	eventually(t, 40*time.Second, "an operator replica holds the leader Lease", func() (bool, error) {
+		out, _, err := kubectl(t, "", "-n", systemNS, "get", "lease", "shardpool-operator", "-o", "jsonpath={.spec.holderIdentity}")
+		return strings.HasPrefix(out, "shardpool-operator-"), err
+	})
 	time.Sleep(5 * time.Second) // a few reconcile passes
 	deletePodsAndWait(t, "router")
 	time.Sleep(2 * time.Second)
