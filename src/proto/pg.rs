@@ -28,23 +28,59 @@ pub fn next_message(buf: &[u8]) -> Result<Option<(u8, usize)>, BadLength> {
 #[error("message length {0} is invalid")]
 pub struct BadLength(pub usize);
 
-/// Appends an ErrorResponse with severity, SQLSTATE and message.
-pub fn put_error(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
+/// Appends one typed backend message whose body `body` writes; the length
+/// field is filled in afterwards. Every backend message shardpool builds
+/// goes through here.
+pub fn put_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
     let start = buf.len();
-    buf.put_u8(b'E');
     buf.put_u32(0);
-    for (field, value) in [
-        (b'S', severity),
-        (b'V', severity),
-        (b'C', code),
-        (b'M', message),
-    ] {
-        buf.put_u8(field);
-        buf.put_slice(value.as_bytes());
-        buf.put_u8(0);
+    body(buf);
+    // Built from our own bounded data; saturate rather than wrap.
+    let len = u32::try_from(buf.len() - start).unwrap_or(u32::MAX);
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Appends `s` as a C string. Interior NUL bytes cannot be represented on
+/// the wire and are dropped.
+pub fn put_cstr(buf: &mut BytesMut, s: &str) {
+    for part in s.split('\0') {
+        buf.put_slice(part.as_bytes());
     }
     buf.put_u8(0);
-    patch_len(buf, start);
+}
+
+/// Appends an ErrorResponse: severity (S and V), SQLSTATE, message and the
+/// optional detail and hint.
+pub fn put_error_fields(
+    buf: &mut BytesMut,
+    severity: &str,
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+    hint: Option<&str>,
+) {
+    put_message(buf, b'E', |b| {
+        for (field, value) in [
+            (b'S', Some(severity)),
+            (b'V', Some(severity)),
+            (b'C', Some(code)),
+            (b'M', Some(message)),
+            (b'D', detail),
+            (b'H', hint),
+        ] {
+            if let Some(v) = value {
+                b.put_u8(field);
+                put_cstr(b, v);
+            }
+        }
+        b.put_u8(0);
+    });
+}
+
+/// Appends an ErrorResponse with severity, SQLSTATE and message.
+pub fn put_error(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    put_error_fields(buf, severity, code, message, None, None);
 }
 
 /// An ErrorResponse as bytes.
@@ -56,26 +92,15 @@ pub fn error(severity: &str, code: &str, message: &str) -> Bytes {
 
 /// Appends ReadyForQuery with the given transaction status.
 pub fn put_ready(buf: &mut BytesMut, status: u8) {
-    buf.put_u8(b'Z');
-    buf.put_u32(5);
-    buf.put_u8(status);
+    put_message(buf, b'Z', |b| b.put_u8(status));
 }
 
 /// Appends a ParameterStatus message.
 pub fn put_parameter(buf: &mut BytesMut, name: &str, value: &str) {
-    let start = buf.len();
-    buf.put_u8(b'S');
-    buf.put_u32(0);
-    buf.put_slice(name.as_bytes());
-    buf.put_u8(0);
-    buf.put_slice(value.as_bytes());
-    buf.put_u8(0);
-    patch_len(buf, start);
-}
-
-fn patch_len(buf: &mut BytesMut, start: usize) {
-    let len = u32::try_from(buf.len() - start - 1).unwrap_or(u32::MAX);
-    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+    put_message(buf, b'S', |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
 }
 
 /// The SQLSTATE ('C' field) of an ErrorResponse body, if present.

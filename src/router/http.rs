@@ -195,25 +195,16 @@ fn param_text(v: &Value) -> Option<String> {
     }
 }
 
-fn put_msg(out: &mut BytesMut, t: u8, body: impl FnOnce(&mut BytesMut)) {
-    let start = out.len();
-    out.put_u8(t);
-    out.put_u32(0);
-    body(out);
-    let len = u32::try_from(out.len() - start - 1).unwrap_or(u32::MAX);
-    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
-}
-
 /// The extended-protocol batch for one query with text parameters.
 pub fn batch(sql: &str, params: &[Value]) -> Bytes {
     let mut out = BytesMut::with_capacity(sql.len() + 64);
-    put_msg(&mut out, b'P', |b| {
+    pg::put_message(&mut out, b'P', |b| {
         b.put_u8(0);
         b.put_slice(sql.as_bytes());
         b.put_u8(0);
         b.put_u16(0);
     });
-    put_msg(&mut out, b'B', |b| {
+    pg::put_message(&mut out, b'B', |b| {
         b.put_u8(0);
         b.put_u8(0);
         b.put_u16(0); // all parameters in text
@@ -229,15 +220,15 @@ pub fn batch(sql: &str, params: &[Value]) -> Bytes {
         }
         b.put_u16(0); // all results in text
     });
-    put_msg(&mut out, b'D', |b| {
+    pg::put_message(&mut out, b'D', |b| {
         b.put_u8(b'P');
         b.put_u8(0);
     });
-    put_msg(&mut out, b'E', |b| {
+    pg::put_message(&mut out, b'E', |b| {
         b.put_u8(0);
         b.put_u32(0);
     });
-    put_msg(&mut out, b'S', |_| {});
+    pg::put_message(&mut out, b'S', |_| {});
     out.freeze()
 }
 
@@ -502,7 +493,7 @@ mod tests {
     #[test]
     fn absorbs_a_result() {
         let mut b = BytesMut::new();
-        put_msg(&mut b, b'T', |b| {
+        pg::put_message(&mut b, b'T', |b| {
             b.put_u16(1);
             b.put_slice(b"n\0");
             b.put_u32(0);
@@ -512,12 +503,12 @@ mod tests {
             b.put_i32(-1);
             b.put_i16(0);
         });
-        put_msg(&mut b, b'D', |b| {
+        pg::put_message(&mut b, b'D', |b| {
             b.put_u16(1);
             b.put_i32(1);
             b.put_slice(b"7");
         });
-        put_msg(&mut b, b'C', |b| b.put_slice(b"SELECT 1\0"));
+        pg::put_message(&mut b, b'C', |b| b.put_slice(b"SELECT 1\0"));
         pg::put_ready(&mut b, b'I');
         let mut out = Outcome::default();
         absorb(&mut out, &b).expect("valid");

@@ -348,11 +348,6 @@ impl ServerConn {
             Ok(_) => false, // EOF, or unexpected bytes
         }
     }
-
-    /// Bytes already read past the last message handed out (none when idle).
-    pub fn has_pending_input(&self) -> bool {
-        self.rbuf.has_remaining()
-    }
 }
 
 /// Asks the server to cancel the query running on the connection with this key.

@@ -175,27 +175,8 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     Ok(Some((tag[0], body.freeze())))
 }
 
-/// Appends a backend message: the type byte, a length placeholder, whatever
-/// `body` writes, then patches the length in.
-fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(tag);
-    let start = buf.len();
-    buf.put_u32(0);
-    body(buf);
-    // Backend messages are built from our own bounded data; saturate rather
-    // than wrap should that ever not hold.
-    let len = u32::try_from(buf.len() - start).unwrap_or(u32::MAX);
-    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-/// Appends `s` as a C string. Interior NUL bytes cannot be represented on
-/// the wire and are dropped.
-fn put_cstr(buf: &mut BytesMut, s: &str) {
-    for part in s.split('\0') {
-        buf.put_slice(part.as_bytes());
-    }
-    buf.put_u8(0);
-}
+// Backend message framing is shared with the shard (proto::pg).
+use crate::proto::pg::{put_cstr, put_message as message};
 
 /// AuthenticationOk.
 pub fn authentication_ok(buf: &mut BytesMut) {
@@ -231,10 +212,7 @@ pub fn authentication_sasl_final(buf: &mut BytesMut, data: &[u8]) {
 
 /// ParameterStatus reporting a run-time parameter.
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    message(buf, b'S', |b| {
-        put_cstr(b, name);
-        put_cstr(b, value);
-    });
+    crate::proto::pg::put_parameter(buf, name, value);
 }
 
 /// BackendKeyData with the identifiers a client needs to cancel queries.
@@ -247,7 +225,7 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: u32, secret: u32) {
 
 /// ReadyForQuery with a transaction status of b'I', b'T' or b'E'.
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
-    message(buf, b'Z', |b| b.put_u8(status));
+    crate::proto::pg::put_ready(buf, status);
 }
 
 /// An error to report to the client in an ErrorResponse.
@@ -280,25 +258,14 @@ impl PgError {
 
 /// ErrorResponse with fields S, V, C, M and optionally D and H.
 pub fn error_response(buf: &mut BytesMut, err: &PgError) {
-    message(buf, b'E', |b| {
-        b.put_u8(b'S');
-        put_cstr(b, err.severity);
-        b.put_u8(b'V');
-        put_cstr(b, err.severity);
-        b.put_u8(b'C');
-        put_cstr(b, &err.code);
-        b.put_u8(b'M');
-        put_cstr(b, &err.message);
-        if let Some(d) = &err.detail {
-            b.put_u8(b'D');
-            put_cstr(b, d);
-        }
-        if let Some(h) = &err.hint {
-            b.put_u8(b'H');
-            put_cstr(b, h);
-        }
-        b.put_u8(0);
-    });
+    crate::proto::pg::put_error_fields(
+        buf,
+        err.severity,
+        &err.code,
+        &err.message,
+        err.detail.as_deref(),
+        err.hint.as_deref(),
+    );
 }
 
 #[cfg(test)]
