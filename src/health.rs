@@ -1,5 +1,6 @@
-//! The probe endpoints every role serves: `/healthz` (the process is alive)
-//! and `/readyz` (it should receive traffic), on the metrics port.
+//! The endpoints every role serves on its metrics port: `/healthz` (the
+//! process is alive), `/readyz` (it should receive traffic) and `/metrics`
+//! (Prometheus, OpenMetrics text).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,8 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::registry::Registry;
 
 /// Readiness flag shared between a role and its probe endpoint.
 #[derive(Debug, Clone, Default)]
@@ -34,16 +37,32 @@ async fn readyz(State(ready): State<Ready>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Serves the probes on `addr` until `shutdown` resolves.
+async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::encode(&registry),
+    )
+}
+
+/// Serves the probes and metrics on `addr` until `shutdown` resolves.
 pub async fn serve(
     addr: SocketAddr,
     ready: Ready,
+    registry: Arc<Registry>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(ready);
+        .with_state(ready)
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics))
+                .with_state(registry),
+        );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

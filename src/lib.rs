@@ -8,6 +8,7 @@
 pub mod crd;
 pub mod health;
 pub mod lease;
+pub mod metrics;
 pub mod operator;
 pub mod proto;
 pub mod router;

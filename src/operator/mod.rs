@@ -9,6 +9,7 @@
 //! upgrading it leaves every pool alone.
 
 pub mod assign;
+pub mod metrics;
 pub mod reconcile;
 pub mod template;
 
@@ -63,9 +64,12 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
     let client = Client::try_default().await?;
     let ready = Ready::default();
     ready.set(true);
+    let mut prom = prometheus_client::registry::Registry::default();
+    let metrics = metrics::OperatorMetrics::register(&mut prom);
     tokio::spawn(health::serve(
         SocketAddr::new(cfg.pod_ip, cfg.metrics_port),
         ready.clone(),
+        Arc::new(prom),
         std::future::pending(),
     ));
     let term = crate::shard::shutdown_signal();
@@ -94,6 +98,7 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         return Ok(0);
     };
     tracing::info!("leading");
+    metrics.leader.set(1);
 
     let changed = Arc::new(Notify::new());
     let sources = crate::watch::store(
@@ -150,6 +155,7 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
                 instance: Some(cfg.pod_name.clone()),
             },
         ),
+        metrics: metrics.clone(),
     };
     if ctx.owner.is_none() {
         tracing::warn!(
@@ -177,8 +183,20 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
                 continue;
             }
         }
-        if let Err(e) = reconcile::reconcile(&ctx, &stores).await {
+        let started = std::time::Instant::now();
+        let result = reconcile::reconcile(&ctx, &stores).await;
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(e) => e.reason(),
+        };
+        metrics
+            .reconciles
+            .get_or_create(&metrics::Outcome { result: outcome })
+            .inc();
+        if let Err(e) = result {
             tracing::warn!(error = %e, reason = e.reason(), "reconcile failed; retrying");
+            reconcile::report(&ctx, &e).await;
         }
     }
     if let Err(e) = held.release().await {

@@ -15,7 +15,10 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
+use futures::StreamExt;
+
 use super::assign::{self, SourceLoad};
+use super::metrics::OperatorMetrics;
 use super::template::{self, HASH_ANNOTATION, ShardTemplate};
 use super::{OperatorConfig, shard_name};
 use crate::crd::{DataSource, Phase};
@@ -32,8 +35,10 @@ pub struct Context {
     /// The operator's own Deployment, owner of the shard workloads (so that
     /// uninstalling the chart removes them through garbage collection).
     pub owner: Option<OwnerReference>,
-    /// Publishes Kubernetes Events (assignments, moves).
+    /// Publishes Kubernetes Events (assignments, moves, rollouts, errors).
     pub recorder: Recorder,
+    /// Counters and gauges served at /metrics.
+    pub metrics: OperatorMetrics,
 }
 
 /// Why a pass failed; `reason()` is the metric label and Event reason.
@@ -113,6 +118,32 @@ pub struct Stores {
     pub pods: Store<Pod>,
 }
 
+/// Publishes a failed pass as a Warning Event on the operator's own
+/// Deployment (`kubectl describe deployment` shows it), reason = the error's.
+pub async fn report(ctx: &Context, e: &Error) {
+    let Some(owner) = ctx.owner.as_ref() else {
+        return;
+    };
+    let target = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(owner.api_version.clone()),
+        kind: Some(owner.kind.clone()),
+        name: Some(owner.name.clone()),
+        namespace: Some(ctx.cfg.namespace.clone()),
+        uid: Some(owner.uid.clone()),
+        ..Default::default()
+    };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: e.reason().into(),
+        note: Some(e.to_string()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&ev, &target).await {
+        tracing::debug!(error = %err, "event not published");
+    }
+}
+
 /// The whole pass.
 pub async fn reconcile(ctx: &Context, stores: &Stores) -> Result<(), Error> {
     let template = read_template(ctx, &stores.configmaps)?;
@@ -183,13 +214,22 @@ async fn assign_all(
         })
         .collect();
     let result = assign::assign(&loads, count, ctx.cfg.epsilon);
+    let mut spread = vec![(0u64, 0u64); count as usize];
+    for (load, target) in loads.iter().zip(&result) {
+        if let Some(slot) = target.and_then(|t| spread.get_mut(t as usize)) {
+            slot.0 += 1;
+            slot.1 += load.weight;
+        }
+    }
+    ctx.metrics.record_spread(count, &spread);
+    // Every pass records the shard count it considered, so only a shard
+    // added after this pass can attract the source later.
+    let among = count;
+    let mut writes = Vec::new();
     for ((ds, load), target) in all.iter().zip(&loads).zip(&result) {
         let Some(target) = *target else { continue };
-        let paused_phase_missing = ds.spec.paused
-            && ds.status.as_ref().and_then(|s| s.phase) != Some(crate::crd::Phase::Paused);
-        // Every pass records the shard count it considered, so only a shard
-        // added after this pass can attract the source later.
-        let among = count;
+        let paused_phase_missing =
+            ds.spec.paused && ds.status.as_ref().and_then(|s| s.phase) != Some(Phase::Paused);
         if load.current == Some(target) && !paused_phase_missing && load.placed_among == Some(among)
         {
             continue;
@@ -199,30 +239,49 @@ async fn assign_all(
             None
         } else if let Some(from) = load.current {
             tracing::info!(source = %load.key, from, to = target, "moving source");
+            ctx.metrics.moves.inc();
             Some((
                 "Moved",
                 format!("moved from shard {from} to shard {target}"),
             ))
         } else {
             tracing::info!(source = %load.key, shard = target, "assigning source");
+            ctx.metrics.assigned.inc();
             Some(("Assigned", format!("assigned to shard {target}")))
         };
-        write_assignment(ctx, ds, target, among).await?;
-        if let Some((reason, note)) = event {
-            let ev = Event {
-                type_: EventType::Normal,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Assign".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&ev, &ds.object_ref(&())).await {
-                tracing::debug!(source = %load.key, error = %e, "event not published");
+        writes.push((ds, target, event));
+    }
+    // Independent writes, many in flight: a first sync of thousands of
+    // sources is bounded by round trips, not by the API server.
+    let failures: Vec<Error> = futures::stream::iter(writes)
+        .map(|(ds, target, event)| async move {
+            write_assignment(ctx, ds, target, among).await?;
+            if let Some((reason, note)) = event {
+                let ev = Event {
+                    type_: EventType::Normal,
+                    reason: reason.into(),
+                    note: Some(note),
+                    action: "Assign".into(),
+                    secondary: None,
+                };
+                if let Err(e) = ctx.recorder.publish(&ev, &ds.object_ref(&())).await {
+                    tracing::debug!(source = %ds.name_any(), error = %e, "event not published");
+                }
             }
-        }
+            Ok::<(), Error>(())
+        })
+        .buffer_unordered(ASSIGN_CONCURRENCY)
+        .filter_map(|r| async move { r.err() })
+        .collect()
+        .await;
+    if let Some(e) = failures.into_iter().next() {
+        return Err(e);
     }
     Ok(result)
 }
+
+/// Assignment writes in flight at once.
+const ASSIGN_CONCURRENCY: usize = 32;
 
 async fn write_assignment(
     ctx: &Context,
@@ -332,6 +391,19 @@ async fn apply_shards(
                 }
                 tracing::info!(shard = k, "rolling shard to the new template");
                 api.patch(&name, &pp, &Patch::Apply(&want)).await?;
+                ctx.metrics.rollouts.inc();
+                let ev = Event {
+                    type_: EventType::Normal,
+                    reason: "RollingShard".into(),
+                    note: Some(format!(
+                        "shard {k} updated to template {hash}; the next shard waits until its new pod serves every source"
+                    )),
+                    action: "Rollout".into(),
+                    secondary: None,
+                };
+                if let Err(e) = ctx.recorder.publish(&ev, &d.object_ref(&())).await {
+                    tracing::debug!(shard = k, error = %e, "event not published");
+                }
                 busy = true;
             }
         }

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::Router;
+use super::metrics::{Frontend, SourceFrontend};
 use super::session::{Fatal, attach};
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::pg;
@@ -107,15 +108,20 @@ pub fn app(state: Arc<Http>) -> axum::Router {
     axum::Router::new()
         .route(
             "/v1/namespaces/{ns}/datasources/{name}/query",
-            axum::routing::post(query),
+            axum::routing::post(measured),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .with_state(state)
 }
 
+/// The SQLSTATE of an error response, for the metrics wrapper.
+#[derive(Debug, Clone)]
+struct SqlState(String);
+
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = json!({"error": {"sqlstate": code, "message": message.into()}});
     let mut r = (status, Json(body)).into_response();
+    r.extensions_mut().insert(SqlState(code.to_string()));
     if status == StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -319,6 +325,46 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+const HTTP: Frontend = Frontend { frontend: "http" };
+
+/// Runs [`query`] and records its outcome: one query, its latency, and its
+/// SQLSTATE class when it failed.
+async fn measured(
+    State(http): State<Arc<Http>>,
+    Path((ns, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let m = &http.router.metrics;
+    let r = query(
+        State(http.clone()),
+        Path((ns.clone(), name.clone())),
+        headers,
+        body,
+    )
+    .await;
+    let code = r.extensions().get::<SqlState>().map(|c| c.0.clone());
+    if r.status() == StatusCode::UNAUTHORIZED {
+        m.auth_failures.get_or_create(&HTTP).inc();
+        return r;
+    }
+    m.latency
+        .get_or_create(&HTTP)
+        .observe(started.elapsed().as_secs_f64());
+    m.queries
+        .get_or_create(&SourceFrontend {
+            frontend: "http",
+            namespace: ns.clone(),
+            source: name.clone(),
+        })
+        .inc();
+    if let Some(code) = code {
+        m.error("http", &ns, &name, &code);
+    }
+    r
+}
+
 async fn query(
     State(http): State<Arc<Http>>,
     Path((ns, name)): Path<(String, String)>,
@@ -420,7 +466,9 @@ async fn query(
                     "detail": pg::error_field(body, b'D'),
                     "hint": pg::error_field(body, b'H'),
                 }});
-                (status_for(code), Json(e)).into_response()
+                let mut r = (status_for(code), Json(e)).into_response();
+                r.extensions_mut().insert(SqlState(code.to_string()));
+                r
             }
             None => {
                 let columns: Vec<Value> = out

@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod link;
+pub mod metrics;
 pub mod pgwire;
 pub mod routes;
 pub mod session;
@@ -68,6 +69,16 @@ pub struct RouterConfig {
         default_value = ""
     )]
     pub http_tokens: String,
+    /// Most PostgreSQL client connections at once; more are refused with
+    /// SQLSTATE 53300, like PostgreSQL's max_connections.
+    #[arg(long, env = "SHARDPOOL_MAX_CLIENTS", default_value_t = 10_000)]
+    pub max_clients: usize,
+    /// Largest client message accepted, in bytes.
+    #[arg(long, env = "SHARDPOOL_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
+    /// Time a client has from connecting to being authenticated.
+    #[arg(long, env = "SHARDPOOL_STARTUP_TIMEOUT", default_value = "10s")]
+    pub startup_timeout: String,
 }
 
 impl std::fmt::Debug for RouterConfig {
@@ -101,6 +112,8 @@ pub struct Router {
     pub handover_timeout: Duration,
     /// Namespace for bare source names.
     pub default_namespace: Option<String>,
+    /// Counters and histograms served at /metrics.
+    pub metrics: metrics::RouterMetrics,
     /// Cancel keys handed to clients -> the session to cancel. Std Mutex,
     /// held only to insert, look up or remove.
     cancels: Mutex<HashMap<u32, CancelTarget>>,
@@ -165,11 +178,18 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     let users = Users::parse(&cfg.users)?;
     let tokens = http::Tokens::parse(&cfg.http_tokens).map_err(anyhow::Error::msg)?;
     let handover_timeout = parse_duration(&cfg.handover_timeout)?;
+    let limits = Limits {
+        startup_timeout: parse_duration(&cfg.startup_timeout)?,
+        max_message: cfg.max_message_bytes.max(1024),
+    };
     let client = Client::try_default().await?;
     let ready = Ready::default();
+    let mut prom = prometheus_client::registry::Registry::default();
+    let metrics = metrics::RouterMetrics::register(&mut prom);
     tokio::spawn(health::serve(
         SocketAddr::new(cfg.pod_ip, cfg.metrics_port),
         ready.clone(),
+        Arc::new(prom),
         std::future::pending(),
     ));
 
@@ -200,11 +220,12 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     );
     let router = Arc::new(Router {
         users,
-        limits: Limits::default(),
+        limits,
         routes,
         links: Links::default(),
         handover_timeout,
         default_namespace: cfg.default_namespace.clone(),
+        metrics,
         cancels: Mutex::default(),
     });
     let listener = tokio::net::TcpListener::bind(cfg.pg_listen).await?;
@@ -222,13 +243,20 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     ready.set(true);
     let term = crate::shard::shutdown_signal();
     tokio::pin!(term);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_clients.max(1)));
     loop {
         tokio::select! {
             _ = &mut term => break,
             r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    tokio::spawn(session::serve(stream, peer, router.clone()));
-                }
+                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        tokio::spawn(session::serve(stream, peer, router.clone(), slot));
+                    }
+                    Err(_) => {
+                        router.metrics.refused.get_or_create(&metrics::Frontend { frontend: "pg" }).inc();
+                        tokio::spawn(session::refuse(stream));
+                    }
+                },
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
         }

@@ -10,17 +10,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::Router;
 use super::link::Link;
+use super::metrics::{Frontend, SourceFrontend};
 use super::pgwire::codec::{self, PgError};
-use super::pgwire::startup::{self, Handshake};
+use super::pgwire::startup::{self, Handshake, StartupError};
 use super::routes::RouteError;
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::pg;
@@ -40,12 +41,36 @@ fn fatal(code: &str, message: impl Into<String>) -> Fatal {
     Fatal(PgError::fatal(code, message))
 }
 
-/// Serves one client connection to its end.
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, router: Arc<Router>) {
+const PG: Frontend = Frontend { frontend: "pg" };
+
+/// Answers a connection over the client limit: SQLSTATE 53300, then close.
+pub async fn refuse(mut stream: TcpStream) {
+    let mut out = BytesMut::new();
+    codec::error_response(
+        &mut out,
+        &PgError::fatal("53300", "sorry, too many clients already"),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+}
+
+/// Serves one client connection to its end; `_slot` is its place under the
+/// client limit, given back when the connection ends.
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    router: Arc<Router>,
+    _slot: OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
+    let clients = router.metrics.clients.get_or_create(&PG).clone();
+    clients.inc();
+    let _open = guard::Dec(clients);
     let hs = match startup::handshake(&mut stream, &router.users, &router.limits).await {
         Ok(h) => h,
         Err(e) => {
+            if matches!(e, StartupError::Auth { .. }) {
+                router.metrics.auth_failures.get_or_create(&PG).inc();
+            }
             tracing::debug!(%peer, error = %e, "handshake failed");
             return;
         }
@@ -56,6 +81,11 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, router: Arc<Router>)
             let span = tracing::info_span!("client", %peer, %user, %database);
             let _e = span.enter();
             if let Err(Fatal(err)) = run(&mut stream, &router, &user, &database).await {
+                if let Some((ns, name)) =
+                    source_name(&database, router.default_namespace.as_deref())
+                {
+                    router.metrics.error("pg", ns, name, &err.code);
+                }
                 let mut out = BytesMut::new();
                 codec::error_response(&mut out, &err);
                 let _ = stream.write_all(&out).await;
@@ -82,6 +112,7 @@ pub(crate) async fn attach(
 ) -> Result<(Attached, Bytes), Fatal> {
     let deadline = tokio::time::Instant::now() + router.handover_timeout;
     let key = format!("{ns}/{name}");
+    let mut counted = false;
     loop {
         let attempt: Result<(), Option<Fatal>> = match router.routes.resolve(ns, name) {
             Ok((_, addr)) if Some(addr) == avoid => Err(None),
@@ -130,6 +161,10 @@ pub(crate) async fn attach(
         if let Err(Some(f)) = attempt {
             return Err(f);
         }
+        if !counted {
+            router.metrics.held.inc();
+            counted = true;
+        }
         if tokio::time::Instant::now() >= deadline {
             let why = match router.routes.resolve(ns, name) {
                 Err(e) => e.to_string(),
@@ -165,6 +200,19 @@ async fn run(
     }
     let (mut at, params) = attach(router, ns, name, None).await?;
     let (pid, secret) = router.register(at.link.clone(), at.id);
+    // Looked up once: the query path only bumps these.
+    let queries = router
+        .metrics
+        .queries
+        .get_or_create(&SourceFrontend {
+            frontend: "pg",
+            namespace: ns.to_string(),
+            source: name.to_string(),
+        })
+        .clone();
+    let latency = router.metrics.latency.get_or_create(&PG).clone();
+    // When the oldest unanswered sync point was sent.
+    let mut sent_at: Option<Instant> = None;
     let _unregister = scopeguard(router, pid);
 
     let mut out = BytesMut::with_capacity(512);
@@ -228,6 +276,9 @@ async fn run(
                         attached = true;
                     }
                     pending += sync_points(&batch);
+                    if pending > 0 && sent_at.is_none() {
+                        sent_at = Some(Instant::now());
+                    }
                     replay.push(batch.clone());
                     if !at.link.send(Frame::new(at.id, Kind::Messages, batch)).await {
                         attached = false;
@@ -243,7 +294,18 @@ async fn run(
                         while let Ok(Some((t, n))) = pg::next_message(rest) {
                             if t == b'Z' {
                                 pending = pending.saturating_sub(1);
-                                status = rest[5];
+                                status = rest.get(5).copied().unwrap_or(b'I');
+                                queries.inc();
+                                if let Some(t0) = sent_at.take() {
+                                    latency.observe(t0.elapsed().as_secs_f64());
+                                    if pending > 0 {
+                                        sent_at = Some(Instant::now());
+                                    }
+                                }
+                            } else if t == b'E' {
+                                if let Some(code) = pg::error_code(rest.get(5..n).unwrap_or_default()) {
+                                    router.metrics.error("pg", ns, name, code);
+                                }
                             }
                             rest = &rest[n..];
                         }
@@ -258,6 +320,7 @@ async fn run(
                             // Nothing ran: hand the batches to the next owner.
                             let old = at.link.addr;
                             tracing::info!("shard handing over; holding the session");
+                            router.metrics.replayed.inc();
                             let (a, _) = attach(router, ns, name, Some(old)).await?;
                             router.retarget(pid, a.link.clone(), a.id);
                             at = a;
@@ -288,6 +351,19 @@ async fn run(
         at.link.close(at.id).await;
     }
     Ok(())
+}
+
+mod guard {
+    use prometheus_client::metrics::gauge::Gauge;
+
+    /// Decrements a gauge when dropped.
+    pub(super) struct Dec(pub(super) Gauge);
+
+    impl Drop for Dec {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
 }
 
 /// Unregisters a cancel key when the session ends.

@@ -10,6 +10,7 @@
 //! the same source's connections.
 
 pub mod handover;
+pub mod metrics;
 pub mod pool;
 pub mod prepared;
 pub mod registry;
@@ -79,11 +80,19 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
 
     // Probes: a standby is ready (a rollout may proceed past it).
     ready.set(true);
+    let registry = Arc::new(registry::Registry::default());
+    let mut prom = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(metrics::ShardMetrics::register(&mut prom, registry.clone()));
     let probe_addr = SocketAddr::new(cfg.pod_ip, cfg.metrics_port);
     let mut probe_stop = stop_rx.clone();
-    tokio::spawn(health::serve(probe_addr, ready.clone(), async move {
-        let _ = probe_stop.wait_for(|s| *s).await;
-    }));
+    tokio::spawn(health::serve(
+        probe_addr,
+        ready.clone(),
+        Arc::new(prom),
+        async move {
+            let _ = probe_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     let lease_cfg = LeaseConfig {
         name: lease_name(cfg.index),
@@ -112,12 +121,13 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     };
 
     // Serving.
-    let registry = Arc::new(registry::Registry::default());
+    metrics.lease_held.set(1);
     let (draining_tx, draining_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(cfg.pod_ip, cfg.port)).await?;
     tokio::spawn(serve::serve(
         listener,
         registry.clone(),
+        metrics.clone(),
         draining_rx,
         stop_rx.clone(),
     ));
@@ -156,6 +166,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         shard: cfg.index,
         pod: &cfg.pod_name,
         connect_limit: &connect_limit,
+        metrics: &metrics,
     };
     let mut failures = sources::BuildFailures::new();
     let mut written = status::Written::new();
@@ -215,6 +226,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     // Drain: no new transactions; running ones finish within the deadline.
     tracing::info!(busy = registry.busy(), "SIGTERM: draining");
     ready.set(false);
+    metrics.draining.set(1);
     let _ = draining_tx.send(true);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.drain_seconds);
     while registry.busy() > 0 && tokio::time::Instant::now() < deadline {
@@ -233,6 +245,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     if let Err(e) = held.release().await {
         tracing::warn!(error = %e, "lease release failed; the successor waits for expiry");
     }
+    metrics.lease_held.set(0);
     let _ = stop_tx.send(true);
     tracing::info!(unfinished = left, "drained; exiting");
     Ok(0)

@@ -9,6 +9,7 @@
 //! string; `health` is a std Mutex held only to read or replace it. Neither
 //! is held across an await.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,10 @@ pub struct Manager {
     connect_limit: Arc<Semaphore>,
     /// Outcome of the latest attempt, for status and backoff.
     health: Mutex<Health>,
+    /// Successful connection attempts (metrics).
+    connects_ok: AtomicU64,
+    /// Failed connection attempts (metrics).
+    connects_failed: AtomicU64,
 }
 
 /// Recent connection outcome of a source.
@@ -81,7 +86,17 @@ impl Manager {
             password: RwLock::new(password),
             connect_limit,
             health: Mutex::default(),
+            connects_ok: AtomicU64::new(0),
+            connects_failed: AtomicU64::new(0),
         }
+    }
+
+    /// Connection attempts so far: (succeeded, failed).
+    pub fn connects(&self) -> (u64, u64) {
+        (
+            self.connects_ok.load(Ordering::Relaxed),
+            self.connects_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// Uses `password` for connections opened from now on.
@@ -102,6 +117,10 @@ impl Manager {
     }
 
     fn record(&self, result: &Result<ServerConn, ConnectError>) {
+        match result {
+            Ok(_) => self.connects_ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.connects_failed.fetch_add(1, Ordering::Relaxed),
+        };
         if let Ok(mut h) = self.health.lock() {
             match result {
                 Ok(_) => *h = Health::default(),

@@ -30,6 +30,17 @@ pub struct Source {
     pub secret: (String, String, String),
     /// resourceVersion of the Secret the current password came from.
     pub secret_version: std::sync::Mutex<String>,
+    /// Counters for the metrics endpoint.
+    pub stats: SourceStats,
+}
+
+/// A source's counters, bumped on the session path (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Server connection checkouts (one per transaction or single query).
+    pub transactions: std::sync::atomic::AtomicU64,
+    /// Checkouts that failed (no connection within acquireTimeout).
+    pub checkout_errors: std::sync::atomic::AtomicU64,
 }
 
 impl Source {

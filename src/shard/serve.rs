@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use super::metrics::ShardMetrics;
 use super::registry::Registry;
 use super::session;
 use crate::proto::HELLO;
@@ -27,6 +28,7 @@ const WRITER_QUEUE: usize = 1024;
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
+    metrics: Arc<ShardMetrics>,
     draining: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -36,8 +38,9 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let registry = registry.clone();
                     let draining = draining.clone();
+                    let metrics = metrics.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, peer, registry, draining).await {
+                        if let Err(e) = connection(stream, peer, registry, metrics, draining).await {
                             tracing::debug!(%peer, error = %e, "router connection ended");
                         }
                     });
@@ -53,6 +56,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     registry: Arc<Registry>,
+    metrics: Arc<ShardMetrics>,
     draining: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
@@ -114,6 +118,7 @@ async fn connection(
                         rx,
                         out_tx.clone(),
                         draining.clone(),
+                        metrics.clone(),
                     ));
                 }
                 Kind::Close => {

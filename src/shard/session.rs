@@ -10,12 +10,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 
 use std::collections::VecDeque;
 
+use super::metrics::ShardMetrics;
 use super::pool::Conn;
 use super::prepared::{self, Expect, Statements};
 use super::registry::Source;
@@ -73,9 +75,12 @@ pub async fn run(
     mut rx: mpsc::Receiver<Frame>,
     tx: mpsc::Sender<Frame>,
     draining: watch::Receiver<bool>,
+    metrics: Arc<ShardMetrics>,
 ) {
     let span = tracing::debug_span!("session", id, source = %source.key);
     let _e = span.enter();
+    metrics.sessions.inc();
+    let _open = OpenSession(&metrics);
     // The client needs its server's parameters (server_version, encoding,
     // DateStyle, ...): learnt from the first connection of the pool.
     let mut params = source
@@ -149,8 +154,12 @@ pub async fn run(
                         let _ = tx.send(Frame::new(id, Kind::Closed, msg)).await;
                         return;
                     }
-                    match source.pool.get().await {
+                    let asked = Instant::now();
+                    let got = source.pool.get().await;
+                    metrics.checkout_wait.observe(asked.elapsed().as_secs_f64());
+                    match got {
                         Ok(conn) => {
+                            source.stats.transactions.fetch_add(1, Ordering::Relaxed);
                             held = Some(Held {
                                 conn,
                                 pending: 0,
@@ -159,6 +168,7 @@ pub async fn run(
                             })
                         }
                         Err(e) => {
+                            source.stats.checkout_errors.fetch_add(1, Ordering::Relaxed);
                             let syncs = sync_points(&frame.payload);
                             let mut out = BytesMut::new();
                             pg::put_error(
@@ -227,6 +237,15 @@ pub async fn run(
             let conn = deadpool::managed::Object::take(h.conn);
             tokio::spawn(conn.terminate());
         }
+    }
+}
+
+/// Counts a session as open for as long as it lives.
+struct OpenSession<'a>(&'a ShardMetrics);
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.sessions.dec();
     }
 }
 

@@ -18,6 +18,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::Semaphore;
 
 use super::handover;
+use super::metrics::{Direction, ShardMetrics};
 use super::pool::{self, Manager, PoolSettings};
 use super::registry::{Registry, Source};
 use super::server::ConnectParams;
@@ -151,6 +152,8 @@ pub struct SyncContext<'a> {
     pub pod: &'a str,
     /// Shard-wide connection attempt limit.
     pub connect_limit: &'a Arc<Semaphore>,
+    /// Handover counters.
+    pub metrics: &'a ShardMetrics,
 }
 
 /// Brings the registry in line with the DataSources: opens sources assigned
@@ -169,11 +172,17 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &mut Buil
             tracing::info!(source = %s.key, "source left this shard; draining");
             if let Some(old) = registry.remove(&s.key) {
                 let client = client.clone();
+                let released = cx
+                    .metrics
+                    .handovers
+                    .get_or_create(&Direction { direction: "out" })
+                    .clone();
                 tokio::spawn(async move {
                     drain(old.clone()).await;
                     if let Err(e) = handover::release(&client, &old.key, shard).await {
                         tracing::warn!(source = %old.key, error = %e, "release acknowledgement failed");
                     } else {
+                        released.inc();
                         tracing::info!(source = %old.key, "released");
                     }
                 });
@@ -207,6 +216,10 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &mut Buil
                 if let Err(e) = handover::claim(client, &ds, shard, cx.pod).await {
                     return (k, generation, Err(format!("cannot claim the source: {e}")));
                 }
+                cx.metrics
+                    .handovers
+                    .get_or_create(&Direction { direction: "in" })
+                    .inc();
             }
             let r = build(client, &ds, shard, connect_limit).await;
             (k, generation, r)
@@ -252,6 +265,7 @@ async fn build(
         retired: Default::default(),
         secret: (ns, r.name.clone(), r.key.clone()),
         secret_version: std::sync::Mutex::new(version),
+        stats: Default::default(),
     })
 }
 

@@ -1,0 +1,185 @@
+//! The shard's metrics. Shard-wide series are ordinary prometheus-client
+//! metrics updated where things happen; per-source series are read from
+//! the [`Registry`] of served sources at scrape time by [`SourcesCollector`],
+//! so a source that leaves the shard leaves no stale series behind.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+
+use super::registry::Registry;
+use crate::metrics::{SourceLabels, latency_buckets};
+
+/// Direction of a handover, seen from this shard.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    /// `in` (taken over) or `out` (released).
+    pub direction: &'static str,
+}
+
+/// Shard-wide metrics; cheap to clone (every handle is an `Arc`).
+#[derive(Debug, Clone)]
+pub struct ShardMetrics {
+    /// Time a transaction waited for a server connection of its source.
+    pub checkout_wait: Histogram,
+    /// Router sessions open on this shard.
+    pub sessions: Gauge,
+    /// Sources taken over and released.
+    pub handovers: Family<Direction, Counter>,
+    /// 1 while this process holds the shard's Lease.
+    pub lease_held: Gauge,
+    /// 1 while draining after SIGTERM.
+    pub draining: Gauge,
+}
+
+impl ShardMetrics {
+    /// Creates the metrics and registers them, with the per-source collector.
+    pub fn register(
+        reg: &mut prometheus_client::registry::Registry,
+        sources: Arc<Registry>,
+    ) -> ShardMetrics {
+        let m = ShardMetrics {
+            checkout_wait: Histogram::new(latency_buckets()),
+            sessions: Gauge::default(),
+            handovers: Family::default(),
+            lease_held: Gauge::default(),
+            draining: Gauge::default(),
+        };
+        reg.register(
+            "shardpool_shard_checkout_wait_seconds",
+            "Time a transaction waited for a server connection",
+            m.checkout_wait.clone(),
+        );
+        reg.register(
+            "shardpool_shard_sessions",
+            "Router sessions open on this shard",
+            m.sessions.clone(),
+        );
+        reg.register(
+            "shardpool_shard_handovers",
+            "Sources taken over (in) and released (out) by this shard",
+            m.handovers.clone(),
+        );
+        reg.register(
+            "shardpool_shard_lease_held",
+            "1 while this process holds the shard Lease",
+            m.lease_held.clone(),
+        );
+        reg.register(
+            "shardpool_shard_draining",
+            "1 while this process drains after SIGTERM",
+            m.draining.clone(),
+        );
+        reg.register_collector(Box::new(SourcesCollector(sources)));
+        m
+    }
+}
+
+/// Per-source pool series, read from the served sources at scrape time.
+#[derive(Debug)]
+pub struct SourcesCollector(pub Arc<Registry>);
+
+/// Labels of one connection-state series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    namespace: String,
+    source: String,
+    state: &'static str,
+}
+
+/// Labels of one connect-outcome series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    namespace: String,
+    source: String,
+    result: &'static str,
+}
+
+fn labels(key: &str) -> SourceLabels {
+    let (ns, name) = key.split_once('/').unwrap_or(("", key));
+    SourceLabels {
+        namespace: ns.to_string(),
+        source: name.to_string(),
+    }
+}
+
+impl Collector for SourcesCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut all = self.0.all();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        ConstGauge::new(all.len() as i64).encode(enc.encode_descriptor(
+            "shardpool_shard_sources",
+            "Sources served by this shard.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let mut m = enc.encode_descriptor(
+            "shardpool_pool_connections",
+            "Server connections of a source's pool, by state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &all {
+            let (_, idle, in_use) = super::pool::counts(&s.pool);
+            let l = labels(&s.key);
+            for (state, v) in [("idle", idle), ("in_use", in_use)] {
+                let ls = StateLabels {
+                    namespace: l.namespace.clone(),
+                    source: l.source.clone(),
+                    state,
+                };
+                ConstGauge::new(v as i64).encode(m.encode_family(&ls)?)?;
+            }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "shardpool_pool_transactions",
+            "Transactions (server connection checkouts) run for a source.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &all {
+            let v = s.stats.transactions.load(Ordering::Relaxed);
+            ConstCounter::new(v).encode(m.encode_family(&labels(&s.key))?)?;
+        }
+
+        let mut m = enc.encode_descriptor(
+            "shardpool_pool_checkout_errors",
+            "Transactions refused because no server connection was available in time.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &all {
+            let v = s.stats.checkout_errors.load(Ordering::Relaxed);
+            ConstCounter::new(v).encode(m.encode_family(&labels(&s.key))?)?;
+        }
+
+        let mut m = enc.encode_descriptor(
+            "shardpool_pool_connects",
+            "Connection attempts to a source's server, by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &all {
+            let (ok, failed) = s.pool.manager().connects();
+            let l = labels(&s.key);
+            for (result, v) in [("ok", ok), ("error", failed)] {
+                let ls = ResultLabels {
+                    namespace: l.namespace.clone(),
+                    source: l.source.clone(),
+                    result,
+                };
+                ConstCounter::new(v).encode(m.encode_family(&ls)?)?;
+            }
+        }
+        Ok(())
+    }
+}
