@@ -19,3 +19,9 @@ source "$STATE/env"
 cd "$E2E"
 # Bounded: the whole suite, including waits, must end within the timeout.
 go test ./tests/ -count=1 -timeout 20m -v "$@"
+# Last, on its own: uninstalling the release (destructive), then putting it
+# back when the cluster outlives this run (a `make demo` cluster).
+if [ "$#" = 0 ]; then
+  SHARDPOOL_E2E_UNINSTALL=1 go test ./tests/ -count=1 -timeout 5m -v -run '^TestHelmUninstallLeavesNothing$'
+  if [ "$started" = 0 ] || [ -n "${KEEP_CLUSTER:-}" ]; then "$E2E/install.sh"; fi
+fi

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 
@@ -31,6 +31,9 @@ pub struct LeaseConfig {
     pub renew_every: Duration,
     /// How often a contender re-reads the Lease.
     pub retry_every: Duration,
+    /// Owner put on the Lease when it is created (the release's operator
+    /// Deployment), so uninstalling the release garbage-collects it.
+    pub owner: Option<OwnerReference>,
     /// Labels put on the Lease when it is created.
     pub labels: std::collections::BTreeMap<String, String>,
 }
@@ -84,6 +87,7 @@ async fn try_acquire(
                 metadata: ObjectMeta {
                     name: Some(cfg.name.clone()),
                     labels: Some(cfg.labels.clone()),
+                    owner_references: cfg.owner.clone().map(|o| vec![o]),
                     ..Default::default()
                 },
                 spec: Some(LeaseSpec {

@@ -24,6 +24,22 @@ type sample struct {
 var seriesLine = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? ([0-9.eE+-]+|NaN|[+-]Inf)$`)
 var labelPair = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"`)
 
+// rawMetrics is the text of http://ip:9090/metrics.
+func rawMetrics(t *testing.T, ip string) string {
+	t.Helper()
+	hc := http.Client{Timeout: 10 * time.Second}
+	resp, err := hc.Get("http://" + ip + ":9090/metrics")
+	if err != nil {
+		t.Fatalf("scrape %s: %v", ip, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(body)
+}
+
 // scrape reads http://ip:9090/metrics and checks it is OpenMetrics text.
 func scrape(t *testing.T, ip string) []sample {
 	t.Helper()

@@ -75,12 +75,21 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
     let term = crate::shard::shutdown_signal();
     tokio::pin!(term);
 
+    // The operator's own Deployment owns the shard workloads and every
+    // Lease, so uninstalling the release removes them through GC.
+    let owner = reconcile::own_deployment(&client, &cfg).await;
+    if owner.is_none() {
+        tracing::warn!(
+            "cannot find the operator's own Deployment; shard workloads and Leases get no owner reference"
+        );
+    }
     let lease_cfg = LeaseConfig {
         name: format!("{}-operator", cfg.release),
         holder: cfg.pod_name.clone(),
         duration: Duration::from_secs(15),
         renew_every: Duration::from_secs(5),
         retry_every: Duration::from_secs(2),
+        owner: owner.clone(),
         labels: [
             (
                 "app.kubernetes.io/name".to_string(),
@@ -147,7 +156,7 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
     let ctx = reconcile::Context {
         client: client.clone(),
         cfg: cfg.clone(),
-        owner: reconcile::own_deployment(&client, &cfg).await,
+        owner,
         recorder: kube::runtime::events::Recorder::new(
             client.clone(),
             kube::runtime::events::Reporter {
@@ -157,11 +166,6 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         ),
         metrics: metrics.clone(),
     };
-    if ctx.owner.is_none() {
-        tracing::warn!(
-            "cannot find the operator's own Deployment; shard workloads get no owner reference"
-        );
-    }
     let mut renew = tokio::time::interval(Duration::from_secs(5));
     let mut periodic = tokio::time::interval(Duration::from_secs(10));
     loop {

@@ -149,23 +149,34 @@ pub fn deployment(
         image: Some(t.image.clone()),
         image_pull_policy: t.image_pull_policy.clone(),
         args: Some(vec!["shard".into(), "--index".into(), index.to_string()]),
-        env: Some(vec![
-            env(
-                "RUST_LOG",
-                t.log_level.clone().unwrap_or_else(|| "info".into()),
-            ),
-            env(
-                "SHARDPOOL_LOG_FORMAT",
-                t.log_format.clone().unwrap_or_else(|| "json".into()),
-            ),
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            field_env("POD_IP", "status.podIP"),
-            env(
-                "SHARDPOOL_DRAIN_SECONDS",
-                (t.termination_grace_period_seconds - 5).max(1).to_string(),
-            ),
-        ]),
+        env: Some(
+            vec![
+                env(
+                    "RUST_LOG",
+                    t.log_level.clone().unwrap_or_else(|| "info".into()),
+                ),
+                env(
+                    "SHARDPOOL_LOG_FORMAT",
+                    t.log_format.clone().unwrap_or_else(|| "json".into()),
+                ),
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                field_env("POD_IP", "status.podIP"),
+                env(
+                    "SHARDPOOL_DRAIN_SECONDS",
+                    (t.termination_grace_period_seconds - 5).max(1).to_string(),
+                ),
+            ]
+            .into_iter()
+            .chain(owner.into_iter().flat_map(|o| {
+                // The shard's Lease gets the same owner as its Deployment.
+                [
+                    env("SHARDPOOL_OWNER_DEPLOYMENT", o.name.clone()),
+                    env("SHARDPOOL_OWNER_UID", o.uid.clone()),
+                ]
+            }))
+            .collect(),
+        ),
         ports: Some(vec![
             ContainerPort {
                 name: Some("shard".into()),

@@ -80,6 +80,15 @@ impl RouterMetrics {
             held: Counter::default(),
             replayed: Counter::default(),
         };
+        // Front-end series exist from the start (a dashboard shows 0, not
+        // "no data", before the first client).
+        for frontend in ["pg", "http"] {
+            let f = Frontend { frontend };
+            m.clients.get_or_create(&f);
+            m.refused.get_or_create(&f);
+            m.auth_failures.get_or_create(&f);
+            m.latency.get_or_create(&f);
+        }
         reg.register(
             "shardpool_router_clients",
             "Client connections open",

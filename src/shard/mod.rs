@@ -63,6 +63,32 @@ pub struct ShardConfig {
     /// Longest wait for running transactions on SIGTERM, in seconds.
     #[arg(long, env = "SHARDPOOL_DRAIN_SECONDS", default_value_t = 45)]
     pub drain_seconds: u64,
+    /// Name of the Deployment that owns the shard's Lease (the operator's;
+    /// set by the operator), so uninstalling the release removes the Lease.
+    #[arg(long, env = "SHARDPOOL_OWNER_DEPLOYMENT")]
+    pub owner_deployment: Option<String>,
+    /// UID of that Deployment.
+    #[arg(long, env = "SHARDPOOL_OWNER_UID")]
+    pub owner_uid: Option<String>,
+}
+
+impl ShardConfig {
+    /// The Lease's owner reference, when the operator passed one.
+    pub fn lease_owner(
+        &self,
+    ) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+        let (name, uid) = (self.owner_deployment.clone()?, self.owner_uid.clone()?);
+        Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "Deployment".into(),
+                name,
+                uid,
+                controller: Some(false),
+                block_owner_deletion: Some(false),
+            },
+        )
+    }
 }
 
 /// Name of shard K's Lease (and Deployment).
@@ -100,6 +126,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         duration: Duration::from_secs(cfg.lease_seconds),
         renew_every: Duration::from_secs(cfg.lease_seconds.max(3) / 3),
         retry_every: Duration::from_millis(500),
+        owner: cfg.lease_owner(),
         labels: [
             (
                 "app.kubernetes.io/name".to_string(),
