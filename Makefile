@@ -7,7 +7,7 @@ CARGO ?= cargo
 CRD := crds/datasource.yaml
 CHART_CRD := charts/shardpool/crds/datasource.yaml
 
-.PHONY: help demo test lint unit e2e generate build helm-lint down
+.PHONY: help demo test lint unit e2e generate build helm-lint down fuzz
 
 help:
 	@echo "make demo   - start the local cluster, install shardpool and the examples, print how to query them"
@@ -23,7 +23,7 @@ demo: build
 	e2e/install.sh
 
 ## test: everything CI runs (the generated-file check is a cargo test: tests/generated.rs).
-test: lint unit helm-lint e2e
+test: lint unit helm-lint fuzz e2e
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -38,6 +38,18 @@ unit:
 generate:
 	$(CARGO) run --locked -q --bin shardpool -- crd > $(CRD)
 	cp $(CRD) $(CHART_CRD)
+
+## fuzz: each wire-protocol fuzz target for FUZZ_SECONDS (cargo fuzz, nightly).
+FUZZ_SECONDS ?= 20
+CARGO_FUZZ_VERSION := 0.13.1
+TOOLS := $(CURDIR)/.tools
+fuzz:
+	@[ -x $(TOOLS)/bin/cargo-fuzz ] && $(TOOLS)/bin/cargo-fuzz --version | grep -q " $(CARGO_FUZZ_VERSION)" \
+	  || $(CARGO) install --locked --quiet --root $(TOOLS) cargo-fuzz --version $(CARGO_FUZZ_VERSION)
+	cd fuzz && for t in startup messages; do \
+	  mkdir -p corpus/$$t && { cp -n seeds/$$t/* corpus/$$t/ 2>/dev/null || true; }; \
+	  PATH=$(TOOLS)/bin:$$PATH cargo +nightly fuzz run --locked $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	done
 
 helm-lint:
 	source e2e/lib.sh && ensure_helm && "$$HELM" lint --strict charts/shardpool

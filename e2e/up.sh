@@ -132,7 +132,7 @@ cat >> "$PGDATA/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
 port = $WAREHOUSE_PORT
 unix_socket_directories = '$PGDATA'
-max_connections = 1000
+max_connections = ${WAREHOUSE_MAX_CONNECTIONS:-1000}
 shared_buffers = 128MB
 fsync = off
 synchronous_commit = off

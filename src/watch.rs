@@ -1,6 +1,10 @@
 //! Watch-fed caches shared by every role: a kube-runtime reflector per
 //! resource kind, with backoff, optionally waking a [`Notify`] on every
 //! change so a control loop can react at once.
+//!
+//! Cached objects drop what no role reads (managedFields and kubectl's
+//! last-applied-configuration copy of the spec): with thousands of
+//! DataSources in every process's cache, they were most of its memory.
 
 use std::sync::Arc;
 
@@ -27,7 +31,14 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    tokio::spawn(reflector::reflector(writer, watcher(api, cfg)).default_backoff().touched_objects().for_each(
+    let slim = watcher(api, cfg).modify(|o| {
+        let meta = o.meta_mut();
+        meta.managed_fields = None;
+        if let Some(a) = meta.annotations.as_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    });
+    tokio::spawn(reflector::reflector(writer, slim).default_backoff().touched_objects().for_each(
         move |r| {
             if let Err(e) = r {
                 tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch error");

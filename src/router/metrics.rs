@@ -84,10 +84,10 @@ impl RouterMetrics {
         // "no data", before the first client).
         for frontend in ["pg", "http"] {
             let f = Frontend { frontend };
-            m.clients.get_or_create(&f);
-            m.refused.get_or_create(&f);
-            m.auth_failures.get_or_create(&f);
-            m.latency.get_or_create(&f);
+            let _ = m.clients.get_or_create(&f);
+            let _ = m.refused.get_or_create(&f);
+            let _ = m.auth_failures.get_or_create(&f);
+            let _ = m.latency.get_or_create(&f);
         }
         reg.register(
             "shardpool_router_clients",

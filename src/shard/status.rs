@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::Store;
@@ -17,6 +18,9 @@ use crate::crd::{DataSource, Phase};
 
 /// Field manager of the shards' status writes.
 pub const FIELD_MANAGER: &str = "shardpool-shard";
+
+/// Status writes in flight at once.
+const STATUS_CONCURRENCY: usize = 16;
 
 /// What was last written per source, to write only changes.
 pub type Written = HashMap<String, Observed>;
@@ -68,6 +72,7 @@ pub async fn write(
     failures: &BuildFailures,
     written: &mut Written,
 ) {
+    let mut due = Vec::new();
     for ds in store.state() {
         if !sources::wanted(&ds, shard) {
             continue;
@@ -88,13 +93,25 @@ pub async fn write(
         if written.get(&key) == Some(&obs) {
             continue;
         }
-        match apply(client, &ds, shard, pod, &obs).await {
-            Ok(()) => {
-                written.insert(key, obs);
-            }
-            Err(e) => tracing::warn!(source = %key, error = %e, "status write failed"),
-        }
+        due.push((ds, key, obs));
     }
+    // Independent writes, several in flight: a shard taking over hundreds
+    // of sources reports them in a few round trips' time.
+    let done: Vec<(String, Observed)> = futures::stream::iter(due)
+        .map(|(ds, key, obs)| async move {
+            match apply(client, &ds, shard, pod, &obs).await {
+                Ok(()) => Some((key, obs)),
+                Err(e) => {
+                    tracing::warn!(source = %key, error = %e, "status write failed");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(STATUS_CONCURRENCY)
+        .filter_map(futures::future::ready)
+        .collect()
+        .await;
+    written.extend(done);
     written.retain(|k, _| registry.get(k).is_some() || failures.contains_key(k));
 }
 
