@@ -13,6 +13,10 @@ pub fn init() {
             .with(fmt::layer().json().with_current_span(true))
             .init();
     } else {
-        registry.with(fmt::layer().with_target(true)).init();
+        // Colours only on a terminal: log files and collectors get plain text.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        registry
+            .with(fmt::layer().with_target(true).with_ansi(ansi))
+            .init();
     }
 }

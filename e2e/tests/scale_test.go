@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -190,4 +191,75 @@ func TestRescaleMovesWithoutOverlap(t *testing.T) {
 	if len(overlaps) > 0 {
 		t.Errorf("a source had connections from two shards at once: %v", overlaps[:min(5, len(overlaps))])
 	}
+}
+
+// totalMaxSize sums spec.pool.maxSize over every DataSource in the cluster.
+func totalMaxSize(t *testing.T) int {
+	t.Helper()
+	out, _, err := kubectl(t, "", "get", "datasources", "-A", "-o", `jsonpath={range .items[*]}{.spec.pool.maxSize}{"\n"}{end}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	total := 0
+	for _, f := range strings.Fields(out) {
+		n, err := strconv.Atoi(f)
+		if err != nil {
+			t.Fatalf("maxSize %q: %v", f, err)
+		}
+		total += n
+	}
+	return total
+}
+
+func shardDeployments(t *testing.T) int {
+	t.Helper()
+	ds, err := client(t).AppsV1().Deployments(systemNS).List(context.Background(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=shard"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ds.Items)
+}
+
+// With shard.autoscale the shard count follows the summed maxSize of all
+// sources: ceil(total / connectionsPerShard) within [min, max]. Adding
+// sources grows it, removing them shrinks it again (the highest shard is
+// emptied, then removed).
+func TestAutoscaleFollowsTotalPoolSize(t *testing.T) {
+	installed(t)
+	c := client(t)
+	ns := tempNamespace(t, c, "autoscale")
+	t.Cleanup(func() { helmSet(t, "shard.autoscale.enabled=false", "shard.count=2") })
+	base := totalMaxSize(t)
+	const n, size = 20, 10
+	// Sized so that the base load needs 2 shards and base + 200 needs 3.
+	cps := (base + n*size + 2) / 3
+	if (base+cps-1)/cps > 2 || (base+n*size+cps-1)/cps != 3 {
+		t.Fatalf("cannot size the test around a base load of %d", base)
+	}
+	helmSet(t, "shard.autoscale.enabled=true", "shard.autoscale.min=2", "shard.autoscale.max=4", fmt.Sprintf("shard.autoscale.connectionsPerShard=%d", cps))
+	eventually(t, 30*time.Second, "2 shards for the base load", func() (bool, error) {
+		return shardDeployments(t) == 2, nil
+	})
+	if _, stderr, err := kubectl(t, warehouseSources(ns, "as-%02d", n, 1, size), "apply", "-f", "-"); err != nil {
+		t.Fatalf("apply: %v\n%s", err, stderr)
+	}
+	started := time.Now()
+	eventually(t, 60*time.Second, "a third shard for the added load", func() (bool, error) {
+		return shardDeployments(t) == 3, nil
+	})
+	shards := settledAt(t, ns, n)
+	t.Logf("total maxSize %d -> %d with connectionsPerShard %d: 3 shards, settled after %.1fs", base, base+n*size, cps, time.Since(started).Seconds())
+	used := map[string]bool{}
+	for _, s := range shards {
+		used[s] = true
+	}
+	if !used["2"] {
+		t.Errorf("no source went to the new shard 2: %v", shards)
+	}
+	if _, stderr, err := kubectl(t, "", "-n", ns, "delete", "datasources", "--all"); err != nil {
+		t.Fatalf("delete: %v\n%s", err, stderr)
+	}
+	eventually(t, 90*time.Second, "back to 2 shards once the load is gone", func() (bool, error) {
+		return shardDeployments(t) == 2, nil
+	})
 }

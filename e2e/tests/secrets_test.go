@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -99,5 +100,50 @@ spec: {host: %s, port: %s, database: acme, user: %s, passwordSecretRef: {name: r
 	// Other sources are unaffected.
 	if out, _, err := psqlRouter(t, ip, pw, "tenants.acme", "-c", "SELECT count(*) FROM orders"); err != nil || strings.TrimSpace(out) != "500" {
 		t.Fatalf("another source failed while one had a wrong password: %v %q", err, out)
+	}
+}
+
+// A DataSource whose Secret is missing (or lacks the key) gets phase Error,
+// a Ready=False condition and a lastError naming the Secret, while the
+// other sources keep answering; creating the Secret later heals it.
+func TestMissingSecretIsReportedNotStalling(t *testing.T) {
+	ip, pw := installed(t)
+	t.Cleanup(func() {
+		_, _, _ = kubectl(t, "", "-n", "tenants", "delete", "datasource", "nosecret", "--wait=false")
+		_, _, _ = kubectl(t, "", "-n", "tenants", "delete", "secret", "nosecret-later", "--wait=false")
+	})
+	_, _, _ = kubectl(t, "", "-n", "tenants", "delete", "secret", "nosecret-later", "--ignore-not-found")
+	ds := fmt.Sprintf(`apiVersion: shardpool.dev/v1alpha1
+kind: DataSource
+metadata: {name: nosecret, namespace: tenants}
+spec: {host: %s, port: %s, database: acme, user: acme_bi, passwordSecretRef: {name: nosecret-later, key: password}, pool: {minIdle: 1, maxSize: 2}}
+`, os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"))
+	if _, stderr, err := kubectl(t, ds, "apply", "-f", "-"); err != nil {
+		t.Fatalf("apply: %v\n%s", err, stderr)
+	}
+	var got string
+	eventually(t, 30*time.Second, "missing Secret reported as Error", func() (bool, error) {
+		out, _, err := kubectl(t, "", "-n", "tenants", "get", "datasource", "nosecret", "-o",
+			`jsonpath={.status.phase}|{.status.conditions[?(@.type=="Ready")].status}|{.status.lastError}`)
+		got = out
+		parts := strings.SplitN(out, "|", 3)
+		return len(parts) == 3 && parts[0] == "Error" && parts[1] == "False" && strings.Contains(parts[2], "nosecret-later"), err
+	})
+	t.Logf("missing Secret: %s", got)
+	if out, _, err := psqlRouter(t, ip, pw, "tenants.acme", "-c", "SELECT count(*) FROM orders"); err != nil || strings.TrimSpace(out) != "500" {
+		t.Fatalf("another source failed while one had no Secret: %v %q", err, out)
+	}
+	// The Secret appears (with acme_bi's password): the source heals.
+	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "acme-warehouse"))
+	if err != nil {
+		t.Fatalf("acme's warehouse password: %v", err)
+	}
+	applySecret(t, "tenants", "nosecret-later", strings.TrimSpace(string(b)))
+	eventually(t, 60*time.Second, "source Ready once its Secret exists", func() (bool, error) {
+		out, _, err := kubectl(t, "", "-n", "tenants", "get", "datasource", "nosecret", "-o", "jsonpath={.status.phase}")
+		return out == "Ready", err
+	})
+	if out, stderr, err := psqlRouter(t, ip, pw, "tenants.nosecret", "-c", "SELECT count(*) FROM orders"); err != nil || strings.TrimSpace(out) != "500" {
+		t.Fatalf("healed source: %v %q\n%s", err, out, stderr)
 	}
 }

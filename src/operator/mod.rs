@@ -57,6 +57,9 @@ pub struct OperatorConfig {
     /// Load bound: no shard above (1 + epsilon) times the mean summed maxSize.
     #[arg(long, env = "SHARDPOOL_LOAD_EPSILON", default_value_t = 0.25)]
     pub epsilon: f64,
+    /// Most sources between shards at once (moves beyond wait for a later pass).
+    #[arg(long, env = "SHARDPOOL_MAX_MOVES", default_value_t = 100)]
+    pub max_moves: usize,
 }
 
 /// Runs the operator until SIGTERM; returns the exit code.

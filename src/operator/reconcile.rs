@@ -5,7 +5,7 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
@@ -147,6 +147,13 @@ pub async fn report(ctx: &Context, e: &Error) {
 /// The whole pass.
 pub async fn reconcile(ctx: &Context, stores: &Stores) -> Result<(), Error> {
     let template = read_template(ctx, &stores.configmaps)?;
+    let mut template = template;
+    let total: u64 = stores.sources.state().iter().map(|d| weight(d)).sum();
+    let count = template.shard_count(total);
+    if count != template.count && template.autoscale.is_some() {
+        tracing::debug!(count, total, "autoscaled shard count");
+    }
+    template.count = count;
     let desired = assign_all(ctx, &stores.sources, template.count).await?;
     apply_shards(ctx, &template, stores, &desired).await
 }
@@ -200,7 +207,7 @@ async fn assign_all(
         .iter()
         .map(|d| SourceLoad {
             key: format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any()),
-            weight: u64::try_from(d.spec.pool.max_size).unwrap_or(1).max(1),
+            weight: weight(d),
             current: d
                 .status
                 .as_ref()
@@ -213,7 +220,8 @@ async fn assign_all(
                 .and_then(|s| u32::try_from(s).ok()),
         })
         .collect();
-    let result = assign::assign(&loads, count, ctx.cfg.epsilon);
+    let mut result = assign::assign(&loads, count, ctx.cfg.epsilon);
+    limit_moves(&all, &loads, &mut result, ctx.cfg.max_moves);
     let mut spread = vec![(0u64, 0u64); count as usize];
     for (load, target) in loads.iter().zip(&result) {
         if let Some(slot) = target.and_then(|t| spread.get_mut(t as usize)) {
@@ -253,31 +261,95 @@ async fn assign_all(
     }
     // Independent writes, many in flight: a first sync of thousands of
     // sources is bounded by round trips, not by the API server.
-    let failures: Vec<Error> = futures::stream::iter(writes)
-        .map(|(ds, target, event)| async move {
-            write_assignment(ctx, ds, target, among).await?;
-            if let Some((reason, note)) = event {
-                let ev = Event {
-                    type_: EventType::Normal,
-                    reason: reason.into(),
-                    note: Some(note),
-                    action: "Assign".into(),
-                    secondary: None,
-                };
-                if let Err(e) = ctx.recorder.publish(&ev, &ds.object_ref(&())).await {
-                    tracing::debug!(source = %ds.name_any(), error = %e, "event not published");
+    let outcomes: Vec<Result<Option<(ObjectReference, Event)>, Error>> =
+        futures::stream::iter(writes)
+            .map(|(ds, target, event)| async move {
+                write_assignment(ctx, ds, target, among).await?;
+                Ok(event.map(|(reason, note)| {
+                    let ev = Event {
+                        type_: EventType::Normal,
+                        reason: reason.into(),
+                        note: Some(note),
+                        action: "Assign".into(),
+                        secondary: None,
+                    };
+                    (ds.object_ref(&()), ev)
+                }))
+            })
+            .buffer_unordered(ASSIGN_CONCURRENCY)
+            .collect()
+            .await;
+    let mut events = Vec::new();
+    let mut failure = None;
+    for o in outcomes {
+        match o {
+            Ok(Some(ev)) => events.push(ev),
+            Ok(None) => {}
+            Err(e) => failure = Some(e),
+        }
+    }
+    // Events only describe what was written: published in the background,
+    // so they never delay the assignments themselves.
+    if !events.is_empty() {
+        let recorder = ctx.recorder.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(events)
+                .for_each_concurrent(EVENT_CONCURRENCY, |(target, ev)| {
+                    let recorder = recorder.clone();
+                    async move {
+                        if let Err(e) = recorder.publish(&ev, &target).await {
+                            tracing::debug!(error = %e, "event not published");
+                        }
+                    }
+                })
+                .await;
+        });
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(result),
+    }
+}
+
+/// Event publications in flight at once (background).
+const EVENT_CONCURRENCY: usize = 8;
+
+/// A source's weight in the load bound: its pool's maxSize.
+fn weight(d: &DataSource) -> u64 {
+    u64::try_from(d.spec.pool.max_size).unwrap_or(1).max(1)
+}
+
+/// Whether a source is between shards: assigned to one, still served by
+/// (or not yet released by) another.
+fn moving(d: &DataSource) -> bool {
+    let s = d.status.as_ref();
+    matches!(
+        (s.and_then(|s| s.shard), s.and_then(|s| s.serving_shard)),
+        (Some(a), Some(b)) if a != b
+    )
+}
+
+/// Rate-limits moves: at most `max` sources between shards at once; the
+/// moves over budget keep their current shard this pass (and are chosen
+/// again by a later pass, once earlier moves were acknowledged).
+pub fn limit_moves(
+    all: &[std::sync::Arc<DataSource>],
+    loads: &[SourceLoad],
+    result: &mut [Option<u32>],
+    max: usize,
+) {
+    let mut budget = max.saturating_sub(all.iter().filter(|d| moving(d)).count());
+    for (load, target) in loads.iter().zip(result.iter_mut()) {
+        if let (Some(cur), Some(t)) = (load.current, *target) {
+            if cur != t {
+                if budget == 0 {
+                    *target = Some(cur);
+                } else {
+                    budget -= 1;
                 }
             }
-            Ok::<(), Error>(())
-        })
-        .buffer_unordered(ASSIGN_CONCURRENCY)
-        .filter_map(|r| async move { r.err() })
-        .collect()
-        .await;
-    if let Some(e) = failures.into_iter().next() {
-        return Err(e);
+        }
     }
-    Ok(result)
 }
 
 /// Assignment writes in flight at once.
@@ -422,4 +494,53 @@ async fn apply_shards(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn source(name: &str, shard: Option<i32>, serving: Option<i32>) -> Arc<DataSource> {
+        let ds: DataSource = serde_json::from_value(json!({
+            "apiVersion": "shardpool.dev/v1alpha1",
+            "kind": "DataSource",
+            "metadata": {"name": name, "namespace": "t"},
+            "spec": {"host": "h", "database": "d", "user": "u",
+                     "passwordSecretRef": {"name": "s", "key": "k"}},
+            "status": {"shard": shard, "servingShard": serving},
+        }))
+        .expect("a DataSource");
+        Arc::new(ds)
+    }
+
+    fn load(d: &DataSource) -> SourceLoad {
+        SourceLoad {
+            key: d.name_any(),
+            weight: 1,
+            current: d.status.as_ref().and_then(|s| s.shard).map(|s| s as u32),
+            placed_among: None,
+        }
+    }
+
+    #[test]
+    fn moves_beyond_the_budget_wait() {
+        // One source already between shards; budget 3 leaves room for 2 moves.
+        let all = vec![
+            source("a", Some(0), Some(1)),
+            source("b", Some(0), Some(0)),
+            source("c", Some(0), Some(0)),
+            source("d", Some(1), Some(1)),
+            source("e", None, None),
+        ];
+        let loads: Vec<SourceLoad> = all.iter().map(|d| load(d)).collect();
+        let mut result = vec![Some(0), Some(2), Some(2), Some(2), Some(1)];
+        limit_moves(&all, &loads, &mut result, 3);
+        assert_eq!(result, vec![Some(0), Some(2), Some(2), Some(1), Some(1)]);
+        // A first assignment is never held back.
+        let mut result = vec![Some(0), Some(2), Some(2), Some(2), Some(1)];
+        limit_moves(&all, &loads, &mut result, 0);
+        assert_eq!(result, vec![Some(0), Some(0), Some(0), Some(1), Some(1)]);
+    }
 }

@@ -24,8 +24,11 @@ pub const HASH_ANNOTATION: &str = "shardpool.dev/template-hash";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ShardTemplate {
-    /// Number of shards.
+    /// Number of shards (the fixed count, or the fallback when autoscaling).
     pub count: u32,
+    /// Shard count from the total pool size instead of `count`.
+    #[serde(default)]
+    pub autoscale: Option<Autoscale>,
     /// ServiceAccount of shard pods.
     pub service_account_name: String,
     /// Image of the shardpool binary.
@@ -62,6 +65,18 @@ pub struct ShardTemplate {
     pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
 }
 
+/// Autoscaling of the shard count from the summed maxSize of all sources.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Autoscale {
+    /// Summed pool maxSize one shard is sized for.
+    pub connections_per_shard: u64,
+    /// Fewest shards.
+    pub min: u32,
+    /// Most shards.
+    pub max: u32,
+}
+
 fn default_grace() -> i64 {
     60
 }
@@ -72,10 +87,25 @@ impl ShardTemplate {
         serde_yaml::from_str(yaml)
     }
 
-    /// A stable hash of everything that shapes a shard pod (not `count`).
+    /// Shards wanted for `total` summed maxSize: the fixed count, or
+    /// ceil(total / connectionsPerShard) within [min, max].
+    pub fn shard_count(&self, total: u64) -> u32 {
+        match &self.autoscale {
+            None => self.count,
+            Some(a) => {
+                let min = a.min.max(1);
+                let max = a.max.max(min);
+                let want = total.div_ceil(a.connections_per_shard.max(1));
+                u32::try_from(want).unwrap_or(u32::MAX).clamp(min, max)
+            }
+        }
+    }
+
+    /// A stable hash of everything that shapes a shard pod (not the count).
     pub fn hash(&self) -> String {
         let mut t = self.clone();
         t.count = 0;
+        t.autoscale = None;
         let json = serde_json::to_vec(&t).unwrap_or_default();
         // FNV-1a: stable across Rust releases, enough to detect a change.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -283,6 +313,25 @@ mod tests {
             "count: 2\nserviceAccountName: sp-shard\nimage: shardpool:1\npodAnnotations: {}\n",
         )
         .expect("parses")
+    }
+
+    #[test]
+    fn autoscale_sizes_from_total_max_size_within_bounds() {
+        let mut t = template();
+        assert_eq!(t.shard_count(1_000_000), 2, "fixed count without autoscale");
+        t.autoscale = Some(Autoscale {
+            connections_per_shard: 1000,
+            min: 2,
+            max: 5,
+        });
+        assert_eq!(t.shard_count(0), 2);
+        assert_eq!(t.shard_count(2000), 2);
+        assert_eq!(t.shard_count(2001), 3);
+        assert_eq!(t.shard_count(4000), 4);
+        assert_eq!(t.shard_count(90_000), 5);
+        let h = t.hash();
+        t.autoscale = None;
+        assert_eq!(h, t.hash(), "autoscale settings do not roll the shards");
     }
 
     #[test]
