@@ -48,7 +48,7 @@ fuzz:
 	  || $(CARGO) install --locked --quiet --root $(TOOLS) cargo-fuzz --version $(CARGO_FUZZ_VERSION)
 	cd fuzz && for t in startup messages; do \
 	  mkdir -p corpus/$$t && { cp -n seeds/$$t/* corpus/$$t/ 2>/dev/null || true; }; \
-	  PATH=$(TOOLS)/bin:$$PATH cargo +nightly fuzz run --locked $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	  PATH=$(TOOLS)/bin:$$PATH cargo +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
 	done
 
 helm-lint:
