@@ -1,14 +1,16 @@
 //! The shard's server connections and pools against a real PostgreSQL
 //! (no Kubernetes): authentication, application_name, minIdle warm-up,
-//! secret-free errors.
+//! secret-free errors, TLS modes.
 
 mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardpool::crd::TlsMode;
 use shardpool::shard::pool::{self, Manager, PoolSettings};
 use shardpool::shard::server::{ConnectError, ConnectParams, ServerConn};
+use shardpool::shard::tls::TlsSettings;
 use support::TestPg;
 use tokio::sync::Semaphore;
 
@@ -20,6 +22,7 @@ fn params(pg: &TestPg, app: &str) -> ConnectParams {
         user: pg.user.clone(),
         application_name: app.into(),
         statement_timeout: Some("2s".into()),
+        tls: Default::default(),
     }
 }
 
@@ -107,4 +110,104 @@ async fn pool_warms_to_exactly_min_idle() {
     }
     pool::maintain(&pool).await;
     assert_eq!(pool::counts(&pool).0, 5);
+}
+
+/// Whether the server sees the connection named `app` as TLS.
+fn server_sees_tls(pg: &TestPg, app: &str) -> String {
+    pg.psql(
+        "postgres",
+        &format!(
+            "SELECT string_agg(ssl::text, ',') FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = '{app}'"
+        ),
+    )
+}
+
+#[tokio::test]
+async fn tls_modes_against_a_server_with_tls() {
+    let pg = TestPg::start_tls("tls");
+    let ca = pg.ca_pem.clone().expect("ca");
+    let connect = |mode: TlsMode, ca: Option<String>, host: &'static str, app: &'static str| {
+        let mut p = params(&pg, app);
+        p.host = host.into();
+        p.tls = TlsSettings::new(mode, ca.as_deref()).expect("tls settings");
+        let password = pg.password.clone();
+        async move { ServerConn::connect(&p, &password).await }
+    };
+    let mut open = Vec::new();
+    for (mode, ca, host, app) in [
+        (TlsMode::Prefer, None, "127.0.0.1", "tls-prefer"),
+        (TlsMode::Require, None, "127.0.0.1", "tls-require"),
+        (
+            TlsMode::VerifyFull,
+            Some(ca.clone()),
+            "127.0.0.1",
+            "tls-verify-ip",
+        ),
+        (
+            TlsMode::VerifyFull,
+            Some(ca.clone()),
+            "localhost",
+            "tls-verify-dns",
+        ),
+    ] {
+        let conn = connect(mode, ca, host, app)
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?} to {host}: {e}"));
+        assert!(conn.is_tls(), "{mode:?} must run TLS");
+        assert_eq!(server_sees_tls(&pg, app), "true", "{app}: server side");
+        open.push(conn);
+    }
+    let plain = connect(TlsMode::Disable, None, "127.0.0.1", "tls-disable")
+        .await
+        .expect("disable connects");
+    assert!(!plain.is_tls());
+    assert_eq!(server_sees_tls(&pg, "tls-disable"), "false");
+
+    // verify-full against a CA that did not sign the server's certificate.
+    let other = pg.dir.join("other");
+    std::fs::create_dir_all(&other).expect("dir");
+    support::make_certs(&other, "other-", false);
+    let other_ca = std::fs::read_to_string(other.join("other-ca.crt")).expect("other ca");
+    let err = connect(
+        TlsMode::VerifyFull,
+        Some(other_ca),
+        "127.0.0.1",
+        "tls-wrong-ca",
+    )
+    .await
+    .expect_err("an unknown issuer must be refused");
+    let msg = err.to_string();
+    assert!(matches!(err, ConnectError::Tls { .. }), "{msg}");
+    assert!(
+        msg.contains("certificate") || msg.contains("Certificate"),
+        "{msg}"
+    );
+    assert!(!msg.contains(&pg.password), "no secret in {msg}");
+    assert_eq!(
+        server_sees_tls(&pg, "tls-wrong-ca"),
+        "",
+        "no session opened"
+    );
+}
+
+#[tokio::test]
+async fn tls_required_against_a_server_without_tls_fails_clearly() {
+    let pg = TestPg::start("notls");
+    let mut p = params(&pg, "notls-require");
+    p.tls = TlsSettings::new(TlsMode::Require, None).expect("tls settings");
+    let err = ServerConn::connect(&p, &pg.password)
+        .await
+        .expect_err("require must not fall back to plain text");
+    assert!(
+        err.to_string()
+            .contains("server does not support TLS (tls mode require)"),
+        "{err}"
+    );
+    // prefer falls back to plain text.
+    p.tls = TlsSettings::new(TlsMode::Prefer, None).expect("tls settings");
+    p.application_name = "notls-prefer".into();
+    let conn = ServerConn::connect(&p, &pg.password)
+        .await
+        .expect("prefer connects");
+    assert!(!conn.is_tls());
 }

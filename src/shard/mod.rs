@@ -19,6 +19,7 @@ pub mod server;
 pub mod session;
 pub mod sources;
 pub mod status;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

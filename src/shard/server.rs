@@ -11,6 +11,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::tls::{self, ServerStream, TlsSettings};
 use crate::proto::pg;
 
 /// Where and as whom to connect.
@@ -29,6 +30,8 @@ pub struct ConnectParams {
     pub application_name: String,
     /// Server-side statement_timeout, in PostgreSQL syntax (e.g. `30s`).
     pub statement_timeout: Option<String>,
+    /// TLS mode and configuration.
+    pub tls: TlsSettings,
 }
 
 /// Why a connection could not be opened. Messages never hold the password.
@@ -59,12 +62,20 @@ pub enum ConnectError {
     /// connectTimeout elapsed.
     #[error("connect timed out")]
     Timeout,
+    /// TLS could not be set up as the source's tls mode requires.
+    #[error("tls to {addr}: {source}")]
+    Tls {
+        /// host:port
+        addr: String,
+        /// cause
+        source: tls::TlsError,
+    },
 }
 
 /// An open, idle-or-busy server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    stream: TcpStream,
+    stream: ServerStream,
     /// Bytes read from the server not yet handed out.
     rbuf: BytesMut,
     /// Cancel key sent by the server (BackendKeyData).
@@ -94,6 +105,12 @@ impl ServerConn {
             .await
             .map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
+        let stream = tls::negotiate(stream, &p.host, &p.tls)
+            .await
+            .map_err(|source| ConnectError::Tls {
+                addr: addr.clone(),
+                source,
+            })?;
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(8192),
@@ -342,11 +359,18 @@ impl ServerConn {
         if self.broken || self.rbuf.has_remaining() {
             return false;
         }
+        // Peek at the socket (under TLS too: any record from an idle
+        // server is an alert or a close). A no-op waker: nothing waits.
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-            Ok(_) => false, // EOF, or unexpected bytes
-        }
+        let mut buf = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // Ready means EOF, unexpected bytes or an error: not reusable.
+        self.stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+    }
+
+    /// Whether the connection runs TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
     }
 }
 

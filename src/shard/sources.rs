@@ -22,6 +22,7 @@ use super::metrics::{Direction, ShardMetrics};
 use super::pool::{self, Manager, PoolSettings};
 use super::registry::{Registry, Source};
 use super::server::ConnectParams;
+use super::tls::TlsSettings;
 use crate::crd::{DataSource, parse_duration};
 
 /// Why a source could not be served; shown in its status (no secrets).
@@ -41,15 +42,11 @@ pub fn wanted(ds: &DataSource, shard: u32) -> bool {
 pub fn settings(ds: &DataSource, shard: u32) -> Result<(ConnectParams, PoolSettings), String> {
     let p = &ds.spec.pool;
     let d = |s: &str| parse_duration(s).map_err(|e| e.to_string());
-    if matches!(
-        ds.spec.tls.mode,
-        crate::crd::TlsMode::Require | crate::crd::TlsMode::VerifyFull
-    ) {
-        return Err(format!(
-            "tls mode {:?} is not supported by this build yet; use disable or prefer",
-            ds.spec.tls.mode
-        ));
-    }
+    // verify-full gets its CA bundle in `build` (read from its Secret).
+    let tls = match ds.spec.tls.mode {
+        crate::crd::TlsMode::VerifyFull => TlsSettings::default(),
+        mode => TlsSettings::new(mode, None)?,
+    };
     let params = ConnectParams {
         host: ds.spec.host.clone(),
         port: u16::try_from(ds.spec.port).map_err(|_| "port out of range".to_string())?,
@@ -62,6 +59,7 @@ pub fn settings(ds: &DataSource, shard: u32) -> Result<(ConnectParams, PoolSetti
             shard
         ),
         statement_timeout: p.statement_timeout.clone(),
+        tls,
     };
     let settings = PoolSettings {
         min_idle: usize::try_from(p.min_idle).unwrap_or(0),
@@ -76,7 +74,7 @@ pub fn settings(ds: &DataSource, shard: u32) -> Result<(ConnectParams, PoolSetti
 
 /// Reads a password from a Secret; returns it with the Secret's
 /// resourceVersion. Errors name the Secret and key, never the value.
-pub async fn read_password(
+pub async fn read_secret(
     client: &Client,
     ns: &str,
     name: &str,
@@ -123,7 +121,7 @@ pub async fn refresh_passwords(
         if rv == known {
             continue;
         }
-        match read_password(client, ns, name, key).await {
+        match read_secret(client, ns, name, key).await {
             Ok((password, version)) => {
                 s.pool.manager().set_password(password);
                 if let Ok(mut v) = s.secret_version.lock() {
@@ -250,10 +248,21 @@ async fn build(
     shard: u32,
     connect_limit: &Arc<Semaphore>,
 ) -> Result<Source, String> {
-    let (params, settings) = settings(ds, shard)?;
+    let (mut params, settings) = settings(ds, shard)?;
     let ns = ds.namespace().unwrap_or_default();
+    if ds.spec.tls.mode == crate::crd::TlsMode::VerifyFull {
+        let r = ds
+            .spec
+            .tls
+            .ca_secret_ref
+            .as_ref()
+            .ok_or("tls mode verify-full needs caSecretRef")?;
+        let (ca, _) = read_secret(client, &ns, &r.name, &r.key).await?;
+        params.tls = TlsSettings::new(crate::crd::TlsMode::VerifyFull, Some(&ca))
+            .map_err(|e| format!("secret {ns}/{} key {:?}: {e}", r.name, r.key))?;
+    }
     let r = &ds.spec.password_secret_ref;
-    let (password, version) = read_password(client, &ns, &r.name, &r.key).await?;
+    let (password, version) = read_secret(client, &ns, &r.name, &r.key).await?;
     let manager = Manager::new(params, settings, password, connect_limit.clone());
     let pool = pool::build(manager).map_err(|e| e.to_string())?;
     Ok(Source {

@@ -19,7 +19,88 @@ pub struct TestPg {
     pub user: String,
     /// Superuser password.
     pub password: String,
+    /// PEM of the CA that signed the server certificate (TLS servers only).
+    pub ca_pem: Option<String>,
     child: Child,
+}
+
+/// Runs openssl; panics with its stderr when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<prefix>ca.crt`) in `dir`; with `server`, also a server
+/// certificate for localhost and 127.0.0.1 it signed.
+pub fn make_certs(dir: &std::path::Path, prefix: &str, server: bool) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca_key, ca_crt) = (format!("{prefix}ca.key"), format!("{prefix}ca.crt"));
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=shardpool test CA",
+    ];
+    args.extend(ec);
+    args.extend(["-keyout", &ca_key, "-out", &ca_crt]);
+    args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+    args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(dir, &args);
+    if !server {
+        return;
+    }
+    let mut args = vec!["req", "-subj", "/CN=localhost"];
+    args.extend(ec);
+    args.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    openssl(dir, &args);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write server.ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    // PostgreSQL refuses a key others can read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod server.key");
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -57,6 +138,16 @@ fn as_pg(program: PathBuf) -> Command {
 impl TestPg {
     /// Starts a server; panics with a clear message when it cannot.
     pub fn start(name: &str) -> TestPg {
+        Self::start_with(name, false)
+    }
+
+    /// Starts a server that offers TLS (ssl=on, a certificate for localhost
+    /// and 127.0.0.1 signed by a CA made for the test, in `ca_pem`).
+    pub fn start_tls(name: &str) -> TestPg {
+        Self::start_with(name, true)
+    }
+
+    fn start_with(name: &str, tls: bool) -> TestPg {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("pg-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -64,6 +155,10 @@ impl TestPg {
         let password = "test-password-Zq7".to_string();
         let pwfile = dir.join("pw");
         std::fs::write(&pwfile, &password).expect("write pwfile");
+        let ca_pem = tls.then(|| {
+            make_certs(&dir, "", true);
+            std::fs::read_to_string(dir.join("ca.crt")).expect("read ca.crt")
+        });
         if is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:"])
@@ -110,6 +205,18 @@ impl TestPg {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", data.display()))
             .args(["-c", "max_connections=300"])
+            .args(if tls {
+                vec![
+                    "-c".to_string(),
+                    "ssl=on".to_string(),
+                    "-c".to_string(),
+                    format!("ssl_cert_file={}", dir.join("server.crt").display()),
+                    "-c".to_string(),
+                    format!("ssl_key_file={}", dir.join("server.key").display()),
+                ]
+            } else {
+                Vec::new()
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -119,6 +226,7 @@ impl TestPg {
             port,
             user: "tester".into(),
             password,
+            ca_pem,
             child,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
