@@ -48,6 +48,8 @@ SQL
   kc -n tenants create secret generic "$c-warehouse" --from-literal=password="$pw" --dry-run=client -o yaml | kc apply -f - >/dev/null
 done
 unset PGPASSWORD
+# The warehouse's CA, for sources with tls verify-full.
+kc -n tenants create secret generic warehouse-ca --from-file=ca.crt="$WAREHOUSE_CA" --dry-run=client -o yaml | kc apply -f - >/dev/null
 
 log "router credentials"
 kc create namespace "$NS" --dry-run=client -o yaml | kc apply -f - >/dev/null

@@ -128,7 +128,29 @@ as_pg "$PGBIN/initdb" -D "$PGDATA" -U "$PGUSER_W" --pwfile="$STATE/warehouse.pw"
   --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$LOGS/warehouse-initdb.log" 2>&1 \
   || { tail -n 20 "$LOGS/warehouse-initdb.log" >&2; die "initdb failed"; }
 rm -f "$STATE/warehouse.pw"
+# TLS like a customer's warehouse: a CA made here signs a certificate for
+# 127.0.0.1 and localhost; sources reach it with any tls mode, verify-full
+# with the CA from $STATE/warehouse-ca.crt.
+TLSDIR="$STATE/warehouse-tls"
+mkdir -p "$TLSDIR"
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+openssl req -x509 -days 30 -subj "/CN=shardpool local warehouse CA" "${ec[@]}" \
+  -keyout "$TLSDIR/ca.key" -out "$TLSDIR/ca.crt" \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null \
+  || die "openssl: cannot make the warehouse CA"
+openssl req -subj "/CN=localhost" "${ec[@]}" -keyout "$TLSDIR/server.key" -out "$TLSDIR/server.csr" 2>/dev/null \
+  || die "openssl: cannot make the warehouse key"
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' > "$TLSDIR/server.ext"
+openssl x509 -req -in "$TLSDIR/server.csr" -CA "$TLSDIR/ca.crt" -CAkey "$TLSDIR/ca.key" -CAcreateserial \
+  -days 30 -out "$TLSDIR/server.crt" -extfile "$TLSDIR/server.ext" 2>/dev/null \
+  || die "openssl: cannot sign the warehouse certificate"
+cp "$TLSDIR/ca.crt" "$STATE/warehouse-ca.crt"
+chmod 600 "$TLSDIR/server.key"
+[ "$(id -u)" = 0 ] && chown -R postgres: "$TLSDIR"
 cat >> "$PGDATA/postgresql.conf" <<CONF
+ssl = on
+ssl_cert_file = '$TLSDIR/server.crt'
+ssl_key_file = '$TLSDIR/server.key'
 listen_addresses = '127.0.0.1'
 port = $WAREHOUSE_PORT
 unix_socket_directories = '$PGDATA'
@@ -153,6 +175,7 @@ export WAREHOUSE_PGHOST=127.0.0.1
 export WAREHOUSE_PGPORT=$WAREHOUSE_PORT
 export WAREHOUSE_PGUSER=$PGUSER_W
 export WAREHOUSE_PGPASSWORD=$PGPASS_W
+export WAREHOUSE_CA=$STATE/warehouse-ca.crt
 ENV
 log "local cluster up: source $STATE/env"
 kc version 2>/dev/null | sed 's/^/  /' >&2 || true
