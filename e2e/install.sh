@@ -56,11 +56,13 @@ kc create namespace "$NS" --dry-run=client -o yaml | kc apply -f - >/dev/null
 ROUTER_PW=$(secret router-bi)
 OPS_PW=$(secret router-ops)
 HTTP_TOKEN=$(secret router-http-token)
+JWT_KEY=$(secret router-jwt-key)
 # bi reaches the tenants namespace only; ops every namespace.
 kc -n "$NS" create secret generic shardpool-router-auth \
   --from-literal=users="bi:$ROUTER_PW:tenants
 ops:$OPS_PW:*" \
   --from-literal=tokens="$HTTP_TOKEN:tenants" \
+  --from-literal=jwtKey="$JWT_KEY$JWT_KEY" \
   --dry-run=client -o yaml | kc apply -f - >/dev/null
 
 log "helm upgrade --install $RELEASE (namespace $NS)"

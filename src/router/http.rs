@@ -86,8 +86,10 @@ impl Tokens {
 pub struct Http {
     /// The router (routing table, links).
     pub router: Arc<Router>,
-    /// Accepted bearer tokens.
+    /// Accepted static bearer tokens.
     pub tokens: Tokens,
+    /// Verifier of signed short-lived tokens, when a key is configured.
+    pub jwt: Option<super::jwt::JwtVerifier>,
 }
 
 /// Request body.
@@ -375,8 +377,13 @@ async fn query(
     let Some(token) = bearer(&headers) else {
         return error(StatusCode::UNAUTHORIZED, "28000", "missing bearer token");
     };
-    let Some(allowed) = http.tokens.namespaces(token) else {
-        return error(StatusCode::UNAUTHORIZED, "28000", "invalid bearer token");
+    let allowed: Vec<String> = match (http.tokens.namespaces(token), &http.jwt) {
+        (Some(ns), _) => ns.clone(),
+        (None, Some(jwt)) if token.matches('.').count() == 2 => match jwt.verify(token) {
+            Ok(ns) => ns,
+            Err(e) => return error(StatusCode::UNAUTHORIZED, "28000", e.to_string()),
+        },
+        _ => return error(StatusCode::UNAUTHORIZED, "28000", "invalid bearer token"),
     };
     if !allowed.iter().any(|a| a == "*" || *a == ns) {
         return error(

@@ -5,6 +5,7 @@
 //! no state of its own: everything is rebuilt from watches on restart.
 
 pub mod http;
+pub mod jwt;
 pub mod link;
 pub mod metrics;
 pub mod pgwire;
@@ -69,6 +70,13 @@ pub struct RouterConfig {
         default_value = ""
     )]
     pub http_tokens: String,
+    /// Key verifying HMAC-SHA256 (HS256) JWT bearer tokens on the HTTP API
+    /// (at least 32 bytes); without it only static tokens are accepted.
+    #[arg(long, env = "SHARDPOOL_JWT_KEY", hide_env_values = true)]
+    pub jwt_key: Option<String>,
+    /// Longest lifetime (exp - now) accepted for a JWT.
+    #[arg(long, env = "SHARDPOOL_JWT_MAX_TTL", default_value = "1h")]
+    pub jwt_max_ttl: String,
     /// Most PostgreSQL client connections at once; more are refused with
     /// SQLSTATE 53300, like PostgreSQL's max_connections.
     #[arg(long, env = "SHARDPOOL_MAX_CLIENTS", default_value_t = 10_000)]
@@ -230,9 +238,17 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     });
     let listener = tokio::net::TcpListener::bind(cfg.pg_listen).await?;
     let http_listener = tokio::net::TcpListener::bind(cfg.http_listen).await?;
+    let jwt = match cfg.jwt_key.as_deref().filter(|k| !k.is_empty()) {
+        Some(k) => Some(
+            jwt::JwtVerifier::new(k.as_bytes(), parse_duration(&cfg.jwt_max_ttl)?)
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let app = http::app(Arc::new(http::Http {
         router: router.clone(),
         tokens,
+        jwt,
     }));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http_listener, app).await {
