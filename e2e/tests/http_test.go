@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"net/http"
@@ -97,5 +98,84 @@ func TestHTTPAPI(t *testing.T) {
 	// The source still answers after the cancelled query.
 	if code, r, _ := postQuery(t, ip, token, "tenants", "acme", `{"sql": "SELECT count(*) FROM orders"}`); code != 200 || len(r.Rows) != 1 || r.Rows[0][0] != float64(500) {
 		t.Fatalf("after timeout: %d %+v %v", code, r.Error, r.Rows)
+	}
+}
+
+// With Accept: application/x-ndjson a result streams: a columns line, one
+// line per row as the warehouse produces them (the first arrives long
+// before the last is computed), then a summary line; an error before the
+// first row keeps its status code.
+func TestHTTPNDJSONStreams(t *testing.T) {
+	ip, _ := installed(t)
+	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-http-token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	token := strings.TrimSpace(string(b))
+	post := func(sql string) (*http.Response, time.Time) {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodPost, "http://"+ip+":8080/v1/namespaces/tenants/datasources/acme/query", strings.NewReader(`{"sql": "`+sql+`", "timeoutMs": 20000}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Accept", "application/x-ndjson")
+		hc := http.Client{Timeout: 30 * time.Second}
+		start := time.Now()
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatalf("POST: %v", err)
+		}
+		return resp, start
+	}
+
+	// 4 rows of 100 kB, 0.5 s apart.
+	resp, start := post("SELECT g, repeat('x', 100000) AS pad, pg_sleep(0.5) FROM generate_series(1, 4) g")
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/x-ndjson" {
+		t.Fatalf("status %d, Content-Type %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	var lines []string
+	var firstRow time.Duration
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+		if len(lines) == 2 {
+			firstRow = time.Since(start)
+		}
+	}
+	total := time.Since(start)
+	if len(lines) != 6 {
+		t.Fatalf("want columns + 4 rows + summary, got %d lines", len(lines))
+	}
+	var cols struct {
+		Columns []struct{ Name, Type string } `json:"columns"`
+	}
+	if err := json.Unmarshal([]byte(lines[0]), &cols); err != nil || len(cols.Columns) != 3 || cols.Columns[0].Name != "g" || cols.Columns[0].Type != "int4" {
+		t.Fatalf("columns line %q: %v", lines[0], err)
+	}
+	var row []any
+	if err := json.Unmarshal([]byte(lines[1]), &row); err != nil || len(row) != 3 || row[0] != float64(1) || len(row[1].(string)) != 100000 {
+		t.Fatalf("first row: %v", err)
+	}
+	var sum struct {
+		RowCount   int    `json:"rowCount"`
+		CommandTag string `json:"commandTag"`
+	}
+	if err := json.Unmarshal([]byte(lines[5]), &sum); err != nil || sum.RowCount != 4 || sum.CommandTag != "SELECT 4" {
+		t.Fatalf("summary %q: %v", lines[5], err)
+	}
+	t.Logf("ndjson: first row after %.2fs, whole result after %.2fs", firstRow.Seconds(), total.Seconds())
+	if total < 1900*time.Millisecond || firstRow > total-time.Second {
+		t.Errorf("rows did not stream: first row after %s, all after %s", firstRow, total)
+	}
+
+	// An error before any row keeps its status code and JSON body.
+	resp2, _ := post("SELECT * FROM no_such_table")
+	defer resp2.Body.Close()
+	var r httpResult
+	if err := json.NewDecoder(resp2.Body).Decode(&r); err != nil || resp2.StatusCode != 400 || r.Error == nil || r.Error.SQLState != "42P01" {
+		t.Fatalf("bad SQL over ndjson: %d %+v %v", resp2.StatusCode, r.Error, err)
 	}
 }

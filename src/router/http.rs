@@ -318,6 +318,195 @@ pub fn absorb(out: &mut Outcome, chunk: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// One row as a JSON array, typed by its columns.
+fn row_json(row: &[Option<String>], columns: &[(String, u32)]) -> Value {
+    Value::Array(
+        row.iter()
+            .zip(columns.iter())
+            .map(|(v, (_, oid))| v.as_deref().map_or(Value::Null, |t| json_value(*oid, t)))
+            .collect(),
+    )
+}
+
+/// The `columns` array.
+fn columns_json(columns: &[(String, u32)]) -> Vec<Value> {
+    columns
+        .iter()
+        .map(|(n, oid)| json!({"name": n, "type": type_name(*oid)}))
+        .collect()
+}
+
+/// Whether the client asked for newline-delimited JSON.
+fn wants_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|m| m.trim().starts_with("application/x-ndjson"))
+        })
+}
+
+/// Lines (each ending in a newline) for the rows absorbed so far, which
+/// are then dropped: a streamed result is never held whole.
+fn drain_rows(out: &mut Outcome) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for r in out.rows.drain(..) {
+        if serde_json::to_writer(&mut buf, &row_json(&r, &out.columns)).is_ok() {
+            buf.push(b'\n');
+        }
+    }
+    buf
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+/// Rows queued towards a streaming client before reading from the shard
+/// pauses (backpressure reaches the warehouse through the shard).
+const NDJSON_QUEUE: usize = 16;
+
+/// Streams a result as NDJSON: `{"columns": [...]}`, one JSON array per
+/// row, then `{"rowCount", "commandTag", "elapsedMs"}`. An error before the
+/// first row gets its HTTP status like the JSON answer; one after that
+/// (or the timeout) ends the stream with an `{"error": ...}` line.
+async fn stream_ndjson(
+    mut at: super::session::Attached,
+    started: Instant,
+    timeout: Duration,
+) -> Response {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut out = Outcome::default();
+    // Until the columns are known, failures keep their status codes.
+    while out.columns.is_empty() && !out.done {
+        match tokio::time::timeout_at(deadline, at.inbox.recv()).await {
+            Err(_) => {
+                at.link
+                    .send(Frame::new(at.id, Kind::Cancel, Bytes::new()))
+                    .await;
+                at.link.close(at.id).await;
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "57014",
+                    format!("query exceeded timeoutMs={}", timeout.as_millis()),
+                );
+            }
+            Ok(Some(f)) if f.kind == Kind::Messages => {
+                if let Err(e) = absorb(&mut out, &f.payload) {
+                    at.link.close(at.id).await;
+                    return error(StatusCode::BAD_GATEWAY, "08P01", e);
+                }
+            }
+            Ok(Some(f)) if f.kind == Kind::Closed => {
+                let body = f.payload.get(5..).unwrap_or_default();
+                let code = pg::error_code(body).unwrap_or("08006").to_string();
+                let msg = pg::error_field(body, b'M').unwrap_or("shard closed the session");
+                return error(StatusCode::SERVICE_UNAVAILABLE, &code, msg);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "08006",
+                    "lost the pool shard; retry",
+                );
+            }
+        }
+    }
+    if out.columns.is_empty() {
+        // Done without a result set: an error, or a command without rows.
+        at.link.close(at.id).await;
+        if let Some(body) = &out.error {
+            let code = pg::error_code(body).unwrap_or("XX000");
+            let e = json!({"error": {
+                "sqlstate": code,
+                "message": pg::error_field(body, b'M'),
+                "detail": pg::error_field(body, b'D'),
+                "hint": pg::error_field(body, b'H'),
+            }});
+            let mut r = (status_for(code), Json(e)).into_response();
+            r.extensions_mut().insert(SqlState(code.to_string()));
+            return r;
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(NDJSON_QUEUE);
+    tokio::spawn(async move {
+        let mut sent = 0usize;
+        let mut first = line(&json!({"columns": columns_json(&out.columns)}));
+        let rows = drain_rows(&mut out);
+        sent += rows.iter().filter(|&&b| b == b'\n').count();
+        if !rows.is_empty() {
+            let mut b = BytesMut::from(&first[..]);
+            b.extend_from_slice(&rows);
+            first = b.freeze();
+        }
+        let mut alive = tx.send(first).await.is_ok();
+        let mut failure: Option<Value> = None;
+        while alive && !out.done && failure.is_none() {
+            match tokio::time::timeout_at(deadline, at.inbox.recv()).await {
+                Err(_) => {
+                    at.link
+                        .send(Frame::new(at.id, Kind::Cancel, Bytes::new()))
+                        .await;
+                    failure = Some(json!({"sqlstate": "57014",
+                        "message": format!("query exceeded timeoutMs={}", timeout.as_millis())}));
+                }
+                Ok(Some(f)) if f.kind == Kind::Messages => {
+                    if let Err(e) = absorb(&mut out, &f.payload) {
+                        failure = Some(json!({"sqlstate": "08P01", "message": e}));
+                    }
+                    let rows = drain_rows(&mut out);
+                    if !rows.is_empty() {
+                        sent += rows.iter().filter(|&&b| b == b'\n').count();
+                        alive = tx.send(Bytes::from(rows)).await.is_ok();
+                    }
+                }
+                Ok(Some(f)) if f.kind == Kind::Closed => {
+                    let body = f.payload.get(5..).unwrap_or_default();
+                    failure = Some(json!({"sqlstate": pg::error_code(body).unwrap_or("08006"),
+                        "message": pg::error_field(body, b'M').unwrap_or("shard closed the session")}));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    failure = Some(json!({"sqlstate": "08006", "message": "lost the pool shard"}));
+                }
+            }
+        }
+        if failure.is_none() {
+            if let Some(body) = &out.error {
+                failure = Some(json!({"sqlstate": pg::error_code(body).unwrap_or("XX000"),
+                    "message": pg::error_field(body, b'M')}));
+            }
+        }
+        let last = match failure {
+            Some(e) => json!({"error": e, "rowCount": sent}),
+            None => json!({
+                "rowCount": sent,
+                "commandTag": out.tag,
+                "elapsedMs": started.elapsed().as_secs_f64() * 1000.0,
+            }),
+        };
+        if alive {
+            let _ = tx.send(line(&last)).await;
+        }
+        at.link.close(at.id).await;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
@@ -407,6 +596,24 @@ async fn query(
         Ok((at, _)) => at,
         Err(Fatal(e)) => return error(status_for(&e.code), &e.code, e.message),
     };
+    if wants_ndjson(&headers) {
+        if !at
+            .link
+            .send(Frame::new(
+                at.id,
+                Kind::Messages,
+                batch(&req.sql, &req.params),
+            ))
+            .await
+        {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "08006",
+                "lost the pool shard; retry",
+            );
+        }
+        return stream_ndjson(at, started, timeout).await;
+    }
     let mut out = Outcome::default();
     let run = async {
         if !at
@@ -478,25 +685,8 @@ async fn query(
                 r
             }
             None => {
-                let columns: Vec<Value> = out
-                    .columns
-                    .iter()
-                    .map(|(n, oid)| json!({"name": n, "type": type_name(*oid)}))
-                    .collect();
-                let rows: Vec<Value> = out
-                    .rows
-                    .iter()
-                    .map(|r| {
-                        Value::Array(
-                            r.iter()
-                                .zip(out.columns.iter())
-                                .map(|(v, (_, oid))| {
-                                    v.as_deref().map_or(Value::Null, |t| json_value(*oid, t))
-                                })
-                                .collect(),
-                        )
-                    })
-                    .collect();
+                let columns = columns_json(&out.columns);
+                let rows: Vec<Value> = out.rows.iter().map(|r| row_json(r, &out.columns)).collect();
                 Json(json!({
                     "columns": columns,
                     "rows": rows,
