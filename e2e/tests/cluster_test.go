@@ -256,14 +256,17 @@ func TestDeploymentLifecycle(t *testing.T) {
 		if err != nil {
 			return false, err
 		}
+		// First the new pod (in any list position), then the old one.
 		for _, p := range pods.Items {
-			if p.UID == first.UID && p.DeletionTimestamp != nil && oldDeletedAt.IsZero() {
-				oldDeletedAt = p.DeletionTimestamp.Time
-			}
 			if p.UID != first.UID {
 				if _, ok := podReadySince(&p); ok {
 					second = p
 				}
+			}
+		}
+		for _, p := range pods.Items {
+			if p.UID == first.UID && p.DeletionTimestamp != nil && oldDeletedAt.IsZero() {
+				oldDeletedAt = p.DeletionTimestamp.Time
 			}
 			// While the old process runs, the new one may not be missing:
 			// maxUnavailable 0 means the old pod is only stopped once the new

@@ -61,3 +61,24 @@ func TestPsycopgThroughTheRouter(t *testing.T) {
 		t.Fatalf("psycopg checks did not finish")
 	}
 }
+
+// tokio-postgres (Rust) runs simple, prepared (binary parameters),
+// transactional, failing and cancelled queries through the router; each
+// check is in e2e/drivers/tokio_postgres_check.rs.
+func TestTokioPostgresThroughTheRouter(t *testing.T) {
+	ip, pw := installed(t)
+	count := warehouse(t, "acme", "SELECT count(*) FROM orders")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "cargo", "run", "--locked", "-q", "--example", "tokio-postgres-check")
+	cmd.Dir = repoRoot()
+	cmd.Env = append(os.Environ(), "ROUTER_HOST="+ip, "ROUTER_USER=bi", "ROUTER_PASSWORD="+pw, "ROUTER_DB=tenants.acme", "EXPECT_COUNT="+count)
+	out, err := cmd.CombinedOutput()
+	t.Logf("tokio-postgres:\n%s", out)
+	if err != nil {
+		t.Fatalf("tokio-postgres checks failed: %v", err)
+	}
+	if !strings.Contains(string(out), "0 failed") {
+		t.Fatalf("tokio-postgres checks did not finish")
+	}
+}

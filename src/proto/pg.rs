@@ -103,6 +103,15 @@ pub fn put_parameter(buf: &mut BytesMut, name: &str, value: &str) {
     });
 }
 
+/// Whether an ErrorResponse body is FATAL or PANIC (the server closes the
+/// connection after it). Reads the non-localized severity when present.
+pub fn is_fatal(body: &[u8]) -> bool {
+    matches!(
+        error_field(body, b'V').or_else(|| error_field(body, b'S')),
+        Some("FATAL" | "PANIC")
+    )
+}
+
 /// The SQLSTATE ('C' field) of an ErrorResponse body, if present.
 pub fn error_code(body: &[u8]) -> Option<&str> {
     error_field(body, b'C')

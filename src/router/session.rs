@@ -314,6 +314,11 @@ async fn run(
                             replay.clear();
                         }
                     }
+                    Some(f) if f.kind == Kind::Closed && f.payload.is_empty() => {
+                        // The server's own FATAL was already passed on.
+                        attached = false;
+                        break;
+                    }
                     Some(f) if f.kind == Kind::Closed => {
                         let body = f.payload.get(5..).unwrap_or_default();
                         if pg::error_code(body) == Some(DRAINING) && replayable {

@@ -279,7 +279,9 @@ impl ServerConn {
 
     /// Reads until at least one complete message is buffered, then returns
     /// every complete message as one chunk, with the statuses of the
-    /// ReadyForQuery messages it contains, in order.
+    /// ReadyForQuery messages it contains, in order. A FATAL error in the
+    /// chunk marks the connection broken (`is_broken`): the server is
+    /// closing it.
     pub async fn read_messages(&mut self) -> std::io::Result<(BytesMut, Vec<u8>)> {
         loop {
             let mut end = 0;
@@ -288,7 +290,10 @@ impl ServerConn {
                 match pg::next_message(&self.rbuf[end..]) {
                     Ok(Some((t, n))) => {
                         if t == b'Z' {
-                            ready.push(self.rbuf[end + 5]);
+                            ready.push(self.rbuf.get(end + 5).copied().unwrap_or(b'I'));
+                        } else if t == b'E' && pg::is_fatal(&self.rbuf[end + 5..end + n]) {
+                            // The server ends the connection after a FATAL.
+                            self.broken = true;
                         }
                         end += n;
                     }
@@ -366,6 +371,12 @@ impl ServerConn {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         // Ready means EOF, unexpected bytes or an error: not reusable.
         self.stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+    }
+
+    /// Whether the connection can no longer be used (I/O error, protocol
+    /// error, or the server sent a FATAL error).
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Whether the connection runs TLS.

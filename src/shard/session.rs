@@ -126,6 +126,13 @@ pub async fn run(
                                 if tx.send(Frame::new(id, Kind::Messages, chunk)).await.is_err() {
                                     break;
                                 }
+                                if h.conn.is_broken() {
+                                    // A FATAL went to the client: the server is
+                                    // closing, so is the session (no further
+                                    // error: the client has the server's).
+                                    let _ = tx.send(Frame::new(id, Kind::Closed, Bytes::new())).await;
+                                    return;
+                                }
                                 if h.pending == 0 && h.status == b'I' {
                                     held = None; // back to the pool
                                 }
