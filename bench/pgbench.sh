@@ -49,6 +49,7 @@ source "$LOCALKUBE_STATE/env"
 kc() { kubectl --kubeconfig "$KUBECONFIG" "$@"; }
 
 log "preparing the bench database (scale $SCALE) and its DataSource (pool $POOL)"
+export PGSSLMODE=disable # every path plain TCP, as PgBouncer here
 export PGHOST="$WAREHOUSE_PGHOST" PGPORT="$WAREHOUSE_PGPORT" PGUSER="$WAREHOUSE_PGUSER" PGPASSWORD="$WAREHOUSE_PGPASSWORD"
 psql -q -d postgres -c "DROP DATABASE IF EXISTS bench" -c "CREATE DATABASE bench"
 pgbench -i -q -s "$SCALE" bench >/dev/null 2>&1

@@ -1,8 +1,10 @@
 package tests
 
 import (
+	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -75,5 +77,42 @@ spec: {host: %s, port: %s, database: acme, user: acme_bi, passwordSecretRef: {na
 	}
 	if out, _, err := psqlRouter(t, ip, pw, "tenants.tls-require", "-c", "SELECT count(*) FROM orders"); err != nil || strings.TrimSpace(out) != "500" {
 		t.Errorf("tls-require through the router: %v %q", err, out)
+	}
+}
+
+// PostgreSQL clients may reach the router over TLS (its certificate from the
+// Secret the chart names): psql with sslmode=verify-full against the
+// router's CA and Service name connects over TLS and queries; a wrong name
+// is refused by the client's check; plain connections still work (TLS not
+// required by default).
+func TestRouterClientTLS(t *testing.T) {
+	ip, pw := installed(t)
+	ca := filepath.Join(stateDir(), "install", "router-ca.crt")
+	run := func(conninfo string, args ...string) (string, string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		full := append([]string{"-X", "-At", "-v", "ON_ERROR_STOP=1", conninfo}, args...)
+		cmd := exec.CommandContext(ctx, "psql", full...)
+		cmd.Env = append(os.Environ(), "PGPASSWORD="+pw)
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		return out.String(), errb.String(), err
+	}
+	base := fmt.Sprintf("hostaddr=%s port=5432 user=bi dbname=tenants.acme connect_timeout=10", ip)
+	verified := base + " host=shardpool-router.shardpool-system.svc sslmode=verify-full sslrootcert=" + ca
+	out, stderr, err := run(verified, "-c", `\conninfo`, "-c", "SELECT count(*) FROM orders")
+	if err != nil {
+		t.Fatalf("verify-full: %v\n%s", err, stderr)
+	}
+	if !strings.Contains(out, "SSL connection") || !strings.Contains(out, "500") {
+		t.Fatalf("verify-full: not TLS or wrong answer:\n%s", out)
+	}
+	t.Logf("router TLS: %s", strings.SplitN(out, "\n", 3)[1])
+	if _, stderr, err := run(base+" host=wrong-name.example sslmode=verify-full sslrootcert="+ca, "-c", "SELECT 1"); err == nil || !strings.Contains(stderr, "does not match") {
+		t.Errorf("a wrong host name must fail verification: %v\n%s", err, stderr)
+	}
+	if out, stderr, err := run(base+" host=x sslmode=disable", "-c", "SELECT 1"); err != nil || strings.TrimSpace(out) != "1" {
+		t.Errorf("plain connection: %v %q\n%s", err, out, stderr)
 	}
 }

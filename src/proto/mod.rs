@@ -18,6 +18,7 @@
 
 pub mod frame;
 pub mod pg;
+pub mod stream;
 
 /// First bytes of every router-to-shard connection, in both directions.
 pub const HELLO: &[u8; 8] = b"SHPOOL01";

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod pgwire;
 pub mod routes;
 pub mod session;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -77,6 +78,15 @@ pub struct RouterConfig {
     /// Longest lifetime (exp - now) accepted for a JWT.
     #[arg(long, env = "SHARDPOOL_JWT_MAX_TTL", default_value = "1h")]
     pub jwt_max_ttl: String,
+    /// PEM certificate chain offered to PostgreSQL clients asking for TLS.
+    #[arg(long, env = "SHARDPOOL_TLS_CERT", hide_env_values = true)]
+    pub tls_cert: Option<String>,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "SHARDPOOL_TLS_KEY", hide_env_values = true)]
+    pub tls_key: Option<String>,
+    /// Refuse PostgreSQL clients that do not ask for TLS.
+    #[arg(long, env = "SHARDPOOL_TLS_REQUIRED", default_value_t = false)]
+    pub tls_required: bool,
     /// Most PostgreSQL client connections at once; more are refused with
     /// SQLSTATE 53300, like PostgreSQL's max_connections.
     #[arg(long, env = "SHARDPOOL_MAX_CLIENTS", default_value_t = 10_000)]
@@ -120,6 +130,8 @@ pub struct Router {
     pub handover_timeout: Duration,
     /// Namespace for bare source names.
     pub default_namespace: Option<String>,
+    /// TLS for PostgreSQL clients, when a certificate is configured.
+    pub tls: Option<tls::ClientTls>,
     /// Counters and histograms served at /metrics.
     pub metrics: metrics::RouterMetrics,
     /// Cancel keys handed to clients -> the session to cancel. Std Mutex,
@@ -190,6 +202,19 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         startup_timeout: parse_duration(&cfg.startup_timeout)?,
         max_message: cfg.max_message_bytes.max(1024),
     };
+    let tls = match (
+        cfg.tls_cert.as_deref().filter(|c| !c.is_empty()),
+        cfg.tls_key.as_deref().filter(|k| !k.is_empty()),
+    ) {
+        (Some(cert), Some(key)) => {
+            Some(tls::ClientTls::new(cert, key, cfg.tls_required).map_err(anyhow::Error::msg)?)
+        }
+        (None, None) if cfg.tls_required => {
+            anyhow::bail!("SHARDPOOL_TLS_REQUIRED needs SHARDPOOL_TLS_CERT and SHARDPOOL_TLS_KEY")
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("SHARDPOOL_TLS_CERT and SHARDPOOL_TLS_KEY go together"),
+    };
     let client = Client::try_default().await?;
     let ready = Ready::default();
     let mut prom = prometheus_client::registry::Registry::default();
@@ -233,6 +258,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         links: Links::default(),
         handover_timeout,
         default_namespace: cfg.default_namespace.clone(),
+        tls,
         metrics,
         cancels: Mutex::default(),
     });

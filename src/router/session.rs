@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tracing::Instrument;
 
 use super::Router;
 use super::link::Link;
@@ -23,8 +24,10 @@ use super::metrics::{Frontend, SourceFrontend};
 use super::pgwire::codec::{self, PgError};
 use super::pgwire::startup::{self, Handshake, StartupError};
 use super::routes::RouteError;
+use super::tls;
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::pg;
+use crate::proto::stream::MaybeTls;
 use crate::shard::session::{DRAINING, sync_points};
 
 /// Where a session currently runs.
@@ -56,15 +59,23 @@ pub async fn refuse(mut stream: TcpStream) {
 /// Serves one client connection to its end; `_slot` is its place under the
 /// client limit, given back when the connection ends.
 pub async fn serve(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     router: Arc<Router>,
     _slot: OwnedSemaphorePermit,
 ) {
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
     let clients = router.metrics.clients.get_or_create(&PG).clone();
     clients.inc();
     let _open = guard::Dec(clients);
+    let mut stream =
+        match tls::negotiate(tcp, router.tls.as_ref(), router.limits.startup_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "encryption negotiation failed");
+                return;
+            }
+        };
     let hs = match startup::handshake(&mut stream, &router.users, &router.limits).await {
         Ok(h) => h,
         Err(e) => {
@@ -78,20 +89,42 @@ pub async fn serve(
     match hs {
         Handshake::Cancel { pid, secret } => router.cancel(pid, secret).await,
         Handshake::Session { user, database, .. } => {
-            let span = tracing::info_span!("client", %peer, %user, %database);
-            let _e = span.enter();
-            if let Err(Fatal(err)) = run(&mut stream, &router, &user, &database).await {
-                if let Some((ns, name)) =
-                    source_name(&database, router.default_namespace.as_deref())
-                {
-                    router.metrics.error("pg", ns, name, &err.code);
+            let tls = stream.is_tls();
+            let span = tracing::info_span!("client", %peer, %user, %database, tls);
+            let r = &router;
+            async move {
+                match stream {
+                    MaybeTls::Plain(mut tcp) => {
+                        let (mut rd, mut wr) = tcp.split();
+                        session(&mut rd, &mut wr, r, &user, &database).await;
+                    }
+                    MaybeTls::Tls(tls) => {
+                        let (mut rd, mut wr) = tokio::io::split(*tls);
+                        session(&mut rd, &mut wr, r, &user, &database).await;
+                    }
                 }
-                let mut out = BytesMut::new();
-                codec::error_response(&mut out, &err);
-                let _ = stream.write_all(&out).await;
-                tracing::debug!(code = %err.code, message = %err.message, "session ended with an error");
             }
+            .instrument(span)
+            .await;
         }
+    }
+}
+
+/// Runs an authenticated session; a failure is told to the client.
+async fn session<R, W>(rd: &mut R, wr: &mut W, router: &Router, user: &str, database: &str)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let Err(Fatal(err)) = run(rd, wr, router, user, database).await {
+        if let Some((ns, name)) = source_name(database, router.default_namespace.as_deref()) {
+            router.metrics.error("pg", ns, name, &err.code);
+        }
+        let mut out = BytesMut::new();
+        codec::error_response(&mut out, &err);
+        let _ = wr.write_all(&out).await;
+        let _ = wr.flush().await;
+        tracing::debug!(code = %err.code, message = %err.message, "session ended with an error");
     }
 }
 
@@ -179,12 +212,17 @@ pub(crate) async fn attach(
     }
 }
 
-async fn run(
-    stream: &mut TcpStream,
+async fn run<R, W>(
+    rd: &mut R,
+    wr: &mut W,
     router: &Router,
     user: &str,
     database: &str,
-) -> Result<(), Fatal> {
+) -> Result<(), Fatal>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let Some((ns, name)) = source_name(database, router.default_namespace.as_deref()) else {
         return Err(fatal(
             "3D000",
@@ -219,12 +257,9 @@ async fn run(
     out.extend_from_slice(&params);
     codec::backend_key_data(&mut out, pid, secret);
     codec::ready_for_query(&mut out, b'I');
-    stream
-        .write_all(&out)
+    wr.write_all(&out)
         .await
         .map_err(|_| fatal("08006", "client gone"))?;
-
-    let (mut rd, mut wr) = stream.split();
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     let mut pending = 0usize;
     let mut status = b'I';

@@ -370,7 +370,9 @@ impl ServerConn {
         let mut buf = tokio::io::ReadBuf::new(&mut probe);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         // Ready means EOF, unexpected bytes or an error: not reusable.
-        self.stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+        tls::tcp(&self.stream)
+            .poll_peek(&mut cx, &mut buf)
+            .is_pending()
     }
 
     /// Whether the connection can no longer be used (I/O error, protocol

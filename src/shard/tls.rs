@@ -6,21 +6,20 @@
 //! PostgreSQL's SSLRequest, answered `S` or `N`.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::crd::TlsMode;
+use crate::proto::stream::MaybeTls;
 
 /// PostgreSQL's SSLRequest code.
 const SSL_REQUEST: u32 = 80_877_103;
@@ -134,26 +133,13 @@ pub enum TlsError {
 }
 
 /// A server connection's byte stream: plain TCP or TLS over it.
-#[derive(Debug)]
-pub enum ServerStream {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// TLS (boxed: the session state is large).
-    Tls(Box<TlsStream<TcpStream>>),
-}
+pub type ServerStream = MaybeTls<TlsStream<TcpStream>>;
 
-impl ServerStream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            ServerStream::Plain(s) => s,
-            ServerStream::Tls(s) => s.get_ref().0,
-        }
-    }
-
-    /// Whether the connection runs TLS.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, ServerStream::Tls(_))
+/// The TCP socket underneath a server stream.
+pub fn tcp(s: &ServerStream) -> &TcpStream {
+    match s {
+        MaybeTls::Plain(s) => s,
+        MaybeTls::Tls(s) => s.get_ref().0,
     }
 }
 
@@ -173,7 +159,7 @@ pub async fn negotiate(
     settings: &TlsSettings,
 ) -> Result<ServerStream, TlsError> {
     let Some(config) = settings.config.clone() else {
-        return Ok(ServerStream::Plain(tcp));
+        return Ok(MaybeTls::Plain(tcp));
     };
     let mut req = [0u8; 8];
     req[..4].copy_from_slice(&8u32.to_be_bytes());
@@ -182,7 +168,7 @@ pub async fn negotiate(
     let answer = tcp.read_u8().await?;
     match answer {
         b'S' => {}
-        b'N' if settings.mode == TlsMode::Prefer => return Ok(ServerStream::Plain(tcp)),
+        b'N' if settings.mode == TlsMode::Prefer => return Ok(MaybeTls::Plain(tcp)),
         b'N' => return Err(TlsError::Refused(mode_name(settings.mode))),
         _ => {
             return Err(TlsError::Io(io::Error::new(
@@ -197,47 +183,7 @@ pub async fn negotiate(
         .connect(name, tcp)
         .await
         .map_err(TlsError::Handshake)?;
-    Ok(ServerStream::Tls(Box::new(tls)))
-}
-
-impl AsyncRead for ServerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
+    Ok(MaybeTls::Tls(Box::new(tls)))
 }
 
 /// `prefer` and `require`: encryption without authentication of the
