@@ -67,20 +67,10 @@ ops:$OPS_PW:*" \
 
 # TLS for the router's PostgreSQL clients: a certificate for the router
 # Service's name, signed by a CA made here (clients verify with router-ca.crt).
-if [ ! -s "$CREDS/router-tls.crt" ]; then
-  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
-  openssl req -x509 -days 30 -subj "/CN=shardpool local router CA" "${ec[@]}" \
-    -keyout "$CREDS/router-ca.key" -out "$CREDS/router-ca.crt" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null \
-    || die "openssl: cannot make the router CA"
-  openssl req -subj "/CN=$RELEASE-router.$NS.svc" "${ec[@]}" -keyout "$CREDS/router-tls.key" -out "$CREDS/router-tls.csr" 2>/dev/null \
-    || die "openssl: cannot make the router key"
-  printf 'subjectAltName=DNS:%s-router.%s.svc,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' "$RELEASE" "$NS" > "$CREDS/router-tls.ext"
-  openssl x509 -req -in "$CREDS/router-tls.csr" -CA "$CREDS/router-ca.crt" -CAkey "$CREDS/router-ca.key" -CAcreateserial \
-    -days 30 -out "$CREDS/router-tls.crt" -extfile "$CREDS/router-tls.ext" 2>/dev/null \
-    || die "openssl: cannot sign the router certificate"
+if [ ! -s "$CREDS/router.crt" ]; then
+  make_tls "$CREDS" router "$RELEASE-router.$NS.svc" "DNS:$RELEASE-router.$NS.svc,DNS:localhost"
 fi
-kc -n "$NS" create secret tls shardpool-router-tls --cert="$CREDS/router-tls.crt" --key="$CREDS/router-tls.key" \
+kc -n "$NS" create secret tls shardpool-router-tls --cert="$CREDS/router.crt" --key="$CREDS/router.key" \
   --dry-run=client -o yaml | kc apply -f - >/dev/null
 
 log "helm upgrade --install $RELEASE (namespace $NS)"

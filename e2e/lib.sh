@@ -83,3 +83,22 @@ ensure_helm() {
   mkdir -p "$BIN"
   (cd "$E2E/tools" && go build -o "$HELM" helm.sh/helm/v3/cmd/helm) || die "building helm failed (see above)"
 }
+
+# make_tls DIR NAME CN SANS: a CA (DIR/NAME-ca.crt, .key) and a server
+# certificate it signed (DIR/NAME.crt, DIR/NAME.key; P-256) for CN with the
+# subjectAltName SANS (e.g. "DNS:localhost,IP:127.0.0.1"), valid 30 days.
+make_tls() {
+  local dir=$1 name=$2 cn=$3 sans=$4
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 -days 30 -subj "/CN=shardpool local $name CA" "${ec[@]}" \
+    -keyout "$dir/$name-ca.key" -out "$dir/$name-ca.crt" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null \
+    || die "openssl: cannot make the $name CA"
+  openssl req -subj "/CN=$cn" "${ec[@]}" -keyout "$dir/$name.key" -out "$dir/$name.csr" 2>/dev/null \
+    || die "openssl: cannot make the $name key"
+  printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' "$sans" > "$dir/$name.ext"
+  openssl x509 -req -in "$dir/$name.csr" -CA "$dir/$name-ca.crt" -CAkey "$dir/$name-ca.key" -CAcreateserial \
+    -days 30 -out "$dir/$name.crt" -extfile "$dir/$name.ext" 2>/dev/null \
+    || die "openssl: cannot sign the $name certificate"
+  chmod 600 "$dir/$name.key" "$dir/$name-ca.key"
+}

@@ -133,24 +133,13 @@ rm -f "$STATE/warehouse.pw"
 # with the CA from $STATE/warehouse-ca.crt.
 TLSDIR="$STATE/warehouse-tls"
 mkdir -p "$TLSDIR"
-ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
-openssl req -x509 -days 30 -subj "/CN=shardpool local warehouse CA" "${ec[@]}" \
-  -keyout "$TLSDIR/ca.key" -out "$TLSDIR/ca.crt" \
-  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null \
-  || die "openssl: cannot make the warehouse CA"
-openssl req -subj "/CN=localhost" "${ec[@]}" -keyout "$TLSDIR/server.key" -out "$TLSDIR/server.csr" 2>/dev/null \
-  || die "openssl: cannot make the warehouse key"
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' > "$TLSDIR/server.ext"
-openssl x509 -req -in "$TLSDIR/server.csr" -CA "$TLSDIR/ca.crt" -CAkey "$TLSDIR/ca.key" -CAcreateserial \
-  -days 30 -out "$TLSDIR/server.crt" -extfile "$TLSDIR/server.ext" 2>/dev/null \
-  || die "openssl: cannot sign the warehouse certificate"
-cp "$TLSDIR/ca.crt" "$STATE/warehouse-ca.crt"
-chmod 600 "$TLSDIR/server.key"
+make_tls "$TLSDIR" warehouse localhost "DNS:localhost,IP:127.0.0.1"
+cp "$TLSDIR/warehouse-ca.crt" "$STATE/warehouse-ca.crt"
 [ "$(id -u)" = 0 ] && chown -R postgres: "$TLSDIR"
 cat >> "$PGDATA/postgresql.conf" <<CONF
 ssl = on
-ssl_cert_file = '$TLSDIR/server.crt'
-ssl_key_file = '$TLSDIR/server.key'
+ssl_cert_file = '$TLSDIR/warehouse.crt'
+ssl_key_file = '$TLSDIR/warehouse.key'
 listen_addresses = '127.0.0.1'
 port = $WAREHOUSE_PORT
 unix_socket_directories = '$PGDATA'

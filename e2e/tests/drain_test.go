@@ -3,7 +3,6 @@ package tests
 import (
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -43,17 +42,7 @@ func TestShardSIGTERMUnderLoad(t *testing.T) {
 		grace = *pod.Spec.TerminationGracePeriodSeconds
 	}
 
-	load, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	pgbench := exec.CommandContext(load, "pgbench", "-h", ip, "-p", "5432", "-U", "bi", "-M", "extended", "-c", "6", "-j", "2", "-T", "15", "-n", bench)
-	pgbench.Env = append(os.Environ(), "PGPASSWORD="+pw)
-	var pgout strings.Builder
-	pgbench.Stdout, pgbench.Stderr = &pgout, &pgout
-	if err := pgbench.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- pgbench.Wait() }()
+	pgbenchDone := backgroundPgbench(t, ip, pw, "-M", "extended", "-c", "6", "-j", "2", "-T", "15", "-n", bench)
 	time.Sleep(4 * time.Second)
 
 	deleted := time.Now()
@@ -101,23 +90,8 @@ func TestShardSIGTERMUnderLoad(t *testing.T) {
 		t.Errorf("the shard did not release its lease (log %s)", logf)
 	}
 
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("pgbench: %v\n%s", err, pgout.String())
-		}
-	case <-time.After(time.Minute):
-		t.Fatal("pgbench did not finish")
-	}
-	res := pgout.String()
-	if !strings.Contains(res, "number of failed transactions: 0 ") {
-		t.Fatalf("transactions failed across the SIGTERM:\n%s", res)
-	}
-	m := regexp.MustCompile(`number of transactions actually processed: (\d+)`).FindStringSubmatch(res)
-	if m == nil {
-		t.Fatalf("no pgbench summary:\n%s", res)
-	}
-	t.Logf("pgbench across the SIGTERM: %s transactions, 0 failed", m[1])
+	n := pgbenchDone(time.Minute, "across the SIGTERM")
+	t.Logf("pgbench across the SIGTERM: %s transactions, 0 failed", n)
 	eventually(t, 60*time.Second, "bench served by the successor and Ready", func() (bool, error) {
 		out, _, err := kubectl(t, "", "-n", "tenants", "get", "datasource", "bench", "-o", "jsonpath={.status.servedBy}|{.status.phase}")
 		return out == next+"|Ready", err

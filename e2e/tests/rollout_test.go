@@ -62,17 +62,7 @@ func TestShardRolloutUnderLoad(t *testing.T) {
 	bench := ensureBenchSource(t)
 
 	// Steady load for the whole rollout.
-	load, cancelLoad := context.WithTimeout(ctx, 5*time.Minute)
-	defer cancelLoad()
-	pgbench := exec.CommandContext(load, "pgbench", "-h", ip, "-p", "5432", "-U", "bi", "-M", "extended", "-c", "4", "-j", "2", "-T", "45", "-n", "-P", "5", bench)
-	pgbench.Env = append(os.Environ(), "PGPASSWORD="+pw)
-	var pgout strings.Builder
-	pgbench.Stdout, pgbench.Stderr = &pgout, &pgout
-	if err := pgbench.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- pgbench.Wait() }()
+	pgbenchDone := backgroundPgbench(t, ip, pw, "-M", "extended", "-c", "4", "-j", "2", "-T", "45", "-n", "-P", "5", bench)
 	time.Sleep(3 * time.Second)
 
 	hashes := func() map[string]string {
@@ -154,21 +144,8 @@ func TestShardRolloutUnderLoad(t *testing.T) {
 	if len(overlaps) > 0 {
 		t.Errorf("sources with connections from two processes at once: %v", overlaps[:min(len(overlaps), 5)])
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("pgbench: %v\n%s", err, pgout.String())
-		}
-	case <-time.After(2 * time.Minute):
-		t.Fatal("pgbench did not finish")
-	}
-	res := pgout.String()
-	if !strings.Contains(res, "number of failed transactions: 0 ") {
-		t.Fatalf("transactions failed during the rollout:\n%s", res)
-	}
-	if m := regexp.MustCompile(`number of transactions actually processed: (\d+)`).FindStringSubmatch(res); m != nil {
-		t.Logf("pgbench during the rollout: %s transactions, 0 failed", m[1])
-	}
+	n := pgbenchDone(2*time.Minute, "during the rollout")
+	t.Logf("pgbench during the rollout: %s transactions, 0 failed", n)
 }
 
 func deploymentSettled(d *appsv1.Deployment) bool {
@@ -212,4 +189,45 @@ func takenOver(t *testing.T, name string) string {
 		}
 	}
 	return ""
+}
+
+// backgroundPgbench starts pgbench through the router as user bi with
+// `args`; the returned function waits (bounded) for it to end, fails the
+// test unless it exited cleanly with zero failed transactions (`during`
+// names the disruption), and returns the number of transactions.
+func backgroundPgbench(t *testing.T, ip, pw string, args ...string) func(limit time.Duration, during string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	full := append([]string{"-h", ip, "-p", "5432", "-U", "bi"}, args...)
+	cmd := exec.CommandContext(ctx, "pgbench", full...)
+	cmd.Env = append(os.Environ(), "PGPASSWORD="+pw)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	return func(limit time.Duration, during string) string {
+		t.Helper()
+		defer cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("pgbench: %v\n%s", err, out.String())
+			}
+		case <-time.After(limit):
+			t.Fatal("pgbench did not finish")
+		}
+		res := out.String()
+		if !strings.Contains(res, "number of failed transactions: 0 ") {
+			t.Fatalf("transactions failed %s:\n%s", during, res)
+		}
+		m := regexp.MustCompile(`number of transactions actually processed: (\d+)`).FindStringSubmatch(res)
+		if m == nil {
+			t.Fatalf("no pgbench summary:\n%s", res)
+		}
+		return m[1]
+	}
 }

@@ -131,6 +131,21 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     r
 }
 
+/// The answer for the server's ErrorResponse `body`: its SQLSTATE,
+/// message, detail and hint, with the status saying whose fault it was.
+fn server_error(body: &[u8]) -> Response {
+    let code = pg::error_code(body).unwrap_or("XX000");
+    let e = json!({"error": {
+        "sqlstate": code,
+        "message": pg::error_field(body, b'M'),
+        "detail": pg::error_field(body, b'D'),
+        "hint": pg::error_field(body, b'H'),
+    }});
+    let mut r = (status_for(code), Json(e)).into_response();
+    r.extensions_mut().insert(SqlState(code.to_string()));
+    r
+}
+
 /// HTTP status for a SQLSTATE: whose fault it was.
 pub fn status_for(code: &str) -> StatusCode {
     match code.get(..2).unwrap_or("") {
@@ -421,16 +436,7 @@ async fn stream_ndjson(
         // Done without a result set: an error, or a command without rows.
         at.link.close(at.id).await;
         if let Some(body) = &out.error {
-            let code = pg::error_code(body).unwrap_or("XX000");
-            let e = json!({"error": {
-                "sqlstate": code,
-                "message": pg::error_field(body, b'M'),
-                "detail": pg::error_field(body, b'D'),
-                "hint": pg::error_field(body, b'H'),
-            }});
-            let mut r = (status_for(code), Json(e)).into_response();
-            r.extensions_mut().insert(SqlState(code.to_string()));
-            return r;
+            return server_error(body);
         }
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(NDJSON_QUEUE);
@@ -672,18 +678,7 @@ async fn query(
         }
         Ok(Err(r)) => r,
         Ok(Ok(())) => match &out.error {
-            Some(body) => {
-                let code = pg::error_code(body).unwrap_or("XX000");
-                let e = json!({"error": {
-                    "sqlstate": code,
-                    "message": pg::error_field(body, b'M'),
-                    "detail": pg::error_field(body, b'D'),
-                    "hint": pg::error_field(body, b'H'),
-                }});
-                let mut r = (status_for(code), Json(e)).into_response();
-                r.extensions_mut().insert(SqlState(code.to_string()));
-                r
-            }
+            Some(body) => server_error(body),
             None => {
                 let columns = columns_json(&out.columns);
                 let rows: Vec<Value> = out.rows.iter().map(|r| row_json(r, &out.columns)).collect();
