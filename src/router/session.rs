@@ -152,7 +152,13 @@ pub(crate) async fn attach(
             Ok((_, addr)) => match router.links.get(addr).await {
                 Ok(link) => match link.open(&key).await {
                     Some((id, mut inbox)) => {
-                        match tokio::time::timeout(Duration::from_secs(15), inbox.recv()).await {
+                        // Bounded by the hold deadline too: a shard that
+                        // cannot open the session in time (its pool still
+                        // connecting) costs the client no more than
+                        // handoverTimeout before a retryable error.
+                        let wait_until =
+                            deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+                        match tokio::time::timeout_at(wait_until, inbox.recv()).await {
                             Ok(Some(f)) if f.kind == Kind::Opened => {
                                 return Ok((Attached { link, id, inbox }, f.payload));
                             }
@@ -171,7 +177,12 @@ pub(crate) async fn attach(
                                         .unwrap_or("")
                                 ),
                             ))),
-                            _ => Err(None),
+                            Ok(None) => Err(None),
+                            Err(_) => {
+                                // Not opened in time: drop the half-open session.
+                                link.close(id).await;
+                                Err(None)
+                            }
                         }
                     }
                     None => Err(None),
