@@ -150,6 +150,23 @@ func TestMetricsTellWhatHappened(t *testing.T) {
 	if n, ok := value(after, "shardpool_router_query_duration_seconds_count", map[string]string{"frontend": "pg"}); !ok || n < 6 {
 		t.Errorf("router latency histogram has %v observations, want at least 6", n)
 	}
+	// A name that is no DataSource is counted, but under empty labels:
+	// clients cannot create series by inventing names.
+	bogus := fmt.Sprintf("nope-%d", time.Now().UnixNano())
+	if _, _, err := psqlRouter(t, ip, pw, "tenants."+bogus, "-c", "SELECT 1"); err == nil {
+		t.Fatalf("tenants.%s should not exist", bogus)
+	}
+	unknown := map[string]string{"frontend": "pg", "namespace": "", "source": "", "class": "3D"}
+	u0, _ := value(after, "shardpool_router_errors_total", unknown)
+	after = scrape(t, ip)
+	if u1, _ := value(after, "shardpool_router_errors_total", unknown); u1-u0 != 1 {
+		t.Errorf("unknown source errors went from %v to %v, want one more", u0, u1)
+	}
+	for _, s := range after {
+		if s.labels["source"] == bogus {
+			t.Errorf("a series is labelled with the unknown source %s: %s", bogus, s.name)
+		}
+	}
 	if n, _ := value(after, "shardpool_router_clients", map[string]string{"frontend": "pg"}); n != 0 {
 		t.Errorf("router reports %v open pg clients after every psql exited", n)
 	}

@@ -549,15 +549,22 @@ async fn measured(
     m.latency
         .get_or_create(&HTTP)
         .observe(started.elapsed().as_secs_f64());
+    // Only existing sources get their own series (the path is the client's).
+    let known = http.router.routes.known(&ns, &name);
+    let (lns, lname) = if known {
+        (ns.clone(), name.clone())
+    } else {
+        (String::new(), String::new())
+    };
     m.queries
         .get_or_create(&SourceFrontend {
             frontend: "http",
-            namespace: ns.clone(),
-            source: name.clone(),
+            namespace: lns,
+            source: lname,
         })
         .inc();
     if let Some(code) = code {
-        m.error("http", &ns, &name, &code);
+        m.error("http", &ns, &name, known, &code);
     }
     r
 }

@@ -132,8 +132,11 @@ impl RouterMetrics {
         m
     }
 
-    /// Counts an error for a source.
-    pub fn error(&self, frontend: &'static str, ns: &str, name: &str, code: &str) {
+    /// Counts an error for a source. Callers pass `known = false` for a
+    /// name that is no DataSource: it is counted under empty labels, so
+    /// client-chosen names never become series.
+    pub fn error(&self, frontend: &'static str, ns: &str, name: &str, known: bool, code: &str) {
+        let (ns, name) = if known { (ns, name) } else { ("", "") };
         self.errors
             .get_or_create(&ErrorLabels {
                 frontend,

@@ -52,6 +52,14 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// Whether the DataSource exists (metrics label only known sources, so
+    /// client-chosen names cannot grow the series without bound).
+    pub fn known(&self, namespace: &str, name: &str) -> bool {
+        self.sources
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some()
+    }
+
     /// The address of the shard pod serving `namespace/name`.
     pub fn resolve(&self, namespace: &str, name: &str) -> Result<(u32, SocketAddr), RouteError> {
         let ds = self

@@ -118,7 +118,8 @@ where
 {
     if let Err(Fatal(err)) = run(rd, wr, router, user, database).await {
         if let Some((ns, name)) = source_name(database, router.default_namespace.as_deref()) {
-            router.metrics.error("pg", ns, name, &err.code);
+            let known = router.routes.known(ns, name);
+            router.metrics.error("pg", ns, name, known, &err.code);
         }
         let mut out = BytesMut::new();
         codec::error_response(&mut out, &err);
@@ -350,7 +351,7 @@ where
                                 }
                             } else if t == b'E' {
                                 if let Some(code) = pg::error_code(rest.get(5..n).unwrap_or_default()) {
-                                    router.metrics.error("pg", ns, name, code);
+                                    router.metrics.error("pg", ns, name, true, code);
                                 }
                             }
                             rest = &rest[n..];
