@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use super::metrics::ShardMetrics;
 use super::registry::Registry;
@@ -112,14 +113,20 @@ async fn connection(
                     };
                     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
                     sessions.insert(id, tx);
-                    tokio::spawn(session::run(
-                        id,
-                        source,
-                        rx,
-                        out_tx.clone(),
-                        draining.clone(),
-                        metrics.clone(),
-                    ));
+                    // The span wraps the future: entered on every poll, never
+                    // held across an await.
+                    let span = tracing::debug_span!("session", id, source = %key);
+                    tokio::spawn(
+                        session::run(
+                            id,
+                            source,
+                            rx,
+                            out_tx.clone(),
+                            draining.clone(),
+                            metrics.clone(),
+                        )
+                        .instrument(span),
+                    );
                 }
                 Kind::Close => {
                     if let Some(tx) = sessions.remove(&id) {

@@ -77,8 +77,6 @@ pub async fn run(
     draining: watch::Receiver<bool>,
     metrics: Arc<ShardMetrics>,
 ) {
-    let span = tracing::debug_span!("session", id, source = %source.key);
-    let _e = span.enter();
     metrics.sessions.inc();
     let _open = OpenSession(&metrics);
     // The client needs its server's parameters (server_version, encoding,
