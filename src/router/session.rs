@@ -275,8 +275,12 @@ where
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     let mut pending = 0usize;
     let mut status = b'I';
-    // Batches sent since the last idle point, while nothing came back yet.
-    let mut replay: Vec<Bytes> = Vec::new();
+    // Batches (with their sync points) sent since the last idle point: what
+    // a successor must run if the shard drains before answering. A batch
+    // need not end at a Sync (the client's bytes arrive as TCP delivers
+    // them), so an idle point only retires batches up to the last one that
+    // held a sync point; later ones stay until theirs is answered.
+    let mut replay: Vec<(Bytes, usize)> = Vec::new();
     let mut replayable = true;
     let mut attached = true;
     loop {
@@ -312,21 +316,25 @@ where
                 }
                 if end > 0 {
                     let batch = inbuf.split_to(end).freeze();
-                    if pending == 0 && status == b'I' {
-                        replay.clear();
-                        replayable = true;
-                    }
                     if !attached {
                         let (a, _) = attach(router, ns, name, None).await?;
                         router.retarget(pid, a.link.clone(), a.id);
                         at = a;
                         attached = true;
+                        // Unanswered batches (no Sync yet) died with the old
+                        // link: the new shard needs them before this one.
+                        for (b, _) in &replay {
+                            if !at.link.send(Frame::new(at.id, Kind::Messages, b.clone())).await {
+                                return Err(fatal("08006", "lost the pool shard; retry"));
+                            }
+                        }
                     }
-                    pending += sync_points(&batch);
+                    let syncs = sync_points(&batch);
+                    pending += syncs;
                     if pending > 0 && sent_at.is_none() {
                         sent_at = Some(Instant::now());
                     }
-                    replay.push(batch.clone());
+                    replay.push((batch.clone(), syncs));
                     if !at.link.send(Frame::new(at.id, Kind::Messages, batch)).await {
                         attached = false;
                     }
@@ -358,7 +366,11 @@ where
                         }
                         wr.write_all(&f.payload).await.map_err(|_| fatal("08006", "client gone"))?;
                         if pending == 0 && status == b'I' {
-                            replay.clear();
+                            // Idle: everything up to the last Sync is done.
+                            if let Some(last) = replay.iter().rposition(|(_, n)| *n > 0) {
+                                replay.drain(..=last);
+                            }
+                            replayable = true;
                         }
                     }
                     Some(f) if f.kind == Kind::Closed && f.payload.is_empty() => {
@@ -376,7 +388,7 @@ where
                             let (a, _) = attach(router, ns, name, Some(old)).await?;
                             router.retarget(pid, a.link.clone(), a.id);
                             at = a;
-                            for b in &replay {
+                            for (b, _) in &replay {
                                 if !at.link.send(Frame::new(at.id, Kind::Messages, b.clone())).await {
                                     return Err(fatal("08006", "lost the shard during handover; retry"));
                                 }
