@@ -366,10 +366,7 @@ where
                         }
                         wr.write_all(&f.payload).await.map_err(|_| fatal("08006", "client gone"))?;
                         if pending == 0 && status == b'I' {
-                            // Idle: everything up to the last Sync is done.
-                            if let Some(last) = replay.iter().rposition(|(_, n)| *n > 0) {
-                                replay.drain(..=last);
-                            }
+                            retire_answered(&mut replay);
                             replayable = true;
                         }
                     }
@@ -430,6 +427,15 @@ mod guard {
     }
 }
 
+/// At an idle point (every sync point answered): drops the batches up to
+/// and including the last one that held a sync point. Batches after it have
+/// no Sync yet, so nothing of them was answered and a successor needs them.
+fn retire_answered(replay: &mut Vec<(Bytes, usize)>) {
+    if let Some(last) = replay.iter().rposition(|(_, syncs)| *syncs > 0) {
+        replay.drain(..=last);
+    }
+}
+
 /// Unregisters a cancel key when the session ends.
 struct Unregister<'a>(&'a Router, u32);
 
@@ -445,7 +451,26 @@ fn scopeguard(router: &Router, pid: u32) -> Unregister<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::source_name;
+    use super::{retire_answered, source_name};
+    use bytes::Bytes;
+
+    #[test]
+    fn an_idle_point_keeps_batches_after_the_last_sync() {
+        let b = |s: &'static str, syncs| (Bytes::from_static(s.as_bytes()), syncs);
+        // Parse/Bind/Execute arrived without their Sync, then the Sync alone:
+        // answered together, both retire.
+        let mut r = vec![b("PBDE", 0), b("S", 1)];
+        retire_answered(&mut r);
+        assert!(r.is_empty());
+        // A statement answered, the next one's Parse/Bind already sent: those
+        // stay for a successor.
+        let mut r = vec![b("PBDES", 1), b("PB", 0)];
+        retire_answered(&mut r);
+        assert_eq!(r, vec![b("PB", 0)]);
+        let mut r = vec![b("PB", 0)];
+        retire_answered(&mut r);
+        assert_eq!(r, vec![b("PB", 0)], "nothing answered, nothing retired");
+    }
 
     #[test]
     fn database_names() {
