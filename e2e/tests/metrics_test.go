@@ -24,24 +24,9 @@ type sample struct {
 var seriesLine = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? ([0-9.eE+-]+|NaN|[+-]Inf)$`)
 var labelPair = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"`)
 
-// rawMetrics is the text of http://ip:9090/metrics.
+// rawMetrics is the text of http://ip:9090/metrics, checked to be
+// OpenMetrics (content type, final # EOF).
 func rawMetrics(t *testing.T, ip string) string {
-	t.Helper()
-	hc := http.Client{Timeout: 10 * time.Second}
-	resp, err := hc.Get("http://" + ip + ":9090/metrics")
-	if err != nil {
-		t.Fatalf("scrape %s: %v", ip, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(body)
-}
-
-// scrape reads http://ip:9090/metrics and checks it is OpenMetrics text.
-func scrape(t *testing.T, ip string) []sample {
 	t.Helper()
 	hc := http.Client{Timeout: 10 * time.Second}
 	resp, err := hc.Get("http://" + ip + ":9090/metrics")
@@ -60,6 +45,13 @@ func scrape(t *testing.T, ip string) []sample {
 	if !strings.HasSuffix(text, "# EOF\n") {
 		t.Errorf("%s/metrics does not end with # EOF", ip)
 	}
+	return text
+}
+
+// scrape reads http://ip:9090/metrics into samples.
+func scrape(t *testing.T, ip string) []sample {
+	t.Helper()
+	text := rawMetrics(t, ip)
 	var out []sample
 	for _, line := range strings.Split(text, "\n") {
 		if line == "" || strings.HasPrefix(line, "#") {

@@ -609,41 +609,29 @@ async fn query(
         Ok((at, _)) => at,
         Err(Fatal(e)) => return error(status_for(&e.code), &e.code, e.message),
     };
+    // One send for both answers' shapes, within the request's time limit.
+    let sent = tokio::time::timeout(
+        timeout,
+        at.link.send(Frame::new(
+            at.id,
+            Kind::Messages,
+            batch(&req.sql, &req.params),
+        )),
+    )
+    .await;
+    if sent != Ok(true) {
+        at.link.close(at.id).await;
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "08006",
+            "lost the pool shard; retry",
+        );
+    }
     if wants_ndjson(&headers) {
-        if !at
-            .link
-            .send(Frame::new(
-                at.id,
-                Kind::Messages,
-                batch(&req.sql, &req.params),
-            ))
-            .await
-        {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "08006",
-                "lost the pool shard; retry",
-            );
-        }
         return stream_ndjson(at, started, timeout).await;
     }
     let mut out = Outcome::default();
     let run = async {
-        if !at
-            .link
-            .send(Frame::new(
-                at.id,
-                Kind::Messages,
-                batch(&req.sql, &req.params),
-            ))
-            .await
-        {
-            return Err(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "08006",
-                "lost the pool shard; retry",
-            ));
-        }
         while !out.done {
             match at.inbox.recv().await {
                 Some(f) if f.kind == Kind::Messages => {
