@@ -1,6 +1,7 @@
 //! The endpoints every role serves on its metrics port: `/healthz` (the
 //! process is alive), `/readyz` (it should receive traffic) and `/metrics`
-//! (Prometheus, OpenMetrics text).
+//! (Prometheus, OpenMetrics text, with the role's own metrics and
+//! `shardpool_runtime_workers`, the threads running its tasks).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Readiness flag shared between a role and its probe endpoint.
@@ -51,9 +53,20 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
 pub async fn serve(
     addr: SocketAddr,
     ready: Ready,
-    registry: Arc<Registry>,
+    mut registry: Registry,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let workers = Gauge::<i64>::default();
+    workers.set(
+        i64::try_from(tokio::runtime::Handle::current().metrics().num_workers())
+            .unwrap_or(i64::MAX),
+    );
+    registry.register(
+        "shardpool_runtime_workers",
+        "Threads running this process's tasks (SHARDPOOL_WORKER_THREADS; 1 = one thread)",
+        workers,
+    );
+    let registry = Arc::new(registry);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -9,6 +9,18 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "shardpool", version, about)]
 struct Cli {
+    /// Threads that run the role's tasks: 1 runs everything on one thread
+    /// (on the query path the least CPU per query: no cross-thread wake-ups,
+    /// and whatever the sessions queued for a router-shard link in one turn
+    /// of the scheduler goes out in one write; see bench/), 0 one per core,
+    /// N a pool of N. Scale routers and shards out rather than up.
+    #[arg(
+        long,
+        global = true,
+        env = "SHARDPOOL_WORKER_THREADS",
+        default_value_t = 1
+    )]
+    worker_threads: usize,
     #[command(subcommand)]
     role: Role,
 }
@@ -38,19 +50,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Role::Shard(cfg) => run(shardpool::shard::run(cfg)),
-        Role::Operator(cfg) => run(shardpool::operator::run(cfg)),
-        Role::Router(cfg) => run(shardpool::router::run(cfg)),
+        Role::Shard(cfg) => run(cli.worker_threads, shardpool::shard::run(cfg)),
+        Role::Operator(cfg) => run(cli.worker_threads, shardpool::operator::run(cfg)),
+        Role::Router(cfg) => run(cli.worker_threads, shardpool::router::run(cfg)),
     }
 }
 
-/// Runs a role on a multi-threaded runtime with logging set up.
-fn run(role: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCode {
+/// Runs a role with logging set up, on one thread (`threads` = 1) or a
+/// pool of `threads` (0: one per core).
+fn run(threads: usize, role: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCode {
     shardpool::telemetry::init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -226,3 +226,22 @@ func TestMetricsTellWhatHappened(t *testing.T) {
 		t.Errorf("%d operator replicas report leading, want 1", leaders)
 	}
 }
+
+// The chart's workerThreads reach the processes: routers and shards run
+// their tasks on the number of threads the values ask for (1 by default),
+// as each reports in shardpool_runtime_workers.
+func TestRuntimeThreadsFollowTheChart(t *testing.T) {
+	installed(t)
+	for _, component := range []string{"router", "shard", "operator"} {
+		ips := podIPs(t, component)
+		if len(ips) == 0 {
+			t.Fatalf("no ready %s pod", component)
+		}
+		for name, ip := range ips {
+			n, found := value(scrape(t, ip), "shardpool_runtime_workers", nil)
+			if !found || n != 1 {
+				t.Errorf("%s %s runs on %v threads (exported: %v), want 1", component, name, n, found)
+			}
+		}
+	}
+}

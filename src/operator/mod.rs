@@ -72,7 +72,7 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
     tokio::spawn(health::serve(
         SocketAddr::new(cfg.pod_ip, cfg.metrics_port),
         ready.clone(),
-        Arc::new(prom),
+        prom,
         std::future::pending(),
     ));
     let term = crate::shard::shutdown_signal();

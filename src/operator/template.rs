@@ -45,7 +45,8 @@ pub struct ShardTemplate {
     /// SHARDPOOL_LOG_FORMAT of shards.
     #[serde(default)]
     pub log_format: Option<String>,
-    /// Runtime threads of a shard process (SHARDPOOL_WORKER_THREADS; unset = every core).
+    /// Runtime threads of a shard process (SHARDPOOL_WORKER_THREADS: 1 one
+    /// thread, 0 one per core; unset = the binary's default, 1).
     #[serde(default)]
     pub worker_threads: Option<u32>,
     /// Resources of the shard container.
@@ -198,6 +199,10 @@ pub fn deployment(
                 ),
             ]
             .into_iter()
+            .chain(
+                t.worker_threads
+                    .map(|n| env("SHARDPOOL_WORKER_THREADS", n.to_string())),
+            )
             .chain(owner.into_iter().flat_map(|o| {
                 // The shard's Lease gets the same owner as its Deployment.
                 [
@@ -368,5 +373,26 @@ mod tests {
                 .as_deref(),
             Some("3")
         );
+    }
+
+    #[test]
+    fn worker_threads_reach_the_shard_process() {
+        let env_of = |t: &ShardTemplate| {
+            let d = deployment(t, "sp", "ns", 0, None);
+            d.spec
+                .and_then(|s| s.template.spec)
+                .and_then(|p| p.containers[0].env.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .find(|e| e.name == "SHARDPOOL_WORKER_THREADS")
+                .and_then(|e| e.value)
+        };
+        let mut t = template();
+        assert_eq!(env_of(&t), None, "unset: the binary's default");
+        t.worker_threads = Some(0);
+        assert_eq!(env_of(&t).as_deref(), Some("0"));
+        let h = t.hash();
+        t.worker_threads = Some(1);
+        assert_ne!(h, t.hash(), "a change rolls the shards");
     }
 }

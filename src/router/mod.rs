@@ -222,7 +222,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     tokio::spawn(health::serve(
         SocketAddr::new(cfg.pod_ip, cfg.metrics_port),
         ready.clone(),
-        Arc::new(prom),
+        prom,
         std::future::pending(),
     ));
 

@@ -112,14 +112,9 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let metrics = Arc::new(metrics::ShardMetrics::register(&mut prom, registry.clone()));
     let probe_addr = SocketAddr::new(cfg.pod_ip, cfg.metrics_port);
     let mut probe_stop = stop_rx.clone();
-    tokio::spawn(health::serve(
-        probe_addr,
-        ready.clone(),
-        Arc::new(prom),
-        async move {
-            let _ = probe_stop.wait_for(|s| *s).await;
-        },
-    ));
+    tokio::spawn(health::serve(probe_addr, ready.clone(), prom, async move {
+        let _ = probe_stop.wait_for(|s| *s).await;
+    }));
 
     let lease_cfg = LeaseConfig {
         name: lease_name(cfg.index),
