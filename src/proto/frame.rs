@@ -117,36 +117,6 @@ impl Frame {
     }
 }
 
-/// Writes queued frames to `wr` until the queue closes or a write fails,
-/// coalescing everything queued (up to 256 KiB) into one write: under load
-/// many sessions' frames share a syscall. Before writing it yields once, so
-/// the sessions the runtime already has ready (woken by the same poll of
-/// the sockets) queue their frames first. Hot path: the buffer is reused,
-/// frames are encoded without further allocation.
-pub async fn write_coalesced<W>(
-    mut wr: W,
-    rx: &mut tokio::sync::mpsc::Receiver<Frame>,
-) -> std::io::Result<()>
-where
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncWriteExt;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    while let Some(f) = rx.recv().await {
-        f.encode(&mut buf);
-        tokio::task::yield_now().await;
-        while buf.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(f) => f.encode(&mut buf),
-                Err(_) => break,
-            }
-        }
-        wr.write_all(&buf).await?;
-        buf.clear();
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@
 //! ErrorResponse), and `Messages`.
 
 pub mod frame;
+pub mod outbox;
 pub mod pg;
 pub mod stream;
 

@@ -1,7 +1,7 @@
 //! Persistent, multiplexed connections from this router to shard pods: one
 //! per shard address, shared by every client session routed there. A reader
-//! task hands incoming frames to their sessions; a writer task coalesces
-//! whatever the sessions queued into one write.
+//! task hands incoming frames to their sessions; sessions encode theirs into
+//! the link's [`Outbox`], whose flusher writes a scheduler turn's worth at once.
 //!
 //! Lock discipline: `sessions` (std Mutex) is held only to insert, look up
 //! or remove a session's sender, never across an await; `links` likewise.
@@ -18,7 +18,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::proto::HELLO;
-use crate::proto::frame::{Frame, Kind, write_coalesced};
+use crate::proto::frame::{Frame, Kind};
+use crate::proto::outbox::Outbox;
 
 /// Frames queued towards one session.
 const SESSION_QUEUE: usize = 256;
@@ -27,8 +28,8 @@ const SESSION_QUEUE: usize = 256;
 pub struct Link {
     /// Where it goes.
     pub addr: SocketAddr,
-    /// Frames to write.
-    tx: mpsc::Sender<Frame>,
+    /// Frames to write (shared buffer and its flusher task).
+    out: Arc<Outbox>,
     /// session id -> its inbox.
     sessions: Mutex<HashMap<u32, mpsc::Sender<Frame>>>,
     /// Next session id.
@@ -60,17 +61,17 @@ impl Link {
             ));
         }
         let (mut rd, wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::channel::<Frame>(4096);
+        let out = Arc::new(Outbox::default());
         let link = Arc::new(Link {
             addr,
-            tx,
+            out: out.clone(),
             sessions: Mutex::default(),
             next_id: AtomicU32::new(1),
             dead: AtomicBool::new(false),
         });
         let writer_link = link.clone();
         tokio::spawn(async move {
-            let _ = write_coalesced(wr, &mut rx).await;
+            let _ = out.flush_to(wr).await;
             writer_link.fail();
         });
         let reader_link = link.clone();
@@ -109,6 +110,7 @@ impl Link {
     /// Marks the link dead and ends every session on it (their inboxes close).
     fn fail(&self) {
         self.dead.store(true, Ordering::Relaxed);
+        self.out.close();
         if let Ok(mut s) = self.sessions.lock() {
             s.clear();
         }
@@ -136,7 +138,7 @@ impl Link {
 
     /// Queues a frame; false if the link is gone.
     pub async fn send(&self, f: Frame) -> bool {
-        self.alive() && self.tx.send(f).await.is_ok()
+        self.alive() && self.out.send(f).await.is_ok()
     }
 
     /// Forgets a session (after telling the shard).

@@ -1,7 +1,7 @@
 //! The shard's internal endpoint for routers: accepts persistent
 //! connections, demultiplexes frames into sessions, and writes every
-//! session's answers back through one writer task that coalesces whatever
-//! is queued into a single write (few syscalls under load).
+//! session's answers back through the connection's [`Outbox`], whose
+//! flusher writes a scheduler turn's worth at once (few syscalls under load).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,13 +17,12 @@ use super::metrics::ShardMetrics;
 use super::registry::Registry;
 use super::session;
 use crate::proto::HELLO;
-use crate::proto::frame::{Frame, Kind, write_coalesced};
+use crate::proto::frame::{Frame, Kind};
+use crate::proto::outbox::Outbox;
 use crate::proto::pg;
 
 /// Frames queued per session before the reader waits (backpressure).
 const SESSION_QUEUE: usize = 64;
-/// Frames queued towards one router connection.
-const WRITER_QUEUE: usize = 1024;
 
 /// Serves routers on `listener` until `stop` flips to true.
 pub async fn serve(
@@ -78,9 +77,12 @@ async fn connection(
     wr.write_all(HELLO).await?;
     tracing::debug!(%peer, "router connected");
 
-    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(WRITER_QUEUE);
-    let writer = tokio::spawn(async move {
-        let _ = write_coalesced(wr, &mut out_rx).await;
+    let out_tx = Arc::new(Outbox::default());
+    let writer = tokio::spawn({
+        let out = out_tx.clone();
+        async move {
+            let _ = out.flush_to(wr).await;
+        }
     });
 
     let mut sessions: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();
@@ -151,8 +153,9 @@ async fn connection(
         // Sessions that ended on their own.
         sessions.retain(|_, tx| !tx.is_closed());
     }
+    // Sessions see their inboxes close; what they queued is still written.
     drop(sessions);
-    drop(out_tx);
+    out_tx.close();
     let _ = writer.await;
     Ok(())
 }

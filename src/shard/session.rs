@@ -23,6 +23,7 @@ use super::prepared::{self, Expect, Statements};
 use super::registry::Source;
 use super::server;
 use crate::proto::frame::{Frame, Kind};
+use crate::proto::outbox::Outbox;
 use crate::proto::pg;
 
 /// SQLSTATE sent with `Closed` when the shard drains: nothing ran, retry elsewhere.
@@ -73,7 +74,7 @@ pub async fn run(
     id: u32,
     source: Arc<Source>,
     mut rx: mpsc::Receiver<Frame>,
-    tx: mpsc::Sender<Frame>,
+    tx: Arc<Outbox>,
     draining: watch::Receiver<bool>,
     metrics: Arc<ShardMetrics>,
 ) {
