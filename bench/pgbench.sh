@@ -173,6 +173,7 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
   echo "# pgbench -S (select-only), medians of $REPEAT rounds of $DURATION s per target, scale $SCALE, server pool $POOL, $(nproc) cores, all on this machine"
   echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; PgBouncer $PGB_VERSION, transaction mode (0 = not run: prepared statements need PgBouncer 1.21+)"
   echo "# cpu us/q: CPU time per query of PgBouncer, and of the router plus the shard; cs/q: their context switches per query; steal: CPU time taken by the hypervisor"
+  ROUNDS=()
   printf '%-7s %-8s %9s %9s %9s %7s %9s %9s %9s %7s %7s %6s\n' clients mode direct pgbouncer shardpool sp/pgb sp/direct "pgb us/q" "sp us/q" "pgb cs" "sp cs" steal
   for c in $CLIENTS; do
     for mode in simple extended prepared; do
@@ -191,15 +192,18 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
       col() { printf '%s\n' "${rows[@]}" | awk -v k="$1" '$k != "-" {print $k}' | median; }
       ratio() { printf '%s\n' "${rows[@]}" | awk -v a="$1" -v b="$2" '$b > 0 {printf "%.3f\n", $a / $b}' | median; }
       steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($4 + $8 + $12) / 3}' | median)
+      ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%s/%s/%s", (NR > 1 ? ", " : ""), $1, $5, $9}')")
       printf '%-7s %-8s %9.0f %9.0f %9.0f %7.2f %9.2f %9s %9s %9s %7s %5.0f%%\n' "$c" "$mode" \
         "$(col 1)" "$(col 5)" "$(col 9)" "$(ratio 9 5 | sed 's/^-$/0/')" "$(ratio 9 1 | sed 's/^-$/0/')" \
         "$(col 6)" "$(col 10)" "$(col 7)" "$(col 11)" "$steal"
     done
   done
+  echo "# each round's tps, direct/pgbouncer/shardpool:"
+  printf '#   %s\n' "${ROUNDS[@]}"
   echo
   echo "# latency at a fixed $RATE queries/s (8 clients, -M simple), milliseconds: medians of $REPEAT rounds; added = the round's p50 minus direct's"
   printf '%-10s %8s %8s %8s %10s\n' target p50 p99 mean "added p50"
-  declare -A P50 P99 MEAN ADDED
+  declare -A P50 P99 MEAN ADDED LROUNDS
   for _ in $(seq "$REPEAT"); do
     dp50=""
     for target in direct pgbouncer shardpool; do
@@ -213,6 +217,7 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
       read -r p50 p99 mean < <(cat "$WORK"/pgbench_log.* | awk '{print $3/1000}' | sort -g | awk '
         {v[NR]=$1; s+=$1} END {printf "%.3f %.3f %.3f\n", v[int(NR*0.5)], v[int(NR*0.99)], s/NR}')
       [ "$target" = direct ] && dp50=$p50
+      LROUNDS[$target]+="$p50 "
       P50[$target]+="$p50 "; P99[$target]+="$p99 "; MEAN[$target]+="$mean "
       ADDED[$target]+="$(awk -v a="$p50" -v b="$dp50" 'BEGIN {printf "%.3f", a - b}') "
     done
@@ -220,6 +225,9 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
   for target in direct pgbouncer shardpool; do
     m() { printf '%s\n' $1 | median; }
     printf '%-10s %8s %8s %8s %10s\n' "$target" "$(m "${P50[$target]}")" "$(m "${P99[$target]}")" "$(m "${MEAN[$target]}")" "$(m "${ADDED[$target]}")"
+  done
+  for target in direct pgbouncer shardpool; do
+    echo "#   $target p50 per round: ${LROUNDS[$target]}"
   done
 } | tee "$out"
 log "results: $out"
