@@ -192,7 +192,7 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
       col() { printf '%s\n' "${rows[@]}" | awk -v k="$1" '$k != "-" {print $k}' | median; }
       ratio() { printf '%s\n' "${rows[@]}" | awk -v a="$1" -v b="$2" '$b > 0 {printf "%.3f\n", $a / $b}' | median; }
       steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($4 + $8 + $12) / 3}' | median)
-      ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%s/%s/%s", (NR > 1 ? ", " : ""), $1, $5, $9}')")
+      ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $5, $9}')")
       printf '%-7s %-8s %9.0f %9.0f %9.0f %7.2f %9.2f %9s %9s %9s %7s %5.0f%%\n' "$c" "$mode" \
         "$(col 1)" "$(col 5)" "$(col 9)" "$(ratio 9 5 | sed 's/^-$/0/')" "$(ratio 9 1 | sed 's/^-$/0/')" \
         "$(col 6)" "$(col 10)" "$(col 7)" "$(col 11)" "$steal"
