@@ -79,6 +79,7 @@ log "helm upgrade --install $RELEASE (namespace $NS)"
   --set image.repository=shardpool --set image.tag=local \
   --set logFormat=text \
   --set router.tls.secretName=shardpool-router-tls \
+  --set router.maxResultBytes=8388608 \
   --wait --timeout 180s || die "helm install failed or its pods did not become Ready; see $LOGS/${NS}_*.log"
 
 log "applying examples/"

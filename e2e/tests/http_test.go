@@ -179,3 +179,50 @@ func TestHTTPNDJSONStreams(t *testing.T) {
 		t.Fatalf("bad SQL over ndjson: %d %+v %v", resp2.StatusCode, r.Error, err)
 	}
 }
+
+// A result too large to answer as one JSON document (install.sh sets
+// router.maxResultBytes to 8 MiB) is stopped and refused with 400 and
+// SQLSTATE 54000 instead of growing the router's memory; the same query
+// asked for as NDJSON streams every row; smaller results are unaffected and
+// the session's server connection is not left busy.
+func TestHTTPBufferedResultIsBounded(t *testing.T) {
+	ip, _ := installed(t)
+	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-http-token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	token := strings.TrimSpace(string(b))
+	big := `{"sql": "SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 10000) g", "timeoutMs": 30000}`
+	status, r, _ := postQuery(t, ip, token, "tenants", "acme", big)
+	if status != 400 || r.Error == nil || r.Error.SQLState != "54000" || !strings.Contains(r.Error.Message, "ndjson") {
+		t.Fatalf("10 MB result as JSON: status %d, error %+v; want 400 / 54000 naming NDJSON", status, r.Error)
+	}
+
+	req, err := http.NewRequest(http.MethodPost, "http://"+ip+":8080/v1/namespaces/tenants/datasources/acme/query", strings.NewReader(big))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Accept", "application/x-ndjson")
+	resp, err := (&http.Client{Timeout: 60 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("POST: %v", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	lines := 0
+	for sc.Scan() {
+		lines++
+	}
+	if resp.StatusCode != 200 || lines != 10002 {
+		t.Fatalf("same result as NDJSON: status %d, %d lines; want 200 and columns + 10000 rows + summary", resp.StatusCode, lines)
+	}
+
+	for i := 0; i < 3; i++ {
+		status, r, _ = postQuery(t, ip, token, "tenants", "acme", `{"sql": "SELECT g, repeat('x', 1000) FROM generate_series(1, 1000) g"}`)
+		if status != 200 || r.RowCount != 1000 {
+			t.Fatalf("1 MB result: status %d, rowCount %d, error %+v", status, r.RowCount, r.Error)
+		}
+	}
+}

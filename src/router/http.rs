@@ -90,6 +90,9 @@ pub struct Http {
     pub tokens: Tokens,
     /// Verifier of signed short-lived tokens, when a key is configured.
     pub jwt: Option<super::jwt::JwtVerifier>,
+    /// Largest result (bytes of row data) answered as one JSON document;
+    /// larger ones are refused (54000) and should be streamed as NDJSON.
+    pub max_result: usize,
 }
 
 /// Request body.
@@ -268,6 +271,8 @@ pub struct Outcome {
     pub error: Option<Bytes>,
     /// ReadyForQuery seen.
     pub done: bool,
+    /// Bytes of row data absorbed (DataRow bodies), for the buffered limit.
+    pub row_bytes: usize,
 }
 
 fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
@@ -299,6 +304,7 @@ pub fn absorb(out: &mut Outcome, chunk: &[u8]) -> Result<(), &'static str> {
                 }
             }
             b'D' => {
+                out.row_bytes += body.len();
                 let count = u16::from_be_bytes([
                     *body.first().ok_or("short")?,
                     *body.get(1).ok_or("short")?,
@@ -631,12 +637,27 @@ async fn query(
         return stream_ndjson(at, started, timeout).await;
     }
     let mut out = Outcome::default();
+    let max_result = http.max_result;
     let run = async {
         while !out.done {
             match at.inbox.recv().await {
                 Some(f) if f.kind == Kind::Messages => {
                     if let Err(e) = absorb(&mut out, &f.payload) {
                         return Err(error(StatusCode::BAD_GATEWAY, "08P01", e));
+                    }
+                    if out.row_bytes > max_result {
+                        // Stop the query; closing the session below
+                        // discards its server connection.
+                        at.link
+                            .send(Frame::new(at.id, Kind::Cancel, Bytes::new()))
+                            .await;
+                        return Err(error(
+                            StatusCode::BAD_REQUEST,
+                            "54000",
+                            format!(
+                                "result larger than {max_result} bytes; ask for Accept: application/x-ndjson to stream it, or narrow the query"
+                            ),
+                        ));
                     }
                 }
                 Some(f) if f.kind == Kind::Closed => {
@@ -749,6 +770,7 @@ mod tests {
         absorb(&mut out, &b).expect("valid");
         assert_eq!(out.columns, vec![("n".to_string(), 23)]);
         assert_eq!(out.rows, vec![vec![Some("7".to_string())]]);
+        assert_eq!(out.row_bytes, 7, "count, one length, one byte of value");
         assert_eq!(out.tag.as_deref(), Some("SELECT 1"));
         assert!(out.done);
     }

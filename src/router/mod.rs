@@ -97,6 +97,10 @@ pub struct RouterConfig {
     /// Time a client has from connecting to being authenticated.
     #[arg(long, env = "SHARDPOOL_STARTUP_TIMEOUT", default_value = "10s")]
     pub startup_timeout: String,
+    /// Largest HTTP result, in bytes of row data, answered as one JSON
+    /// document (NDJSON streams are not limited: they are sent as they come).
+    #[arg(long, env = "SHARDPOOL_MAX_RESULT_BYTES", default_value_t = 64 << 20)]
+    pub max_result_bytes: usize,
 }
 
 impl std::fmt::Debug for RouterConfig {
@@ -275,6 +279,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         router: router.clone(),
         tokens,
         jwt,
+        max_result: cfg.max_result_bytes,
     }));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http_listener, app).await {
