@@ -213,12 +213,20 @@ impl ServerConn {
                     scram = Some(s);
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
-                    let s = scram
-                        .as_mut()
+                    let mut s = scram
+                        .take()
                         .ok_or_else(|| ConnectError::Protocol("unexpected SASL continue".into()))?;
-                    s.update(body.data()).map_err(|_| auth_failed(user))?;
+                    // The key derivation (PBKDF2: thousands of HMAC rounds)
+                    // runs off the runtime's thread, which serves every
+                    // session and probe of the process.
+                    let data = body.data().to_vec();
+                    let s = tokio::task::spawn_blocking(move || s.update(&data).map(|()| s))
+                        .await
+                        .map_err(|_| ConnectError::Protocol("SCRAM computation failed".into()))?
+                        .map_err(|_| auth_failed(user))?;
                     frontend::sasl_response(s.message(), &mut out).map_err(proto)?;
                     self.send(&out).await?;
+                    scram = Some(s);
                 }
                 backend::Message::AuthenticationSaslFinal(body) => {
                     let s = scram
