@@ -357,6 +357,29 @@ fn columns_json(columns: &[(String, u32)]) -> Vec<Value> {
         .collect()
 }
 
+/// The whole answer as one JSON document, written row by row (no second
+/// copy of the rows as JSON values).
+fn document(out: &Outcome, elapsed_ms: f64) -> serde_json::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(out.row_bytes + 8 * out.rows.len() + 256);
+    buf.extend_from_slice(b"{\"columns\":");
+    serde_json::to_writer(&mut buf, &columns_json(&out.columns))?;
+    buf.extend_from_slice(b",\"rows\":[");
+    for (i, r) in out.rows.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        serde_json::to_writer(&mut buf, &row_json(r, &out.columns))?;
+    }
+    buf.extend_from_slice(b"],\"rowCount\":");
+    serde_json::to_writer(&mut buf, &out.rows.len())?;
+    buf.extend_from_slice(b",\"commandTag\":");
+    serde_json::to_writer(&mut buf, &out.tag)?;
+    buf.extend_from_slice(b",\"elapsedMs\":");
+    serde_json::to_writer(&mut buf, &elapsed_ms)?;
+    buf.push(b'}');
+    Ok(buf)
+}
+
 /// Whether the client asked for newline-delimited JSON.
 fn wants_ndjson(headers: &HeaderMap) -> bool {
     headers
@@ -693,19 +716,23 @@ async fn query(
             )
         }
         Ok(Err(r)) => r,
-        Ok(Ok(())) => match &out.error {
-            Some(body) => server_error(body),
+        Ok(Ok(())) => match out.error.take() {
+            Some(body) => server_error(&body),
             None => {
-                let columns = columns_json(&out.columns);
-                let rows: Vec<Value> = out.rows.iter().map(|r| row_json(r, &out.columns)).collect();
-                Json(json!({
-                    "columns": columns,
-                    "rows": rows,
-                    "rowCount": out.rows.len(),
-                    "commandTag": out.tag,
-                    "elapsedMs": started.elapsed().as_secs_f64() * 1000.0,
-                }))
-                .into_response()
+                let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                // Encoding up to maxResultBytes of rows is CPU work: done on
+                // the blocking pool, so the runtime's thread keeps serving
+                // every other client meanwhile.
+                match tokio::task::spawn_blocking(move || document(&out, elapsed_ms)).await {
+                    Ok(Ok(body)) => {
+                        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+                    }
+                    _ => error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "XX000",
+                        "encoding the result failed",
+                    ),
+                }
             }
         },
     };
@@ -771,6 +798,18 @@ mod tests {
         assert_eq!(out.columns, vec![("n".to_string(), 23)]);
         assert_eq!(out.rows, vec![vec![Some("7".to_string())]]);
         assert_eq!(out.row_bytes, 7, "count, one length, one byte of value");
+        let doc: Value =
+            serde_json::from_slice(&document(&out, 1.5).expect("encodes")).expect("valid JSON");
+        assert_eq!(
+            doc,
+            json!({
+                "columns": [{"name": "n", "type": "int4"}],
+                "rows": [[7]],
+                "rowCount": 1,
+                "commandTag": "SELECT 1",
+                "elapsedMs": 1.5,
+            })
+        );
         assert_eq!(out.tag.as_deref(), Some("SELECT 1"));
         assert!(out.done);
     }

@@ -99,7 +99,7 @@ pub struct RouterConfig {
     pub startup_timeout: String,
     /// Largest HTTP result, in bytes of row data, answered as one JSON
     /// document (NDJSON streams are not limited: they are sent as they come).
-    #[arg(long, env = "SHARDPOOL_MAX_RESULT_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "SHARDPOOL_MAX_RESULT_BYTES", default_value_t = 16 << 20)]
     pub max_result_bytes: usize,
 }
 
