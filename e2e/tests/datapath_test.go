@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -39,11 +38,7 @@ func installed(t *testing.T) (routerIP, password string) {
 	if routerIP == "" {
 		t.Fatal("no Ready router pod in shardpool-system: run e2e/install.sh")
 	}
-	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-bi"))
-	if err != nil {
-		t.Fatalf("router credentials: %v (run e2e/install.sh)", err)
-	}
-	return routerIP, strings.TrimSpace(string(b))
+	return routerIP, installCredential(t, "router-bi")
 }
 
 // psqlRouter runs psql against the router as user bi; returns stdout, stderr.
@@ -55,11 +50,7 @@ func psqlRouter(t *testing.T, ip, password, database string, args ...string) (st
 // opsPassword is the password of the router user allowed in every namespace.
 func opsPassword(t *testing.T) string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-ops"))
-	if err != nil {
-		t.Fatalf("ops credentials: %v (run e2e/install.sh)", err)
-	}
-	return strings.TrimSpace(string(b))
+	return installCredential(t, "router-ops")
 }
 
 // psqlRouterAs runs psql against the router as `user`.

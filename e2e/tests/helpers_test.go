@@ -122,3 +122,14 @@ func warehouseSources(ns, nameFormat string, n, minIdle, maxSize int) string {
 	}
 	return b.String()
 }
+
+// installCredential reads a credential that e2e/install.sh left in
+// <state>/install/<name>, trimmed.
+func installCredential(t *testing.T, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(stateDir(), "install", name))
+	if err != nil {
+		t.Fatalf("%s: %v (run e2e/install.sh)", name, err)
+	}
+	return strings.TrimSpace(string(b))
+}

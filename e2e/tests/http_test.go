@@ -5,8 +5,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -54,11 +52,7 @@ func postQuery(t *testing.T, ip, token, ns, name, body string) (int, httpResult,
 // whose fault an error was through its status code.
 func TestHTTPAPI(t *testing.T) {
 	ip, _ := installed(t)
-	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-http-token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	token := strings.TrimSpace(string(b))
+	token := installCredential(t, "router-http-token")
 
 	code, r, _ := postQuery(t, ip, token, "tenants", "globex", `{"sql": "SELECT origin, count(*) AS n, $1::text AS tag FROM shipments GROUP BY 1 ORDER BY 1", "params": ["q1"]}`)
 	if code != 200 || r.Error != nil {
@@ -107,11 +101,7 @@ func TestHTTPAPI(t *testing.T) {
 // first row keeps its status code.
 func TestHTTPNDJSONStreams(t *testing.T) {
 	ip, _ := installed(t)
-	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-http-token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	token := strings.TrimSpace(string(b))
+	token := installCredential(t, "router-http-token")
 	post := func(sql string) (*http.Response, time.Time) {
 		t.Helper()
 		req, err := http.NewRequest(http.MethodPost, "http://"+ip+":8080/v1/namespaces/tenants/datasources/acme/query", strings.NewReader(`{"sql": "`+sql+`", "timeoutMs": 20000}`))
@@ -187,11 +177,7 @@ func TestHTTPNDJSONStreams(t *testing.T) {
 // the session's server connection is not left busy.
 func TestHTTPBufferedResultIsBounded(t *testing.T) {
 	ip, _ := installed(t)
-	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-http-token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	token := strings.TrimSpace(string(b))
+	token := installCredential(t, "router-http-token")
 	big := `{"sql": "SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 10000) g", "timeoutMs": 30000}`
 	status, r, _ := postQuery(t, ip, token, "tenants", "acme", big)
 	if status != 400 || r.Error == nil || r.Error.SQLState != "54000" || !strings.Contains(r.Error.Message, "ndjson") {

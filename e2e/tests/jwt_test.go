@@ -5,9 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -36,11 +34,7 @@ func signJWT(t *testing.T, key []byte, header, claims map[string]any) string {
 // curl, as a BI backend's script would call it.
 func TestHTTPJWTTokens(t *testing.T) {
 	ip, _ := installed(t)
-	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "router-jwt-key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	half := strings.TrimSpace(string(b))
+	half := installCredential(t, "router-jwt-key")
 	key := []byte(half + half) // install.sh doubles it (32+ bytes)
 	hs256 := map[string]any{"alg": "HS256", "typ": "JWT"}
 	now := time.Now().Unix()

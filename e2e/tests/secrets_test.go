@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -134,11 +133,7 @@ spec: {host: %s, port: %s, database: acme, user: acme_bi, passwordSecretRef: {na
 		t.Fatalf("another source failed while one had no Secret: %v %q", err, out)
 	}
 	// The Secret appears (with acme_bi's password): the source heals.
-	b, err := os.ReadFile(filepath.Join(stateDir(), "install", "acme-warehouse"))
-	if err != nil {
-		t.Fatalf("acme's warehouse password: %v", err)
-	}
-	applySecret(t, "tenants", "nosecret-later", strings.TrimSpace(string(b)))
+	applySecret(t, "tenants", "nosecret-later", installCredential(t, "acme-warehouse"))
 	eventually(t, 60*time.Second, "source Ready once its Secret exists", func() (bool, error) {
 		out, _, err := kubectl(t, "", "-n", "tenants", "get", "datasource", "nosecret", "-o", "jsonpath={.status.phase}")
 		return out == "Ready", err
