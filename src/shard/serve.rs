@@ -77,11 +77,11 @@ async fn connection(
     wr.write_all(HELLO).await?;
     tracing::debug!(%peer, "router connected");
 
-    let out_tx = Arc::new(Outbox::default());
+    let outbox = Arc::new(Outbox::default());
     let writer = tokio::spawn({
-        let out = out_tx.clone();
+        let outbox = outbox.clone();
         async move {
-            let _ = out.flush_to(wr).await;
+            let _ = outbox.flush_to(wr).await;
         }
     });
 
@@ -110,7 +110,7 @@ async fn connection(
                             session::DRAINING,
                             &format!("source {key} is not served by this shard"),
                         );
-                        let _ = out_tx.send(Frame::new(id, Kind::Closed, msg)).await;
+                        let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
                         continue;
                     };
                     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
@@ -123,7 +123,7 @@ async fn connection(
                             id,
                             source,
                             rx,
-                            out_tx.clone(),
+                            outbox.clone(),
                             draining.clone(),
                             metrics.clone(),
                         )
@@ -155,7 +155,7 @@ async fn connection(
     }
     // Sessions see their inboxes close; what they queued is still written.
     drop(sessions);
-    out_tx.close();
+    outbox.close();
     let _ = writer.await;
     Ok(())
 }

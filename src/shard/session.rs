@@ -74,7 +74,7 @@ pub async fn run(
     id: u32,
     source: Arc<Source>,
     mut rx: mpsc::Receiver<Frame>,
-    tx: Arc<Outbox>,
+    outbox: Arc<Outbox>,
     draining: watch::Receiver<bool>,
     metrics: Arc<ShardMetrics>,
 ) {
@@ -95,7 +95,7 @@ pub async fn run(
             }
         }
     }
-    if tx
+    if outbox
         .send(Frame::new(id, Kind::Opened, opened_payload(&params)))
         .await
         .is_err()
@@ -122,14 +122,14 @@ pub async fn run(
                                     h.status = s;
                                 }
                                 let chunk = prepared::filter(chunk.freeze(), &mut owed);
-                                if tx.send(Frame::new(id, Kind::Messages, chunk)).await.is_err() {
+                                if outbox.send(Frame::new(id, Kind::Messages, chunk)).await.is_err() {
                                     break;
                                 }
                                 if h.conn.is_broken() {
                                     // A FATAL went to the client: the server is
                                     // closing, so is the session (no further
                                     // error: the client has the server's).
-                                    let _ = tx.send(Frame::new(id, Kind::Closed, Bytes::new())).await;
+                                    let _ = outbox.send(Frame::new(id, Kind::Closed, Bytes::new())).await;
                                     return;
                                 }
                                 if h.pending == 0 && h.status == b'I' {
@@ -139,7 +139,7 @@ pub async fn run(
                             Err(e) => {
                                 tracing::warn!(error = %e, "server connection lost mid-transaction");
                                 let msg = pg::error("FATAL", "08006", "server connection lost; the transaction was not completed");
-                                let _ = tx.send(Frame::new(id, Kind::Closed, msg)).await;
+                                let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
                                 return;
                             }
                         }
@@ -157,7 +157,7 @@ pub async fn run(
                             DRAINING,
                             "shard is handing over; retry on its successor",
                         );
-                        let _ = tx.send(Frame::new(id, Kind::Closed, msg)).await;
+                        let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
                         return;
                     }
                     let asked = Instant::now();
@@ -186,7 +186,7 @@ pub async fn run(
                             for _ in 0..syncs {
                                 pg::put_ready(&mut out, b'I');
                             }
-                            if tx
+                            if outbox
                                 .send(Frame::new(id, Kind::Messages, out.freeze()))
                                 .await
                                 .is_err()
@@ -211,7 +211,7 @@ pub async fn run(
                 if let Err(e) = h.conn.write_all(&bytes).await {
                     tracing::warn!(error = %e, "writing to the server failed");
                     let msg = pg::error("FATAL", "08006", "server connection lost");
-                    let _ = tx.send(Frame::new(id, Kind::Closed, msg)).await;
+                    let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
                     return;
                 }
             }
