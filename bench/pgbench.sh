@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Throughput and latency, side by side in one run on this machine:
 # pgbench -S directly against the warehouse PostgreSQL, through PgBouncer
-# (transaction mode), and through shardpool (router -> shard -> warehouse,
-# release build, on the local cluster).
+# (transaction mode), through two PgBouncers in a row (the same two hops as
+# router -> shard: the cost of the path's length apart from the software),
+# and through shardpool (router -> shard -> warehouse, release build, on the
+# local cluster).
 #
 #   bench/pgbench.sh                 # 16 and 64 clients, 3 rounds of 10 s each
 #   CLIENTS="16 64" DURATION=20 REPEAT=5 bench/pgbench.sh
 #
-# Each round runs direct, PgBouncer and shardpool back to back; the table
-# gives the median over the rounds (ratios: the median of each round's
-# ratio), so a slow spell of the host hits all three alike. When perf is
-# installed it also counts the CPU time and context switches per query of
-# PgBouncer and of shardpool's router plus shard, and /proc/stat gives the
+# Each round runs the four back to back; the table gives the median over
+# the rounds (ratios: the median of each round's ratio), so a slow spell of
+# the host hits all of them alike. When perf is installed it also counts
+# the CPU time and context switches per query of PgBouncer, of the two
+# PgBouncers, of the router and of the shard, and /proc/stat gives the
 # share of CPU time the hypervisor stole during the runs.
 #
 # It brings up its own local cluster in bench/.work/state (stop a `make demo`
@@ -29,6 +31,7 @@ RATE="${RATE:-1000}"
 POOL="${POOL:-20}"
 SCALE="${SCALE:-10}"
 PGB_PORT="${PGB_PORT:-16432}"
+PGB2_PORT="${PGB2_PORT:-16433}"
 WORK="$BENCH/.work"
 mkdir -p "$WORK" "$BENCH/results"
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -44,8 +47,11 @@ log "building shardpool (release)"
 export SHARDPOOL_BIN="$ROOT/target/release/shardpool"
 
 PGB_PID=""
+PGB2_PID=""
 cleanup() {
-  if [ -n "$PGB_PID" ] && kill -0 "$PGB_PID" 2>/dev/null; then kill -INT "$PGB_PID"; fi
+  for pid in $PGB2_PID $PGB_PID; do
+    if kill -0 "$pid" 2>/dev/null; then kill -INT "$pid"; fi
+  done
   "$ROOT/e2e/down.sh" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -82,16 +88,22 @@ done
 ROUTER_IP=$(kc -n shardpool-system get pods -l app.kubernetes.io/component=router -o jsonpath='{.items[0].status.podIP}')
 ROUTER_PW=$(cat "$LOCALKUBE_STATE/install/router-bi")
 
-log "starting pgbouncer on 127.0.0.1:$PGB_PORT (transaction mode, pool $POOL)"
+log "starting pgbouncer on 127.0.0.1:$PGB_PORT (transaction mode, pool $POOL), and a second one on :$PGB2_PORT in front of it"
 PGB="$WORK/pgbouncer"
 mkdir -p "$PGB"
 printf '"%s" "%s"\n' "$WAREHOUSE_PGUSER" "$WAREHOUSE_PGPASSWORD" > "$PGB/userlist.txt"
-cat > "$PGB/pgbouncer.ini" <<INI
+PGB_VERSION=$("$PGBOUNCER" --version | head -n 1 | awk '{print $2}')
+# Prepared statements in transaction mode need PgBouncer 1.21+.
+PGB_PREPARED=0
+if printf '1.21\n%s\n' "$PGB_VERSION" | sort -V -C; then PGB_PREPARED=1; fi
+# pgbouncer_ini NAME LISTEN_PORT SERVER_HOST SERVER_PORT
+pgbouncer_ini() {
+  cat > "$PGB/$1.ini" <<INI
 [databases]
-bench = host=$WAREHOUSE_PGHOST port=$WAREHOUSE_PGPORT dbname=bench user=$WAREHOUSE_PGUSER password=$WAREHOUSE_PGPASSWORD
+bench = host=$3 port=$4 dbname=bench user=$WAREHOUSE_PGUSER password=$WAREHOUSE_PGPASSWORD
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
+listen_port = $2
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = $PGB/userlist.txt
@@ -99,25 +111,30 @@ pool_mode = transaction
 default_pool_size = $POOL
 min_pool_size = $POOL
 max_client_conn = 1000
-logfile = $PGB/pgbouncer.log
-pidfile = $PGB/pgbouncer.pid
+logfile = $PGB/$1.log
+pidfile = $PGB/$1.pid
 INI
-PGB_VERSION=$("$PGBOUNCER" --version | head -n 1 | awk '{print $2}')
-# Prepared statements in transaction mode need PgBouncer 1.21+.
-PGB_PREPARED=0
-if printf '1.21\n%s\n' "$PGB_VERSION" | sort -V -C; then
-  echo "max_prepared_statements = 200" >> "$PGB/pgbouncer.ini"
-  PGB_PREPARED=1
-fi
-chmod 600 "$PGB/userlist.txt" "$PGB/pgbouncer.ini"
-if [ "$(id -u)" = 0 ]; then
-  chown -R postgres: "$PGB"
-  runuser -u postgres -- "$PGBOUNCER" "$PGB/pgbouncer.ini" >/dev/null 2>&1 &
-else
-  "$PGBOUNCER" "$PGB/pgbouncer.ini" >/dev/null 2>&1 &
-fi
-for _ in $(seq 1 50); do [ -s "$PGB/pgbouncer.pid" ] && break; sleep 0.1; done
-PGB_PID=$(cat "$PGB/pgbouncer.pid")
+  if [ "$PGB_PREPARED" = 1 ]; then echo "max_prepared_statements = 200" >> "$PGB/$1.ini"; fi
+}
+# The first in front of the warehouse; the second in front of the first:
+# two hops of PgBouncer, the same path length as router -> shard.
+pgbouncer_ini pgbouncer "$PGB_PORT" "$WAREHOUSE_PGHOST" "$WAREHOUSE_PGPORT"
+pgbouncer_ini pgbouncer2 "$PGB2_PORT" 127.0.0.1 "$PGB_PORT"
+chmod 600 "$PGB"/userlist.txt "$PGB"/*.ini
+# start_pgbouncer NAME -> its pid (daemonised, so tracked by its pid file)
+start_pgbouncer() {
+  rm -f "$PGB/$1.pid"
+  if [ "$(id -u)" = 0 ]; then
+    chown -R postgres: "$PGB"
+    runuser -u postgres -- "$PGBOUNCER" -d "$PGB/$1.ini" >/dev/null 2>&1
+  else
+    "$PGBOUNCER" -d "$PGB/$1.ini" >/dev/null 2>&1
+  fi
+  for _ in $(seq 1 50); do [ -s "$PGB/$1.pid" ] && break; sleep 0.1; done
+  cat "$PGB/$1.pid"
+}
+PGB_PID=$(start_pgbouncer pgbouncer)
+PGB2_PID=$(start_pgbouncer pgbouncer2)
 
 # run NAME HOST PORT DB PASSWORD ARGS... -> prints "tps latency_ms"
 run() {
@@ -131,40 +148,47 @@ tps() { sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -n 1; }
 listener_pid() { ss -ltnpH "src $1:$2" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -n 1; }
 SHARD_IDX=$(kc -n tenants get datasource bench -o jsonpath='{.status.shard}')
 SHARD_IP=$(kc -n shardpool-system get pods -l "shardpool.dev/shard=$SHARD_IDX" -o jsonpath='{.items[0].status.podIP}')
-SP_PIDS="$(listener_pid "$ROUTER_IP" 5432),$(listener_pid "$SHARD_IP" 6432)"
+ROUTER_PID=$(listener_pid "$ROUTER_IP" 5432)
+SHARD_PID=$(listener_pid "$SHARD_IP" 6432)
 PERF="$(command -v perf || true)"
 if [ -n "$PERF" ] && ! "$PERF" stat -e task-clock -p "$PGB_PID" -- sleep 0.1 >/dev/null 2>&1; then PERF=""; fi
 [ -n "$PERF" ] || log "perf not usable: CPU per query is not reported"
 
 cpu_snapshot() { awk '/^cpu /{print $9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 
-# measure TARGET ARGS... -> "tps cpu_us_per_query cs_per_query steal_percent"
-# (cpu and cs "-" for direct, or without perf).
+# measure TARGET ARGS... -> "tps steal% cpuA csA cpuB csB": CPU time (us)
+# and context switches per query of the target's processes, A and B
+# counted apart: shardpool A = router, B = shard; pgbouncer A = it;
+# pgbouncer2 A = both PgBouncers together. "-" where not counted.
 measure() {
   local target=$1; shift
-  local args pids="" perfpid="" res n tps s0 s1 steal cpu="-" cs="-"
+  local args groups=() perfpids=() res n tps s0 s1 steal i out=("-" "-" "-" "-")
   case $target in
     direct) args=("$WAREHOUSE_PGHOST" "$WAREHOUSE_PGPORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER") ;;
-    pgbouncer) args=(127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); pids=$PGB_PID ;;
-    shardpool) args=("$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi); pids=$SP_PIDS ;;
+    pgbouncer) args=(127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID") ;;
+    pgbouncer2) args=(127.0.0.1 "$PGB2_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID,$PGB2_PID") ;;
+    shardpool) args=("$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi); groups=("$ROUTER_PID" "$SHARD_PID") ;;
   esac
-  rm -f "$WORK/perf.txt"
-  if [ -n "$PERF" ] && [ -n "$pids" ]; then
-    "$PERF" stat -x, -e task-clock,context-switches -p "$pids" -o "$WORK/perf.txt" &
-    perfpid=$!
-  fi
+  [ -n "$PERF" ] || groups=()
+  for i in "${!groups[@]}"; do
+    rm -f "$WORK/perf.$i.txt"
+    "$PERF" stat -x, -e task-clock,context-switches -p "${groups[$i]}" -o "$WORK/perf.$i.txt" &
+    perfpids+=($!)
+  done
   s0=$(cpu_snapshot)
   res=$(run "${args[@]}" "$@")
   s1=$(cpu_snapshot)
-  if [ -n "$perfpid" ]; then kill -INT "$perfpid" 2>/dev/null || true; wait "$perfpid" 2>/dev/null || true; fi
+  for i in "${!perfpids[@]}"; do kill -INT "${perfpids[$i]}" 2>/dev/null || true; wait "${perfpids[$i]}" 2>/dev/null || true; done
   n=$(echo "$res" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' | head -n 1)
   tps=$(echo "$res" | tps)
   steal=$(echo "$s0 $s1" | awk '{printf "%.0f", ($4 > $2 ? 100 * ($3 - $1) / ($4 - $2) : 0)}')
-  if [ -n "$perfpid" ] && [ -s "$WORK/perf.txt" ] && [ "${n:-0}" -gt 0 ]; then
-    cpu=$(awk -F, -v n="$n" '$3 == "task-clock" {printf "%.1f", $1 * 1000 / n}' "$WORK/perf.txt")
-    cs=$(awk -F, -v n="$n" '$3 == "context-switches" {printf "%.2f", $1 / n}' "$WORK/perf.txt")
-  fi
-  echo "${tps:-0} ${cpu:--} ${cs:--} $steal"
+  for i in "${!perfpids[@]}"; do
+    if [ -s "$WORK/perf.$i.txt" ] && [ "${n:-0}" -gt 0 ]; then
+      out[$((2 * i))]=$(awk -F, -v n="$n" '$3 == "task-clock" {printf "%.1f", $1 * 1000 / n}' "$WORK/perf.$i.txt")
+      out[$((2 * i + 1))]=$(awk -F, -v n="$n" '$3 == "context-switches" {printf "%.2f", $1 / n}' "$WORK/perf.$i.txt")
+    fi
+  done
+  echo "${tps:-0} $steal ${out[*]}"
 }
 median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else print v[int((NR + 1) / 2)]}'; }
 
@@ -172,33 +196,39 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
 {
   echo "# pgbench -S (select-only), medians of $REPEAT rounds of $DURATION s per target, scale $SCALE, server pool $POOL, $(nproc) cores, all on this machine"
   echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; PgBouncer $PGB_VERSION, transaction mode (0 = not run: prepared statements need PgBouncer 1.21+)"
-  echo "# cpu us/q: CPU time per query of PgBouncer, and of the router plus the shard; cs/q: their context switches per query; steal: CPU time taken by the hypervisor"
+  echo "# pgb x2: two PgBouncers in a row (client -> PgBouncer -> PgBouncer -> PostgreSQL), the same two hops as router -> shard"
+  echo "# us/q: CPU time per query of PgBouncer, of both PgBouncers of pgb x2, of the router and of the shard; cs/q: context switches per query (router + shard for sp); steal: CPU time taken by the hypervisor"
   ROUNDS=()
-  printf '%-7s %-8s %9s %9s %9s %7s %9s %9s %9s %7s %7s %6s\n' clients mode direct pgbouncer shardpool sp/pgb sp/direct "pgb us/q" "sp us/q" "pgb cs" "sp cs" steal
+  printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %5s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb cs" "sp cs" steal
   for c in $CLIENTS; do
     for mode in simple extended prepared; do
       j=$(( c < 2 ? 1 : 2 ))
       rows=()
       for _ in $(seq "$REPEAT"); do
         d=$(measure direct -M $mode -c "$c" -j $j -T "$DURATION")
-        b="0 - - 0"
+        b="0 0 - - - -"
+        b2="0 0 - - - -"
         if [ "$mode" != prepared ] || [ "$PGB_PREPARED" = 1 ]; then
           b=$(measure pgbouncer -M $mode -c "$c" -j $j -T "$DURATION")
+          b2=$(measure pgbouncer2 -M $mode -c "$c" -j $j -T "$DURATION")
         fi
         s=$(measure shardpool -M $mode -c "$c" -j $j -T "$DURATION")
-        rows+=("$d $b $s")
+        rows+=("$d $b $b2 $s")
       done
-      # columns per round: d_tps d_cpu d_cs d_steal b_tps b_cpu b_cs b_steal s_tps s_cpu s_cs s_steal
+      # fields per round, 6 per target (tps steal cpuA csA cpuB csB):
+      # direct 1-6, pgbouncer 7-12, pgbouncer2 13-18, shardpool 19-24
       col() { printf '%s\n' "${rows[@]}" | awk -v k="$1" '$k != "-" {print $k}' | median; }
       ratio() { printf '%s\n' "${rows[@]}" | awk -v a="$1" -v b="$2" '$b > 0 {printf "%.3f\n", $a / $b}' | median; }
-      steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($4 + $8 + $12) / 3}' | median)
-      ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $5, $9}')")
-      printf '%-7s %-8s %9.0f %9.0f %9.0f %7.2f %9.2f %9s %9s %9s %7s %5.0f%%\n' "$c" "$mode" \
-        "$(col 1)" "$(col 5)" "$(col 9)" "$(ratio 9 5 | sed 's/^-$/0/')" "$(ratio 9 1 | sed 's/^-$/0/')" \
-        "$(col 6)" "$(col 10)" "$(col 7)" "$(col 11)" "$steal"
+      spcs=$(printf '%s\n' "${rows[@]}" | awk '$22 != "-" && $24 != "-" {printf "%.2f\n", $22 + $24}' | median)
+      steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($2 + $8 + $14 + $20) / 4}' | median)
+      ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $7, $13, $19}')")
+      printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %4.0f%%\n' "$c" "$mode" \
+        "$(col 1)" "$(col 7)" "$(col 13)" "$(col 19)" \
+        "$(ratio 19 7 | sed 's/^-$/0/')" "$(ratio 19 13 | sed 's/^-$/0/')" "$(ratio 19 1 | sed 's/^-$/0/')" \
+        "$(col 9)" "$(col 15)" "$(col 21)" "$(col 23)" "$(col 10)" "$spcs" "$steal"
     done
   done
-  echo "# each round's tps, direct/pgbouncer/shardpool:"
+  echo "# each round's tps, direct/pgbouncer/pgbouncer x2/shardpool:"
   printf '#   %s\n' "${ROUNDS[@]}"
   echo
   echo "# latency at a fixed $RATE queries/s (8 clients, -M simple), milliseconds: medians of $REPEAT rounds; added = the round's p50 minus direct's"
@@ -206,11 +236,12 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
   declare -A P50 P99 MEAN ADDED LROUNDS
   for _ in $(seq "$REPEAT"); do
     dp50=""
-    for target in direct pgbouncer shardpool; do
+    for target in direct pgbouncer pgbouncer2 shardpool; do
       rm -f "$WORK"/pgbench_log.*
       case $target in
         direct) args=("$WAREHOUSE_PGHOST" "$WAREHOUSE_PGPORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER") ;;
         pgbouncer) args=(127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER") ;;
+        pgbouncer2) args=(127.0.0.1 "$PGB2_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER") ;;
         shardpool) args=("$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi) ;;
       esac
       (cd "$WORK" && run "${args[@]}" -M simple -c 8 -j 2 -R "$RATE" -T "$DURATION" -l >/dev/null)
@@ -222,11 +253,11 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
       ADDED[$target]+="$(awk -v a="$p50" -v b="$dp50" 'BEGIN {printf "%.3f", a - b}') "
     done
   done
-  for target in direct pgbouncer shardpool; do
+  for target in direct pgbouncer pgbouncer2 shardpool; do
     m() { printf '%s\n' $1 | median; }
     printf '%-10s %8s %8s %8s %10s\n' "$target" "$(m "${P50[$target]}")" "$(m "${P99[$target]}")" "$(m "${MEAN[$target]}")" "$(m "${ADDED[$target]}")"
   done
-  for target in direct pgbouncer shardpool; do
+  for target in direct pgbouncer pgbouncer2 shardpool; do
     echo "#   $target p50 per round: ${LROUNDS[$target]}"
   done
 } | tee "$out"
