@@ -211,3 +211,59 @@ async fn tls_required_against_a_server_without_tls_fails_clearly() {
         .expect("prefer connects");
     assert!(!conn.is_tls());
 }
+
+/// Sequential checkouts reuse the most recently returned connection (LIFO,
+/// as PgBouncer does), so under a light steady load the connections a
+/// burst opened sit idle and are trimmed after idleTimeout. (Round-robin
+/// would touch every one of them in turn and keep them all open.)
+#[tokio::test]
+async fn light_load_after_a_burst_trims_to_what_is_used() {
+    let pg = TestPg::start("lifo");
+    let app = "shardpool/t/lifo/0";
+    let mut s = settings(1, 4);
+    s.idle_timeout = Duration::from_secs(1);
+    let pool = pool::build(Manager::new(
+        params(&pg, app),
+        s,
+        pg.password.clone(),
+        Arc::new(Semaphore::new(4)),
+    ))
+    .expect("pool");
+    // A burst: four at once.
+    {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(pool.get().await.expect("get"));
+        }
+    }
+    assert_eq!(pool::counts(&pool), (4, 4, 0));
+    // Then one query at a time for longer than idleTimeout.
+    let mut pids = std::collections::BTreeSet::new();
+    let until = std::time::Instant::now() + Duration::from_millis(2500);
+    while std::time::Instant::now() < until {
+        let mut conn = pool.get().await.expect("get");
+        conn.simple("SELECT 1").await.expect("query");
+        pids.insert(conn.backend_pid);
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        pids.len(),
+        1,
+        "one server connection served every query: {pids:?}"
+    );
+    pool::maintain(&pool).await;
+    assert_eq!(pool::counts(&pool).0, 1, "the idle ones were trimmed");
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = pg.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"),
+        );
+        if seen == "1" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, "1", "the server sees one connection left");
+}

@@ -185,6 +185,11 @@ pub fn build(manager: Manager) -> Result<Pool, managed::BuildError> {
         .wait_timeout(Some(s.acquire_timeout))
         .create_timeout(Some(s.connect_timeout + Duration::from_secs(1)))
         .recycle_timeout(Some(Duration::from_secs(5)))
+        // The most recently returned connection goes out first (as in
+        // PgBouncer): a light load keeps reusing one warm server backend,
+        // and connections a burst opened stay idle long enough to be
+        // trimmed after idleTimeout. Round-robin would touch them all.
+        .queue_mode(managed::QueueMode::Lifo)
         .runtime(deadpool::Runtime::Tokio1)
         .build()
 }
@@ -195,17 +200,30 @@ pub fn build(manager: Manager) -> Result<Pool, managed::BuildError> {
 pub async fn maintain(pool: &Pool) -> usize {
     let manager = pool.manager();
     let s = manager.settings.clone();
-    // Trim: retain sees only idle connections.
-    let mut idle_kept = 0usize;
-    let idle_now = pool.status().available;
-    let removed = pool.retain(|conn, m| {
-        let keep = conn.created.elapsed() <= s.max_lifetime
-            && conn.idle_and_alive()
-            && (m.last_used() <= s.idle_timeout || idle_kept < s.min_idle.min(idle_now));
-        if keep {
-            idle_kept += 1;
+    // Trim: retain sees only idle connections. Recently used ones stay and
+    // count towards minIdle; stale ones stay only to make up minIdle.
+    let usable =
+        |conn: &ServerConn| conn.created.elapsed() <= s.max_lifetime && conn.idle_and_alive();
+    let mut fresh = 0usize;
+    pool.retain(|conn, m| {
+        if usable(conn) && m.last_used() <= s.idle_timeout {
+            fresh += 1;
         }
-        keep
+        true
+    });
+    let mut stale_quota = s.min_idle.saturating_sub(fresh);
+    let removed = pool.retain(|conn, m| {
+        if !usable(conn) {
+            return false;
+        }
+        if m.last_used() <= s.idle_timeout {
+            return true;
+        }
+        if stale_quota > 0 {
+            stale_quota -= 1;
+            return true;
+        }
+        false
     });
     for conn in removed.removed {
         tokio::spawn(conn.terminate());

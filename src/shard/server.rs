@@ -72,6 +72,25 @@ pub enum ConnectError {
     },
 }
 
+/// The ReadyForQuery messages of one chunk of server messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// How many the chunk holds (each answers one Query or Sync).
+    pub count: usize,
+    /// The transaction status of the last one ('I', 'T' or 'E'); 'I' when
+    /// there is none.
+    pub last_status: u8,
+}
+
+impl Default for Ready {
+    fn default() -> Self {
+        Ready {
+            count: 0,
+            last_status: b'I',
+        }
+    }
+}
+
 /// An open, idle-or-busy server connection.
 #[derive(Debug)]
 pub struct ServerConn {
@@ -286,19 +305,21 @@ impl ServerConn {
     }
 
     /// Reads until at least one complete message is buffered, then returns
-    /// every complete message as one chunk, with the statuses of the
-    /// ReadyForQuery messages it contains, in order. A FATAL error in the
-    /// chunk marks the connection broken (`is_broken`): the server is
-    /// closing it.
-    pub async fn read_messages(&mut self) -> std::io::Result<(BytesMut, Vec<u8>)> {
+    /// every complete message as one chunk, with what its ReadyForQuery
+    /// messages said. A FATAL error in the chunk marks the connection
+    /// broken (`is_broken`): the server is closing it.
+    ///
+    /// Hot path (once per answer): no allocation beyond the buffer's own.
+    pub async fn read_messages(&mut self) -> std::io::Result<(BytesMut, Ready)> {
         loop {
             let mut end = 0;
-            let mut ready = Vec::new();
+            let mut ready = Ready::default();
             loop {
                 match pg::next_message(&self.rbuf[end..]) {
                     Ok(Some((t, n))) => {
                         if t == b'Z' {
-                            ready.push(self.rbuf.get(end + 5).copied().unwrap_or(b'I'));
+                            ready.count += 1;
+                            ready.last_status = self.rbuf.get(end + 5).copied().unwrap_or(b'I');
                         } else if t == b'E' && pg::is_fatal(&self.rbuf[end + 5..end + n]) {
                             // The server ends the connection after a FATAL.
                             self.broken = true;
@@ -348,7 +369,7 @@ impl ServerConn {
                 }
                 rest = &rest[n..];
             }
-            if !ready.is_empty() {
+            if ready.count > 0 {
                 return match failed {
                     Some(m) => Err(std::io::Error::other(m)),
                     None => Ok(()),

@@ -117,9 +117,9 @@ pub async fn run(
                     r = h.conn.read_messages() => {
                         match r {
                             Ok((chunk, ready)) => {
-                                for s in ready {
-                                    h.pending = h.pending.saturating_sub(1);
-                                    h.status = s;
+                                if ready.count > 0 {
+                                    h.pending = h.pending.saturating_sub(ready.count);
+                                    h.status = ready.last_status;
                                 }
                                 let chunk = prepared::filter(chunk.freeze(), &mut owed);
                                 if outbox.send(Frame::new(id, Kind::Messages, chunk)).await.is_err() {
@@ -198,14 +198,15 @@ pub async fn run(
                     }
                 }
                 let Some(h) = held.as_mut() else { continue };
-                h.pending += sync_points(&frame.payload);
+                let syncs = sync_points(&frame.payload);
+                h.pending += syncs;
                 let bytes = if prepared::needs_rewrite(&frame.payload) {
                     let r = prepared::rewrite(&frame.payload, &mut stmts, &h.conn.prepared);
                     owed.extend(r.expect);
                     h.conn.prepared.extend(r.prepares);
                     r.bytes
                 } else {
-                    owed.extend((0..sync_points(&frame.payload)).map(|_| Expect::Ready));
+                    owed.extend((0..syncs).map(|_| Expect::Ready));
                     frame.payload.clone()
                 };
                 if let Err(e) = h.conn.write_all(&bytes).await {
