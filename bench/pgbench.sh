@@ -8,6 +8,11 @@
 #
 #   bench/pgbench.sh                 # 16 and 64 clients, 3 rounds of 10 s each
 #   CLIENTS="16 64" DURATION=20 REPEAT=5 bench/pgbench.sh
+#   CLIENTS= bench/pgbench.sh        # only the latency at a fixed rate
+#
+# The latency part interleaves LAT_REPEAT (default 10) short rounds of
+# LAT_DURATION s (default 3) per target: the host has slow spells of
+# seconds, and a median over many short interleaved rounds passes them by.
 #
 # Each round runs the four back to back; the table gives the median over
 # the rounds (ratios: the median of each round's ratio), so a slow spell of
@@ -24,10 +29,12 @@ set -euo pipefail
 BENCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$BENCH/.." && pwd)"
 export LOCALKUBE_STATE="$BENCH/.work/state"
-CLIENTS="${CLIENTS:-16 64}"
+CLIENTS="${CLIENTS-16 64}"
 DURATION="${DURATION:-10}"
 REPEAT="${REPEAT:-3}"
 RATE="${RATE:-1000}"
+LAT_REPEAT="${LAT_REPEAT:-10}"
+LAT_DURATION="${LAT_DURATION:-3}"
 POOL="${POOL:-20}"
 SCALE="${SCALE:-10}"
 PGB_PORT="${PGB_PORT:-16432}"
@@ -194,47 +201,50 @@ median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else print v
 
 out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
 {
-  echo "# pgbench -S (select-only), medians of $REPEAT rounds of $DURATION s per target, scale $SCALE, server pool $POOL, $(nproc) cores, all on this machine"
+  echo "# pgbench -S (select-only), scale $SCALE, server pool $POOL, $(nproc) cores, all on this machine"
   echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; PgBouncer $PGB_VERSION, transaction mode (0 = not run: prepared statements need PgBouncer 1.21+)"
   echo "# pgb x2: two PgBouncers in a row (client -> PgBouncer -> PgBouncer -> PostgreSQL), the same two hops as router -> shard"
-  echo "# us/q: CPU time per query of PgBouncer, of both PgBouncers of pgb x2, of the router and of the shard; cs/q: context switches per query (router + shard for sp); steal: CPU time taken by the hypervisor"
   ROUNDS=()
-  printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %5s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb cs" "sp cs" steal
-  for c in $CLIENTS; do
-    for mode in simple extended prepared; do
-      j=$(( c < 2 ? 1 : 2 ))
-      rows=()
-      for _ in $(seq "$REPEAT"); do
-        d=$(measure direct -M $mode -c "$c" -j $j -T "$DURATION")
-        b="0 0 - - - -"
-        b2="0 0 - - - -"
-        if [ "$mode" != prepared ] || [ "$PGB_PREPARED" = 1 ]; then
-          b=$(measure pgbouncer -M $mode -c "$c" -j $j -T "$DURATION")
-          b2=$(measure pgbouncer2 -M $mode -c "$c" -j $j -T "$DURATION")
-        fi
-        s=$(measure shardpool -M $mode -c "$c" -j $j -T "$DURATION")
-        rows+=("$d $b $b2 $s")
+  if [ -n "$CLIENTS" ]; then
+    echo "# throughput: medians of $REPEAT rounds of $DURATION s per target"
+    echo "# us/q: CPU time per query of PgBouncer, of both PgBouncers of pgb x2, of the router and of the shard; cs/q: context switches per query (router + shard for sp); steal: CPU time taken by the hypervisor"
+    printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %5s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb cs" "sp cs" steal
+    for c in $CLIENTS; do
+      for mode in simple extended prepared; do
+        j=$(( c < 2 ? 1 : 2 ))
+        rows=()
+        for _ in $(seq "$REPEAT"); do
+          d=$(measure direct -M $mode -c "$c" -j $j -T "$DURATION")
+          b="0 0 - - - -"
+          b2="0 0 - - - -"
+          if [ "$mode" != prepared ] || [ "$PGB_PREPARED" = 1 ]; then
+            b=$(measure pgbouncer -M $mode -c "$c" -j $j -T "$DURATION")
+            b2=$(measure pgbouncer2 -M $mode -c "$c" -j $j -T "$DURATION")
+          fi
+          s=$(measure shardpool -M $mode -c "$c" -j $j -T "$DURATION")
+          rows+=("$d $b $b2 $s")
+        done
+        # fields per round, 6 per target (tps steal cpuA csA cpuB csB):
+        # direct 1-6, pgbouncer 7-12, pgbouncer2 13-18, shardpool 19-24
+        col() { printf '%s\n' "${rows[@]}" | awk -v k="$1" '$k != "-" {print $k}' | median; }
+        ratio() { printf '%s\n' "${rows[@]}" | awk -v a="$1" -v b="$2" '$b > 0 {printf "%.3f\n", $a / $b}' | median; }
+        spcs=$(printf '%s\n' "${rows[@]}" | awk '$22 != "-" && $24 != "-" {printf "%.2f\n", $22 + $24}' | median)
+        steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($2 + $8 + $14 + $20) / 4}' | median)
+        ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $7, $13, $19}')")
+        printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %4.0f%%\n' "$c" "$mode" \
+          "$(col 1)" "$(col 7)" "$(col 13)" "$(col 19)" \
+          "$(ratio 19 7 | sed 's/^-$/0/')" "$(ratio 19 13 | sed 's/^-$/0/')" "$(ratio 19 1 | sed 's/^-$/0/')" \
+          "$(col 9)" "$(col 15)" "$(col 21)" "$(col 23)" "$(col 10)" "$spcs" "$steal"
       done
-      # fields per round, 6 per target (tps steal cpuA csA cpuB csB):
-      # direct 1-6, pgbouncer 7-12, pgbouncer2 13-18, shardpool 19-24
-      col() { printf '%s\n' "${rows[@]}" | awk -v k="$1" '$k != "-" {print $k}' | median; }
-      ratio() { printf '%s\n' "${rows[@]}" | awk -v a="$1" -v b="$2" '$b > 0 {printf "%.3f\n", $a / $b}' | median; }
-      spcs=$(printf '%s\n' "${rows[@]}" | awk '$22 != "-" && $24 != "-" {printf "%.2f\n", $22 + $24}' | median)
-      steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($2 + $8 + $14 + $20) / 4}' | median)
-      ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $7, $13, $19}')")
-      printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %4.0f%%\n' "$c" "$mode" \
-        "$(col 1)" "$(col 7)" "$(col 13)" "$(col 19)" \
-        "$(ratio 19 7 | sed 's/^-$/0/')" "$(ratio 19 13 | sed 's/^-$/0/')" "$(ratio 19 1 | sed 's/^-$/0/')" \
-        "$(col 9)" "$(col 15)" "$(col 21)" "$(col 23)" "$(col 10)" "$spcs" "$steal"
     done
-  done
-  echo "# each round's tps, direct/pgbouncer/pgbouncer x2/shardpool:"
-  printf '#   %s\n' "${ROUNDS[@]}"
-  echo
-  echo "# latency at a fixed $RATE queries/s (8 clients, -M simple), milliseconds: medians of $REPEAT rounds; added = the round's p50 minus direct's"
+    echo "# each round's tps, direct/pgbouncer/pgbouncer x2/shardpool:"
+    printf '#   %s\n' "${ROUNDS[@]}"
+    echo
+  fi
+  echo "# latency at a fixed $RATE queries/s (8 clients, -M simple), milliseconds: medians of $LAT_REPEAT interleaved rounds of $LAT_DURATION s; added = the round's p50 minus direct's"
   printf '%-10s %8s %8s %8s %10s\n' target p50 p99 mean "added p50"
   declare -A P50 P99 MEAN ADDED LROUNDS
-  for _ in $(seq "$REPEAT"); do
+  for _ in $(seq "$LAT_REPEAT"); do
     dp50=""
     for target in direct pgbouncer pgbouncer2 shardpool; do
       rm -f "$WORK"/pgbench_log.*
@@ -244,7 +254,7 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
         pgbouncer2) args=(127.0.0.1 "$PGB2_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER") ;;
         shardpool) args=("$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi) ;;
       esac
-      (cd "$WORK" && run "${args[@]}" -M simple -c 8 -j 2 -R "$RATE" -T "$DURATION" -l >/dev/null)
+      (cd "$WORK" && run "${args[@]}" -M simple -c 8 -j 2 -R "$RATE" -T "$LAT_DURATION" -l >/dev/null)
       read -r p50 p99 mean < <(cat "$WORK"/pgbench_log.* | awk '{print $3/1000}' | sort -g | awk '
         {v[NR]=$1; s+=$1} END {printf "%.3f %.3f %.3f\n", v[int(NR*0.5)], v[int(NR*0.99)], s/NR}')
       [ "$target" = direct ] && dp50=$p50
