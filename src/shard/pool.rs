@@ -205,6 +205,7 @@ pub async fn maintain(pool: &Pool) -> usize {
     let usable =
         |conn: &ServerConn| conn.created.elapsed() <= s.max_lifetime && conn.idle_and_alive();
     let mut fresh = 0usize;
+    // A retain that keeps everything: deadpool's only look at idle objects.
     pool.retain(|conn, m| {
         if usable(conn) && m.last_used() <= s.idle_timeout {
             fresh += 1;
