@@ -162,29 +162,41 @@ if [ -n "$PERF" ] && ! "$PERF" stat -e task-clock -p "$PGB_PID" -- sleep 0.1 >/d
 [ -n "$PERF" ] || log "perf not usable: CPU per query is not reported"
 
 cpu_snapshot() { awk '/^cpu /{print $9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+# kernel_ticks PID[,PID...] -> the processes' summed system time (stime) in clock ticks
+CLK_TCK=$(getconf CLK_TCK)
+kernel_ticks() {
+  local t=0 p
+  for p in ${1//,/ }; do t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $13}'))); done
+  echo "$t"
+}
 
-# measure TARGET ARGS... -> "tps steal% cpuA csA cpuB csB": CPU time (us)
-# and context switches per query of the target's processes, A and B
-# counted apart: shardpool A = router, B = shard; pgbouncer A = it;
-# pgbouncer2 A = both PgBouncers together. "-" where not counted.
+# measure TARGET ARGS... -> "tps steal% cpuA csA cpuB csB kA kB": CPU
+# time (us) and context switches per query of the target's processes, and
+# the part of that CPU time spent in the kernel (us per query, from
+# /proc/PID/stat), A and B counted apart: shardpool A = router, B = shard;
+# pgbouncer A = it; pgbouncer2 A = both PgBouncers together. "-" where not
+# counted.
 measure() {
   local target=$1; shift
-  local args groups=() perfpids=() res n tps s0 s1 steal i out=("-" "-" "-" "-")
+  local args groups=() pids=() perfpids=() k0=() res n tps s0 s1 steal i out=("-" "-" "-" "-") kern=("-" "-")
   case $target in
     direct) args=("$WAREHOUSE_PGHOST" "$WAREHOUSE_PGPORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER") ;;
     pgbouncer) args=(127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID") ;;
     pgbouncer2) args=(127.0.0.1 "$PGB2_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID,$PGB2_PID") ;;
     shardpool) args=("$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi); groups=("$ROUTER_PID" "$SHARD_PID") ;;
   esac
+  pids=("${groups[@]}") # kernel time comes from /proc, with or without perf
   [ -n "$PERF" ] || groups=()
   for i in "${!groups[@]}"; do
     rm -f "$WORK/perf.$i.txt"
     "$PERF" stat -x, -e task-clock,context-switches -p "${groups[$i]}" -o "$WORK/perf.$i.txt" &
     perfpids+=($!)
   done
+  for i in "${!pids[@]}"; do k0[i]=$(kernel_ticks "${pids[$i]}"); done
   s0=$(cpu_snapshot)
   res=$(run "${args[@]}" "$@")
   s1=$(cpu_snapshot)
+  for i in "${!pids[@]}"; do kern[i]=$(( $(kernel_ticks "${pids[$i]}") - k0[i] )); done
   for i in "${!perfpids[@]}"; do kill -INT "${perfpids[$i]}" 2>/dev/null || true; wait "${perfpids[$i]}" 2>/dev/null || true; done
   n=$(echo "$res" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' | head -n 1)
   tps=$(echo "$res" | tps)
@@ -195,7 +207,10 @@ measure() {
       out[$((2 * i + 1))]=$(awk -F, -v n="$n" '$3 == "context-switches" {printf "%.2f", $1 / n}' "$WORK/perf.$i.txt")
     fi
   done
-  echo "${tps:-0} $steal ${out[*]}"
+  for i in "${!pids[@]}"; do
+    if [ "${n:-0}" -gt 0 ]; then kern[i]=$(awk -v t="${kern[$i]}" -v hz="$CLK_TCK" -v n="$n" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'); fi
+  done
+  echo "${tps:-0} $steal ${out[*]} ${kern[*]}"
 }
 median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else print v[int((NR + 1) / 2)]}'; }
 
@@ -207,16 +222,16 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
   ROUNDS=()
   if [ -n "$CLIENTS" ]; then
     echo "# throughput: medians of $REPEAT rounds of $DURATION s per target"
-    echo "# us/q: CPU time per query of PgBouncer, of both PgBouncers of pgb x2, of the router and of the shard; cs/q: context switches per query (router + shard for sp); steal: CPU time taken by the hypervisor"
-    printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %5s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb cs" "sp cs" steal
+    echo "# us: CPU time per query of PgBouncer, of both PgBouncers of pgb x2, of the router and of the shard; ks: the kernel's part of it (system time); cs: context switches per query (router + shard for sp); steal: CPU time taken by the hypervisor"
+    printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %5s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb ks" "x2 ks" "rtr ks" "shd ks" "pgb cs" "sp cs" steal
     for c in $CLIENTS; do
       for mode in simple extended prepared; do
         j=$(( c < 2 ? 1 : 2 ))
         rows=()
         for _ in $(seq "$REPEAT"); do
           d=$(measure direct -M $mode -c "$c" -j $j -T "$DURATION")
-          b="0 0 - - - -"
-          b2="0 0 - - - -"
+          b="0 0 - - - - - -"
+          b2="0 0 - - - - - -"
           if [ "$mode" != prepared ] || [ "$PGB_PREPARED" = 1 ]; then
             b=$(measure pgbouncer -M $mode -c "$c" -j $j -T "$DURATION")
             b2=$(measure pgbouncer2 -M $mode -c "$c" -j $j -T "$DURATION")
@@ -224,17 +239,17 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
           s=$(measure shardpool -M $mode -c "$c" -j $j -T "$DURATION")
           rows+=("$d $b $b2 $s")
         done
-        # fields per round, 6 per target (tps steal cpuA csA cpuB csB):
-        # direct 1-6, pgbouncer 7-12, pgbouncer2 13-18, shardpool 19-24
+        # fields per round, 8 per target (tps steal cpuA csA cpuB csB kA kB):
+        # direct 1-8, pgbouncer 9-16, pgbouncer2 17-24, shardpool 25-32
         col() { printf '%s\n' "${rows[@]}" | awk -v k="$1" '$k != "-" {print $k}' | median; }
         ratio() { printf '%s\n' "${rows[@]}" | awk -v a="$1" -v b="$2" '$b > 0 {printf "%.3f\n", $a / $b}' | median; }
-        spcs=$(printf '%s\n' "${rows[@]}" | awk '$22 != "-" && $24 != "-" {printf "%.2f\n", $22 + $24}' | median)
-        steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($2 + $8 + $14 + $20) / 4}' | median)
-        ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $7, $13, $19}')")
-        printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %4.0f%%\n' "$c" "$mode" \
-          "$(col 1)" "$(col 7)" "$(col 13)" "$(col 19)" \
-          "$(ratio 19 7 | sed 's/^-$/0/')" "$(ratio 19 13 | sed 's/^-$/0/')" "$(ratio 19 1 | sed 's/^-$/0/')" \
-          "$(col 9)" "$(col 15)" "$(col 21)" "$(col 23)" "$(col 10)" "$spcs" "$steal"
+        spcs=$(printf '%s\n' "${rows[@]}" | awk '$28 != "-" && $30 != "-" {printf "%.2f\n", $28 + $30}' | median)
+        steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($2 + $10 + $18 + $26) / 4}' | median)
+        ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $9, $17, $25}')")
+        printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %4.0f%%\n' "$c" "$mode" \
+          "$(col 1)" "$(col 9)" "$(col 17)" "$(col 25)" \
+          "$(ratio 25 9 | sed 's/^-$/0/')" "$(ratio 25 17 | sed 's/^-$/0/')" "$(ratio 25 1 | sed 's/^-$/0/')" \
+          "$(col 11)" "$(col 19)" "$(col 27)" "$(col 29)" "$(col 15)" "$(col 23)" "$(col 31)" "$(col 32)" "$(col 12)" "$spcs" "$steal"
       done
     done
     echo "# each round's tps, direct/pgbouncer/pgbouncer x2/shardpool:"
