@@ -9,6 +9,8 @@
 //! upgrading it leaves every pool alone.
 
 pub mod assign;
+#[cfg(test)]
+mod fixture;
 pub mod metrics;
 pub mod reconcile;
 pub mod template;

@@ -361,8 +361,6 @@ async fn write_assignment(
     shard: u32,
     among: u32,
 ) -> Result<(), Error> {
-    let _api: Api<DataSource> =
-        Api::namespaced(ctx.client.clone(), &ds.namespace().unwrap_or_default());
     let generation = ds.metadata.generation.unwrap_or(0);
     let since = ds
         .status
@@ -542,5 +540,238 @@ mod tests {
         let mut result = vec![Some(0), Some(2), Some(2), Some(2), Some(1)];
         limit_moves(&all, &loads, &mut result, 0);
         assert_eq!(result, vec![Some(0), Some(0), Some(0), Some(1), Some(1)]);
+    }
+
+    // Scenarios over the fake API server: given the watch caches, one pass
+    // makes exactly these writes.
+    mod scenarios {
+        use http::Method;
+        use serde_json::{Value, json};
+
+        use super::super::reconcile;
+        use crate::operator::fixture::{
+            ApiServer, Call, World, context, lease, settled_deployment, shard_pod, shard_template,
+            source,
+        };
+
+        const STATUS_A: &str =
+            "PATCH /apis/shardpool.dev/v1alpha1/namespaces/t/datasources/a/status";
+        const SHARD_0: &str = "PATCH /apis/apps/v1/namespaces/sp/deployments/shardpool-shard-0";
+        const SHARD_1: &str = "PATCH /apis/apps/v1/namespaces/sp/deployments/shardpool-shard-1";
+
+        /// The writes that are not Events (those go out in the background).
+        fn object_writes(api: &ApiServer) -> Vec<String> {
+            api.writes()
+                .into_iter()
+                .filter(|w| !w.contains("/events"))
+                .collect()
+        }
+
+        fn is_event(reason: &'static str) -> impl Fn(&Call) -> bool {
+            move |c| c.path.contains("/events") && c.body["reason"] == reason
+        }
+
+        #[tokio::test]
+        async fn a_new_source_is_assigned_and_every_shard_created() {
+            let (client, api) = ApiServer::start();
+            let ctx = context(client, 100);
+            let world = World {
+                sources: vec![source("t", "a", Value::Null)],
+                template: Some(shard_template(2, "{}")),
+                ..Default::default()
+            };
+            reconcile(&ctx, &world.stores())
+                .await
+                .expect("the pass succeeds");
+            assert_eq!(object_writes(&api), [STATUS_A, SHARD_0, SHARD_1]);
+            let status = &api.calls()[0].body["status"];
+            assert!(matches!(status["shard"].as_i64(), Some(0 | 1)), "{status}");
+            assert_eq!(status["assignedAmong"], 2);
+            assert_eq!(status["conditions"][0]["type"], "Assigned");
+            assert_eq!(status["conditions"][0]["status"], "True");
+            let ev = api
+                .wait_for(is_event("Assigned"))
+                .await
+                .expect("an Assigned Event");
+            assert_eq!(ev.body["regarding"]["name"], "a");
+            assert_eq!(ev.body["type"], "Normal");
+        }
+
+        #[tokio::test]
+        async fn a_second_pass_over_what_the_first_wrote_writes_nothing() {
+            let t = shard_template(2, "{}");
+            let (client, api) = ApiServer::start();
+            let first = World {
+                sources: vec![source("t", "a", Value::Null)],
+                template: Some(t.clone()),
+                ..Default::default()
+            };
+            reconcile(&context(client, 100), &first.stores())
+                .await
+                .expect("the first pass succeeds");
+            let written = api.calls()[0].body["status"].clone();
+
+            let (client, api) = ApiServer::start();
+            let second = World {
+                sources: vec![source("t", "a", written)],
+                deployments: vec![settled_deployment(&t, 0), settled_deployment(&t, 1)],
+                template: Some(t),
+                ..Default::default()
+            };
+            reconcile(&context(client, 100), &second.stores())
+                .await
+                .expect("the second pass succeeds");
+            assert_eq!(
+                api.writes(),
+                Vec::<String>::new(),
+                "no churn from a settled pass"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_template_change_rolls_one_shard_at_a_time() {
+            let old = shard_template(2, "{}");
+            let new = shard_template(2, "{rev: \"2\"}");
+            assert_ne!(old.hash(), new.hash());
+            // A source on each shard; shard 0's served by `served_by`.
+            let on_shard_0 = |served_by: &str, phase: &str| {
+                source(
+                    "t",
+                    "a",
+                    json!({"shard": 0, "servingShard": 0, "assignedAmong": 2,
+                           "servedBy": served_by, "phase": phase}),
+                )
+            };
+            let on_shard_1 = || {
+                source(
+                    "t",
+                    "b",
+                    json!({"shard": 1, "servingShard": 1, "assignedAmong": 2,
+                           "servedBy": "old-1", "phase": "Ready"}),
+                )
+            };
+            let old_pods = || vec![shard_pod("old-0", &old), shard_pod("old-1", &old)];
+
+            // Both shards on the old template: only shard 0 is updated.
+            let (client, api) = ApiServer::start();
+            let world = World {
+                sources: vec![on_shard_0("old-0", "Ready"), on_shard_1()],
+                deployments: vec![settled_deployment(&old, 0), settled_deployment(&old, 1)],
+                leases: vec![lease(0, "old-0"), lease(1, "old-1")],
+                pods: old_pods(),
+                template: Some(new.clone()),
+            };
+            reconcile(&context(client, 100), &world.stores())
+                .await
+                .expect("pass");
+            assert_eq!(object_writes(&api), [SHARD_0]);
+            let ev = api
+                .wait_for(is_event("RollingShard"))
+                .await
+                .expect("a RollingShard Event");
+            assert_eq!(ev.body["regarding"]["name"], "shardpool-shard-0");
+
+            // Shard 0 rolled out, but its new pod is still a standby: shard 1 waits.
+            let rolled = |holder: &str, served_by: &str, phase: &str| {
+                let mut pods = old_pods();
+                pods.push(shard_pod("new-0", &new));
+                World {
+                    sources: vec![on_shard_0(served_by, phase), on_shard_1()],
+                    deployments: vec![settled_deployment(&new, 0), settled_deployment(&old, 1)],
+                    leases: vec![lease(0, holder), lease(1, "old-1")],
+                    pods,
+                    template: Some(new.clone()),
+                }
+            };
+            for (holder, served_by, phase) in [
+                ("old-0", "old-0", "Ready"),
+                ("new-0", "old-0", "Ready"),
+                ("new-0", "new-0", "Connecting"),
+            ] {
+                let (client, api) = ApiServer::start();
+                reconcile(
+                    &context(client, 100),
+                    &rolled(holder, served_by, phase).stores(),
+                )
+                .await
+                .expect("pass");
+                assert_eq!(
+                    object_writes(&api),
+                    Vec::<String>::new(),
+                    "lease {holder}, served by {served_by}, {phase}: shard 1 must wait"
+                );
+            }
+
+            // The new pod holds the Lease and serves its source: shard 1 goes.
+            let (client, api) = ApiServer::start();
+            reconcile(
+                &context(client, 100),
+                &rolled("new-0", "new-0", "Ready").stores(),
+            )
+            .await
+            .expect("pass");
+            assert_eq!(object_writes(&api), [SHARD_1]);
+        }
+
+        #[tokio::test]
+        async fn a_shard_beyond_the_count_stays_until_its_sources_may_leave() {
+            let t = shard_template(1, "{}");
+            let world = || World {
+                sources: vec![source(
+                    "t",
+                    "a",
+                    json!({"shard": 1, "servingShard": 1, "assignedAmong": 2,
+                           "servedBy": "p1", "phase": "Ready"}),
+                )],
+                deployments: vec![settled_deployment(&t, 0), settled_deployment(&t, 1)],
+                template: Some(t.clone()),
+                ..Default::default()
+            };
+            // No move budget: the source stays on shard 1, and so does shard 1.
+            let (client, api) = ApiServer::start();
+            reconcile(&context(client, 0), &world().stores())
+                .await
+                .expect("pass");
+            assert_eq!(object_writes(&api), [STATUS_A]);
+            assert_eq!(api.calls()[0].body["status"]["shard"], 1);
+            assert!(api.calls().iter().all(|c| c.method != Method::DELETE));
+
+            // With a budget the source moves to shard 0 and shard 1 is removed.
+            let (client, api) = ApiServer::start();
+            reconcile(&context(client, 100), &world().stores())
+                .await
+                .expect("pass");
+            assert_eq!(
+                object_writes(&api),
+                [
+                    STATUS_A,
+                    "DELETE /apis/apps/v1/namespaces/sp/deployments/shardpool-shard-1"
+                ]
+            );
+            assert_eq!(api.calls()[0].body["status"]["shard"], 0);
+            let ev = api
+                .wait_for(is_event("Moved"))
+                .await
+                .expect("a Moved Event");
+            assert_eq!(ev.body["note"], "moved from shard 1 to shard 0");
+        }
+
+        #[tokio::test]
+        async fn a_missing_template_fails_the_pass_without_writing() {
+            let (client, api) = ApiServer::start();
+            let world = World {
+                sources: vec![source("t", "a", Value::Null)],
+                ..Default::default()
+            };
+            let err = reconcile(&context(client, 100), &world.stores())
+                .await
+                .expect_err("no template, no pass");
+            assert_eq!(err.reason(), "TemplateInvalid");
+            assert!(
+                err.to_string().contains("shardpool-shard-template"),
+                "{err}"
+            );
+            assert_eq!(api.writes(), Vec::<String>::new());
+        }
     }
 }
