@@ -9,6 +9,12 @@
 #   bench/pgbench.sh                 # 16 and 64 clients, 3 rounds of 10 s each
 #   CLIENTS="16 64" DURATION=20 REPEAT=5 bench/pgbench.sh
 #   CLIENTS= bench/pgbench.sh        # only the latency at a fixed rate
+#   PIN=1 bench/pgbench.sh           # pgbench and PostgreSQL on CPU 0, the proxies on CPU 1
+#
+# PIN=1 shows what carries over to a cluster, where the proxies run on
+# their own nodes: the proxies' CPU is no longer taken from the database's
+# (pgbench and PostgreSQL get one core; PgBouncer, or router and shard
+# together, the other). The default runs everything on every core.
 #
 # The latency part interleaves LAT_REPEAT (default 10) short rounds of
 # LAT_DURATION s (default 3) per target: the host has slow spells of
@@ -36,6 +42,7 @@ RATE="${RATE:-1000}"
 LAT_REPEAT="${LAT_REPEAT:-10}"
 LAT_DURATION="${LAT_DURATION:-3}"
 POOL="${POOL:-20}"
+PIN="${PIN:-0}"
 SCALE="${SCALE:-10}"
 PGB_PORT="${PGB_PORT:-16432}"
 PGB2_PORT="${PGB2_PORT:-16433}"
@@ -144,9 +151,11 @@ PGB_PID=$(start_pgbouncer pgbouncer)
 PGB2_PID=$(start_pgbouncer pgbouncer2)
 
 # run NAME HOST PORT DB PASSWORD ARGS... -> prints "tps latency_ms"
+ON_DB_CPU=()
+[ "$PIN" = 1 ] && ON_DB_CPU=(taskset -c 0)
 run() {
   local host=$1 port=$2 db=$3 pw=$4 user=$5; shift 5
-  PGPASSWORD="$pw" pgbench -h "$host" -p "$port" -U "$user" -n -S "$@" "$db" 2>&1
+  PGPASSWORD="$pw" "${ON_DB_CPU[@]}" pgbench -h "$host" -p "$port" -U "$user" -n -S "$@" "$db" 2>&1
 }
 tps() { sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -n 1; }
 
@@ -157,6 +166,13 @@ SHARD_IDX=$(kc -n tenants get datasource bench -o jsonpath='{.status.shard}')
 SHARD_IP=$(kc -n shardpool-system get pods -l "shardpool.dev/shard=$SHARD_IDX" -o jsonpath='{.items[0].status.podIP}')
 ROUTER_PID=$(listener_pid "$ROUTER_IP" 5432)
 SHARD_PID=$(listener_pid "$SHARD_IP" 6432)
+# PIN=1: the warehouse's postmaster and its backends (new ones inherit it)
+# on CPU 0, PgBouncer, router and shard on CPU 1; all by pid.
+if [ "$PIN" = 1 ]; then
+  PM_PID=$(head -n 1 "$LOCALKUBE_STATE/warehouse/postmaster.pid")
+  for p in "$PM_PID" $(pgrep -P "$PM_PID"); do taskset -a -c -p 0 "$p" >/dev/null; done
+  for p in "$PGB_PID" "$PGB2_PID" "$ROUTER_PID" "$SHARD_PID"; do taskset -a -c -p 1 "$p" >/dev/null; done
+fi
 PERF="$(command -v perf || true)"
 if [ -n "$PERF" ] && ! "$PERF" stat -e task-clock -p "$PGB_PID" -- sleep 0.1 >/dev/null 2>&1; then PERF=""; fi
 [ -n "$PERF" ] || log "perf not usable: CPU per query is not reported"
@@ -219,6 +235,7 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
   echo "# pgbench -S (select-only), scale $SCALE, server pool $POOL, $(nproc) cores, all on this machine"
   echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; PgBouncer $PGB_VERSION, transaction mode (0 = not run: prepared statements need PgBouncer 1.21+)"
   echo "# pgb x2: two PgBouncers in a row (client -> PgBouncer -> PgBouncer -> PostgreSQL), the same two hops as router -> shard"
+  if [ "$PIN" = 1 ]; then echo "# PIN=1: pgbench and PostgreSQL pinned to CPU 0, PgBouncer(s), router and shard to CPU 1"; fi
   ROUNDS=()
   if [ -n "$CLIENTS" ]; then
     echo "# throughput: medians of $REPEAT rounds of $DURATION s per target"
