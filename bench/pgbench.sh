@@ -194,7 +194,7 @@ kernel_ticks() {
 # counted.
 measure() {
   local target=$1; shift
-  local args groups=() pids=() perfpids=() k0=() res n tps s0 s1 steal i out=("-" "-" "-" "-") kern=("-" "-")
+  local args groups=() pids=() perfpids=() k0=() k1=() res n tps s0 s1 steal i out=("-" "-" "-" "-") kern=("-" "-")
   case $target in
     direct) args=("$WAREHOUSE_PGHOST" "$WAREHOUSE_PGPORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER") ;;
     pgbouncer) args=(127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID") ;;
@@ -212,7 +212,7 @@ measure() {
   s0=$(cpu_snapshot)
   res=$(run "${args[@]}" "$@")
   s1=$(cpu_snapshot)
-  for i in "${!pids[@]}"; do kern[i]=$(( $(kernel_ticks "${pids[$i]}") - k0[i] )); done
+  for i in "${!pids[@]}"; do k1[i]=$(kernel_ticks "${pids[$i]}"); done
   for i in "${!perfpids[@]}"; do kill -INT "${perfpids[$i]}" 2>/dev/null || true; wait "${perfpids[$i]}" 2>/dev/null || true; done
   n=$(echo "$res" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' | head -n 1)
   tps=$(echo "$res" | tps)
@@ -224,7 +224,7 @@ measure() {
     fi
   done
   for i in "${!pids[@]}"; do
-    if [ "${n:-0}" -gt 0 ]; then kern[i]=$(awk -v t="${kern[$i]}" -v hz="$CLK_TCK" -v n="$n" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'); fi
+    if [ "${n:-0}" -gt 0 ]; then kern[i]=$(awk -v t="$((k1[i] - k0[i]))" -v hz="$CLK_TCK" -v n="$n" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'); fi
   done
   echo "${tps:-0} $steal ${out[*]} ${kern[*]}"
 }
