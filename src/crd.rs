@@ -108,6 +108,27 @@ pub struct DataSourceSpec {
     /// the assignment to a shard is kept.
     #[serde(default)]
     pub paused: bool,
+
+    /// How a shard makes sure that no earlier owner (a frozen, partitioned
+    /// or orphaned shard process) still holds connections of this source
+    /// before it opens its own. Terminate: its first connection ends them
+    /// with pg_terminate_backend (a role may end its own backends) and waits
+    /// until they are gone; if the warehouse refuses, the pool does not open
+    /// and the source is Degraded with the reason in lastError. Disabled:
+    /// the step is skipped, and only the shard Lease fences (a frozen owner
+    /// may then keep its connections beside its successor's).
+    #[serde(default)]
+    pub fencing: Fencing,
+}
+
+/// Fencing by the database before a shard opens a source.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Fencing {
+    // End every backend of the source that another shard process opened.
+    #[default]
+    Terminate,
+    // Skip the step (warehouses that refuse pg_terminate_backend).
+    Disabled,
 }
 
 fn default_port() -> i32 {
@@ -415,5 +436,6 @@ mod tests {
         assert_eq!(spec.port, 5432);
         assert_eq!(spec.tls.mode, TlsMode::Prefer);
         assert_eq!(spec.pool, PoolSpec::default());
+        assert_eq!(spec.fencing, Fencing::Terminate);
     }
 }

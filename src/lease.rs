@@ -6,17 +6,24 @@
 //! is judged like client-go does: by how long this process has watched the
 //! Lease stay unchanged, not by comparing clocks with the holder.
 //!
-//! The holder must call [`Held::renew`] well within the duration; when
-//! renewing has failed for longer than [`LeaseConfig::fence_after`], the
-//! holder must stop acting (fence itself) before anyone else could take
-//! over: `fence_after` is shorter than the duration by a safety margin.
+//! The holder's own view of its claim is a [`Claim`]: valid until the
+//! Lease duration after the moment the last successful renew request was
+//! *sent* (an observer starts counting after that write landed, so the
+//! holder's view always ends first). [`keep`] renews on a task of its own,
+//! every request bounded by [`LeaseConfig::request_timeout`], so a hung API
+//! server delays nothing else. A holder that cannot renew is not told to
+//! exit: it learns that its claim lapsed ([`Validity::may_act`] turns
+//! false) and keeps trying; only a Lease that names another holder ends the
+//! tenure ([`Keeper::lost`]).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
 
 /// Which Lease, who we are, and the timings.
 #[derive(Debug, Clone)]
@@ -29,8 +36,12 @@ pub struct LeaseConfig {
     pub duration: Duration,
     /// How often the holder renews.
     pub renew_every: Duration,
-    /// How often a contender re-reads the Lease.
+    /// How often a contender re-reads the Lease, and how soon a holder
+    /// retries a failed renewal.
     pub retry_every: Duration,
+    /// Bound on one API request (a read or a write); well under
+    /// `renew_every`, so a hung API server costs one attempt, not the claim.
+    pub request_timeout: Duration,
     /// Owner put on the Lease when it is created (the release's operator
     /// Deployment), so uninstalling the release garbage-collects it.
     pub owner: Option<OwnerReference>,
@@ -39,9 +50,13 @@ pub struct LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// After this long without a successful renewal, stop acting.
-    pub fn fence_after(&self) -> Duration {
-        self.duration.saturating_sub(self.duration / 3)
+    /// Timings derived from the Lease duration: renew every third of it,
+    /// retry every half second, each request bounded by the smaller of 2 s
+    /// and half the renew interval.
+    pub fn timings(duration: Duration) -> (Duration, Duration, Duration) {
+        let renew_every = (duration / 3).max(Duration::from_millis(300));
+        let request_timeout = (renew_every / 2).min(Duration::from_secs(2));
+        (renew_every, Duration::from_millis(500), request_timeout)
     }
 }
 
@@ -51,9 +66,53 @@ pub enum LeaseError {
     /// The API server said no or could not be reached.
     #[error("lease api: {0}")]
     Api(#[from] kube::Error),
+    /// The API server did not answer within the request timeout.
+    #[error("lease api: no answer within {0:?}")]
+    Timeout(Duration),
     /// Someone else holds it now.
     #[error("lease taken by {0:?}")]
     Lost(Option<String>),
+}
+
+/// The holder's view of its claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours until this instant, unless renewed (may lie in the past: lapsed).
+    Until(Instant),
+    /// The Lease names another holder (or none, after our release).
+    Lost(Option<String>),
+}
+
+/// A cheap, cloneable view of the claim for code that must not act without
+/// it (opening server connections, leading).
+#[derive(Debug, Clone)]
+pub struct Validity(watch::Receiver<Claim>);
+
+impl Validity {
+    /// Whether the claim is certainly still ours now.
+    pub fn may_act(&self) -> bool {
+        matches!(*self.0.borrow(), Claim::Until(t) if Instant::now() < t)
+    }
+
+    /// The current claim.
+    pub fn claim(&self) -> Claim {
+        self.0.borrow().clone()
+    }
+
+    /// A validity that is always granted (tests and tools without a Lease).
+    pub fn always() -> Validity {
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let (tx, rx) = watch::channel(Claim::Until(far));
+        // The receiver keeps the last value after the sender is gone.
+        drop(tx);
+        Validity(rx)
+    }
+
+    /// A validity driven by hand (tests).
+    pub fn manual(claim: Claim) -> (watch::Sender<Claim>, Validity) {
+        let (tx, rx) = watch::channel(claim);
+        (tx, Validity(rx))
+    }
 }
 
 /// A Lease we hold.
@@ -62,8 +121,9 @@ pub struct Held {
     api: Api<Lease>,
     cfg: LeaseConfig,
     lease: Lease,
-    /// When the last renewal (or the acquisition) succeeded.
-    pub renewed_at: Instant,
+    /// When the claim lapses unless renewed: the send time of the last
+    /// successful write plus the duration.
+    valid_until: Instant,
 }
 
 fn now() -> MicroTime {
@@ -74,14 +134,43 @@ fn secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
 }
 
-/// Tries once to take the Lease; `observed` tracks (resourceVersion, when
-/// first seen) across calls to judge expiry.
+/// Runs one API request with the configured bound.
+async fn bounded<T>(
+    cfg: &LeaseConfig,
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, LeaseError> {
+    match tokio::time::timeout(cfg.request_timeout, f).await {
+        Ok(r) => r.map_err(LeaseError::from),
+        Err(_) => Err(LeaseError::Timeout(cfg.request_timeout)),
+    }
+}
+
+/// Tracks how long a contender has seen the Lease unchanged: expiry is
+/// judged by this process's clock, from when it first saw a version.
+#[derive(Debug, Default)]
+struct Observed(Option<(String, Instant)>);
+
+impl Observed {
+    /// Whether a Lease at `rv` with this duration, held by someone else,
+    /// has stayed unchanged for longer than its duration.
+    fn expired(&mut self, rv: &str, duration: Duration) -> bool {
+        match &self.0 {
+            Some((seen, since)) if seen == rv => since.elapsed() > duration,
+            _ => {
+                self.0 = Some((rv.to_string(), Instant::now()));
+                false
+            }
+        }
+    }
+}
+
+/// Tries once to take the Lease.
 async fn try_acquire(
     api: &Api<Lease>,
     cfg: &LeaseConfig,
-    observed: &mut Option<(String, Instant)>,
-) -> Result<Option<Lease>, kube::Error> {
-    let current = match api.get_opt(&cfg.name).await? {
+    observed: &mut Observed,
+) -> Result<Option<Lease>, LeaseError> {
+    let current = match bounded(cfg, api.get_opt(&cfg.name)).await? {
         None => {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -99,9 +188,9 @@ async fn try_acquire(
                     ..Default::default()
                 }),
             };
-            return match api.create(&PostParams::default(), &lease).await {
+            return match bounded(cfg, api.create(&PostParams::default(), &lease)).await {
                 Ok(l) => Ok(Some(l)),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+                Err(LeaseError::Api(kube::Error::Api(e))) if e.code == 409 => Ok(None),
                 Err(e) => Err(e),
             };
         }
@@ -121,13 +210,7 @@ async fn try_acquire(
             let duration = Duration::from_secs(
                 u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15),
             );
-            match observed {
-                Some((seen_rv, since)) if *seen_rv == rv => since.elapsed() > duration,
-                _ => {
-                    *observed = Some((rv.clone(), Instant::now()));
-                    false
-                }
-            }
+            observed.expired(&rv, duration)
         }
     };
     if !free {
@@ -144,9 +227,9 @@ async fn try_acquire(
         lease_transitions: Some(transitions),
         ..Default::default()
     });
-    match api.replace(&cfg.name, &PostParams::default(), &next).await {
+    match bounded(cfg, api.replace(&cfg.name, &PostParams::default(), &next)).await {
         Ok(l) => Ok(Some(l)),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+        Err(LeaseError::Api(kube::Error::Api(e))) if e.code == 409 => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -159,16 +242,18 @@ pub async fn acquire(
     stop: impl std::future::Future<Output = ()>,
 ) -> Option<Held> {
     tokio::pin!(stop);
-    let mut observed = None;
+    let mut observed = Observed::default();
     loop {
+        let sent = Instant::now();
         match try_acquire(&api, &cfg, &mut observed).await {
             Ok(Some(lease)) => {
                 tracing::info!(lease = %cfg.name, holder = %cfg.holder, "lease acquired");
+                let valid_until = sent + cfg.duration;
                 return Some(Held {
                     api,
                     cfg,
                     lease,
-                    renewed_at: Instant::now(),
+                    valid_until,
                 });
             }
             Ok(None) => {}
@@ -189,43 +274,59 @@ impl Held {
         &self.cfg
     }
 
-    /// Renews the claim. `Lost` if someone else holds it now.
+    /// Until when the claim is valid without another renewal.
+    pub fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+
+    /// Renews the claim once, every request bounded by the request
+    /// timeout. On success the claim is valid for the duration from when
+    /// the request was sent. `Lost` if someone else holds it now.
     pub async fn renew(&mut self) -> Result<(), LeaseError> {
+        let sent = Instant::now();
         let mut next = self.lease.clone();
         if let Some(spec) = next.spec.as_mut() {
             spec.renew_time = Some(now());
         }
-        match self
-            .api
-            .replace(&self.cfg.name, &PostParams::default(), &next)
-            .await
-        {
+        let written = bounded(
+            &self.cfg,
+            self.api
+                .replace(&self.cfg.name, &PostParams::default(), &next),
+        )
+        .await;
+        match written {
             Ok(l) => {
                 self.lease = l;
-                self.renewed_at = Instant::now();
+                self.valid_until = sent + self.cfg.duration;
                 Ok(())
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => {
+            Err(LeaseError::Api(kube::Error::Api(e))) if e.code == 409 => {
                 // Someone wrote it: still ours only if we are still the holder.
-                let current = self.api.get(&self.cfg.name).await?;
+                let current = bounded(&self.cfg, self.api.get(&self.cfg.name)).await?;
                 let holder = current
                     .spec
                     .as_ref()
                     .and_then(|s| s.holder_identity.clone());
-                if holder.as_deref() == Some(&self.cfg.holder) {
-                    self.lease = current;
-                    Box::pin(self.renew()).await
-                } else {
-                    Err(LeaseError::Lost(holder))
+                if holder.as_deref() != Some(&self.cfg.holder) {
+                    return Err(LeaseError::Lost(holder));
                 }
+                let sent = Instant::now();
+                let mut next = current;
+                if let Some(spec) = next.spec.as_mut() {
+                    spec.renew_time = Some(now());
+                }
+                let l = bounded(
+                    &self.cfg,
+                    self.api
+                        .replace(&self.cfg.name, &PostParams::default(), &next),
+                )
+                .await?;
+                self.lease = l;
+                self.valid_until = sent + self.cfg.duration;
+                Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
-    }
-
-    /// Whether we must stop acting: renewal has failed for too long.
-    pub fn must_fence(&self) -> bool {
-        self.renewed_at.elapsed() > self.cfg.fence_after()
     }
 
     /// Gives the Lease up at once, so a successor need not wait for expiry.
@@ -235,10 +336,117 @@ impl Held {
             spec.lease_duration_seconds = Some(1);
             spec.renew_time = Some(now());
         }
-        self.api
-            .replace(&self.cfg.name, &PostParams::default(), &self.lease)
-            .await?;
+        bounded(
+            &self.cfg,
+            self.api
+                .replace(&self.cfg.name, &PostParams::default(), &self.lease),
+        )
+        .await?;
         tracing::info!(lease = %self.cfg.name, "lease released");
         Ok(())
     }
 }
+
+/// The renewal task of a held Lease and the claim it maintains.
+#[derive(Debug)]
+pub struct Keeper {
+    /// The claim as the renewal task last wrote it.
+    claim: watch::Receiver<Claim>,
+    /// Asks the renewal task to stop and hand the Lease back.
+    stop: Option<oneshot::Sender<()>>,
+    /// The renewal task; returns the Lease unless it was lost.
+    task: tokio::task::JoinHandle<Option<Held>>,
+}
+
+/// Renews `held` on a task of its own until it is lost or
+/// [`Keeper::release`]d. A failed or timed-out renewal is retried every
+/// `retry_every`; once the claim has lapsed it is logged once, and renewal
+/// goes on (the API server may come back, and nobody may have taken over).
+pub fn keep(held: Held) -> Keeper {
+    let (tx, rx) = watch::channel(Claim::Until(held.valid_until));
+    let (stop_tx, mut stop_rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut held = held;
+        let mut next = Instant::now() + held.cfg.renew_every;
+        let mut lapsed_logged = false;
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => return Some(held),
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            match held.renew().await {
+                Ok(()) => {
+                    if lapsed_logged {
+                        tracing::info!(lease = %held.cfg.name, "lease renewed again after a lapse");
+                    }
+                    lapsed_logged = false;
+                    let _ = tx.send(Claim::Until(held.valid_until));
+                    next = Instant::now() + held.cfg.renew_every;
+                }
+                Err(LeaseError::Lost(by)) => {
+                    tracing::error!(lease = %held.cfg.name, holder = ?by, "lease lost to another holder");
+                    let _ = tx.send(Claim::Lost(by));
+                    return None;
+                }
+                Err(e) => {
+                    let lapsed = Instant::now() >= held.valid_until;
+                    if lapsed && !lapsed_logged {
+                        tracing::error!(lease = %held.cfg.name, error = %e, "lease not renewed in time: the claim may have expired; acting only on what is already open, and retrying");
+                        lapsed_logged = true;
+                    } else if !lapsed {
+                        tracing::warn!(lease = %held.cfg.name, error = %e, "lease renewal failed; retrying");
+                    }
+                    next = Instant::now() + held.cfg.retry_every;
+                }
+            }
+        }
+    });
+    Keeper {
+        claim: rx,
+        stop: Some(stop_tx),
+        task,
+    }
+}
+
+impl Keeper {
+    /// A view of the claim for code that must not act without it.
+    pub fn validity(&self) -> Validity {
+        Validity(self.claim.clone())
+    }
+
+    /// Resolves when another holder owns the Lease; never otherwise.
+    pub async fn lost(&self) -> Option<String> {
+        let mut rx = self.claim.clone();
+        loop {
+            if let Claim::Lost(by) = &*rx.borrow_and_update() {
+                return by.clone();
+            }
+            if rx.changed().await.is_err() {
+                // The task ended without saying Lost (released): never resolve.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Stops renewing and gives the Lease up (bounded by the request
+    /// timeout). Nothing to release if it was lost meanwhile.
+    pub async fn release(mut self) -> Result<(), LeaseError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(Some(held)) => held.release().await,
+            Ok(None) => Err(LeaseError::Lost(None)),
+            Err(_) => Err(LeaseError::Lost(None)),
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests;

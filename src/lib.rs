@@ -5,6 +5,7 @@
 //! by subcommand. See DESIGN.md in the shared notes for the architecture.
 #![forbid(unsafe_code)]
 
+pub mod apiclient;
 pub mod crd;
 pub mod health;
 pub mod lease;

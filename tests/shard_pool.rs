@@ -34,6 +34,7 @@ fn settings(min_idle: usize, max_size: usize) -> PoolSettings {
         acquire_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(600),
         max_lifetime: Duration::from_secs(3600),
+        statement_timeout: Some(Duration::from_secs(2)),
     }
 }
 

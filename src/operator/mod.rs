@@ -22,9 +22,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
 use kube::runtime::watcher;
-use kube::{Api, Client};
-use tokio::sync::Notify;
 
 use crate::crd::DataSource;
 use crate::health::{self, Ready};
@@ -66,7 +65,8 @@ pub struct OperatorConfig {
 
 /// Runs the operator until SIGTERM; returns the exit code.
 pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
-    let client = Client::try_default().await?;
+    let clients = crate::apiclient::connect().await?;
+    let client = clients.requests.clone();
     let ready = Ready::default();
     ready.set(true);
     let mut prom = prometheus_client::registry::Registry::default();
@@ -88,12 +88,15 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
             "cannot find the operator's own Deployment; shard workloads and Leases get no owner reference"
         );
     }
+    let duration = Duration::from_secs(15);
+    let (renew_every, _, request_timeout) = LeaseConfig::timings(duration);
     let lease_cfg = LeaseConfig {
         name: format!("{}-operator", cfg.release),
         holder: cfg.pod_name.clone(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
+        duration,
+        renew_every,
         retry_every: Duration::from_secs(2),
+        request_timeout,
         owner: owner.clone(),
         labels: [
             (
@@ -108,15 +111,18 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         .into(),
     };
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    let Some(mut held) = lease::acquire(leases, lease_cfg, &mut term).await else {
+    let Some(held) = lease::acquire(leases, lease_cfg, &mut term).await else {
         return Ok(0);
     };
+    // Renewal on its own task; a pass runs only while the claim is valid.
+    let keeper = lease::keep(held);
+    let leading = keeper.validity();
     tracing::info!("leading");
     metrics.leader.set(1);
 
-    let changed = Arc::new(Notify::new());
+    let changed = Arc::new(crate::watch::Changed::default());
     let sources = crate::watch::store(
-        Api::<DataSource>::all(client.clone()),
+        Api::<DataSource>::all(clients.watches.clone()),
         watcher::Config::default(),
         Some(changed.clone()),
     );
@@ -125,22 +131,22 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         cfg.release
     );
     let deployments = crate::watch::store(
-        Api::<Deployment>::namespaced(client.clone(), &cfg.namespace),
+        Api::<Deployment>::namespaced(clients.watches.clone(), &cfg.namespace),
         watcher::Config::default().labels(&shard_selector),
         Some(changed.clone()),
     );
     let leases_store = crate::watch::store(
-        Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
+        Api::<Lease>::namespaced(clients.watches.clone(), &cfg.namespace),
         watcher::Config::default().labels("app.kubernetes.io/component=shard"),
         Some(changed.clone()),
     );
     let pods = crate::watch::store(
-        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &cfg.namespace),
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(clients.watches.clone(), &cfg.namespace),
         watcher::Config::default().labels(&shard_selector),
         Some(changed.clone()),
     );
     let configmaps = crate::watch::store(
-        Api::<ConfigMap>::namespaced(client.clone(), &cfg.namespace),
+        Api::<ConfigMap>::namespaced(clients.watches.clone(), &cfg.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", cfg.shard_template)),
         Some(changed.clone()),
     );
@@ -171,26 +177,26 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         ),
         metrics: metrics.clone(),
     };
-    let mut renew = tokio::time::interval(Duration::from_secs(5));
     let mut periodic = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = &mut term => break,
+            by = keeper.lost() => {
+                tracing::error!(holder = ?by, "lost leadership; exiting");
+                metrics.leader.set(0);
+                return Ok(3);
+            }
             _ = changed.notified() => {
                 // Debounce bursts (an initial list, a helm upgrade).
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             _ = periodic.tick() => {}
-            _ = renew.tick() => {
-                if let Err(e) = held.renew().await {
-                    tracing::error!(error = %e, "leader lease renewal failed");
-                    if matches!(e, lease::LeaseError::Lost(_)) || held.must_fence() {
-                        tracing::error!("lost leadership; exiting");
-                        return Ok(3);
-                    }
-                }
-                continue;
-            }
+        }
+        if !leading.may_act() {
+            // Not renewed in time: another replica may lead now. Act again
+            // once the claim is renewed (or exit when it is lost).
+            tracing::debug!("leadership claim lapsed; not reconciling");
+            continue;
         }
         let started = std::time::Instant::now();
         let result = reconcile::reconcile(&ctx, &stores).await;
@@ -208,7 +214,7 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
             reconcile::report(&ctx, &e).await;
         }
     }
-    if let Err(e) = held.release().await {
+    if let Err(e) = keeper.release().await {
         tracing::warn!(error = %e, "leader lease release failed");
     }
     Ok(0)

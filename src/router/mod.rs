@@ -21,8 +21,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
 use kube::runtime::watcher;
-use kube::{Api, Client};
 
 use crate::crd::{DataSource, parse_duration};
 use crate::health::{self, Ready};
@@ -219,7 +219,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         (None, None) => None,
         _ => anyhow::bail!("SHARDPOOL_TLS_CERT and SHARDPOOL_TLS_KEY go together"),
     };
-    let client = Client::try_default().await?;
+    let clients = crate::apiclient::connect().await?;
     let ready = Ready::default();
     let mut prom = prometheus_client::registry::Registry::default();
     let metrics = metrics::RouterMetrics::register(&mut prom);
@@ -233,17 +233,17 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     let shards = watcher::Config::default().labels("app.kubernetes.io/component=shard");
     let routes = Routes {
         sources: crate::watch::store(
-            Api::<DataSource>::all(client.clone()),
+            Api::<DataSource>::all(clients.watches.clone()),
             watcher::Config::default(),
             None,
         ),
         leases: crate::watch::store(
-            Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
+            Api::<Lease>::namespaced(clients.watches.clone(), &cfg.namespace),
             shards.clone(),
             None,
         ),
         pods: crate::watch::store(
-            Api::<Pod>::namespaced(client.clone(), &cfg.namespace),
+            Api::<Pod>::namespaced(clients.watches.clone(), &cfg.namespace),
             shards,
             None,
         ),

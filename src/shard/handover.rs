@@ -1,17 +1,25 @@
-//! Moves between shards without overlap (DESIGN guarantee 5). The status
-//! field `servingShard` says which shard holds a source's pool:
+//! Moves between shards without overlap (DESIGN guarantee 5), as one state
+//! machine per source. The status field `servingShard` says which shard
+//! holds a source's pool:
 //!
 //! 1. The shard a source is assigned to opens it only when `servingShard`
 //!    is unset, is itself, or names a shard whose Lease has no live holder
-//!    (that shard is gone, and a dead shard holds no connections). Before
-//!    opening it claims the source by writing `servingShard`.
-//! 2. A shard that loses a source (reassigned) stops taking transactions on
-//!    it, lets running ones finish, closes the pool, and only then clears
-//!    `servingShard` (a JSON patch that tests the value first): that is the
-//!    acknowledgement the next owner waits for.
+//!    (that shard is gone). Before opening it claims the source by writing
+//!    `servingShard`; the pool's first connection then fences the source by
+//!    the database (see [`super::fence`]), which covers a previous owner
+//!    that is alive but unreachable.
+//! 2. A shard that loses a source (reassigned, paused or deleted) stops
+//!    taking transactions on it, lets running ones finish until the drain
+//!    deadline, ends the rest, waits until no server connection of it is
+//!    open or opening, and only then clears `servingShard` (a JSON patch
+//!    that tests the value first): that is the acknowledgement the next
+//!    owner waits for.
 //!
-//! The router follows `status.shard`; until the new owner has opened the
-//! source it answers session opens with 57P01 and the router holds them.
+//! [`step`] is the pure decision (what to do next with one source, given
+//! its DataSource, what this shard holds, and which shards are alive);
+//! `sources` carries the steps out. The router follows `status.shard`;
+//! until the new owner has opened the source it answers session opens
+//! with 57P01 and the router holds them.
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -21,8 +29,20 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::lease_name;
-use super::status::FIELD_MANAGER;
 use crate::crd::DataSource;
+
+/// Field manager of the shards' status writes.
+pub const FIELD_MANAGER: &str = "shardpool-shard";
+
+/// The key of a DataSource: `namespace/name`.
+pub fn key(ds: &DataSource) -> String {
+    format!("{}/{}", ds.namespace().unwrap_or_default(), ds.name_any())
+}
+
+/// Whether `shard` should serve the source: assigned to it and not paused.
+pub fn wanted(ds: &DataSource, shard: u32) -> bool {
+    !ds.spec.paused && ds.status.as_ref().and_then(|s| s.shard) == Some(shard as i32)
+}
 
 /// Whether the shard with this index has a live Lease holder.
 pub fn shard_alive(leases: &Store<Lease>, namespace: &str, shard: u32) -> bool {
@@ -46,14 +66,67 @@ pub fn shard_alive(leases: &Store<Lease>, namespace: &str, shard: u32) -> bool {
     }
 }
 
-/// Whether `shard` may open the source now.
-pub fn may_open(ds: &DataSource, shard: u32, leases: &Store<Lease>, namespace: &str) -> bool {
+/// Whether `shard` may open the source now: nobody else serves it, or the
+/// shard named as serving it has no live Lease holder.
+pub fn may_open(ds: &DataSource, shard: u32, alive: impl Fn(u32) -> bool) -> bool {
     match ds.status.as_ref().and_then(|s| s.serving_shard) {
         None => true,
         Some(s) if s == shard as i32 => true,
-        Some(other) => u32::try_from(other)
-            .map(|o| !shard_alive(leases, namespace, o))
-            .unwrap_or(true),
+        Some(other) => u32::try_from(other).map(|o| !alive(o)).unwrap_or(true),
+    }
+}
+
+/// What to do next with one source on this shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Not ours, not held: nothing to do.
+    Idle,
+    /// Ours, but another live shard still serves it: wait for its
+    /// acknowledgement (it clears `servingShard`).
+    AwaitRelease {
+        /// The shard that still serves it.
+        from: u32,
+    },
+    /// Ours and free: write `servingShard` first, then open the pool.
+    ClaimAndOpen,
+    /// Ours and already claimed by this shard (a restart, or a claim whose
+    /// pool failed to build): open the pool.
+    Open,
+    /// Held with an older spec: open a pool from the new spec, drain the old.
+    Rebuild,
+    /// Held and current.
+    Serve,
+    /// Held but no longer ours: drain, close, then acknowledge.
+    Release,
+}
+
+/// The next step for a source, from its DataSource (None when deleted),
+/// the generation of the pool this shard holds (None when it holds none),
+/// and which shards are alive.
+pub fn step(
+    ds: Option<&DataSource>,
+    shard: u32,
+    held: Option<i64>,
+    alive: impl Fn(u32) -> bool,
+) -> Step {
+    let ours = ds.filter(|ds| wanted(ds, shard));
+    match (ours, held) {
+        (None, None) => Step::Idle,
+        (None, Some(_)) => Step::Release,
+        (Some(ds), Some(g)) if ds.metadata.generation.unwrap_or(0) == g => Step::Serve,
+        (Some(_), Some(_)) => Step::Rebuild,
+        (Some(ds), None) => {
+            let serving = ds.status.as_ref().and_then(|s| s.serving_shard);
+            if serving == Some(shard as i32) {
+                Step::Open
+            } else if may_open(ds, shard, alive) {
+                Step::ClaimAndOpen
+            } else {
+                Step::AwaitRelease {
+                    from: serving.and_then(|s| u32::try_from(s).ok()).unwrap_or(0),
+                }
+            }
+        }
     }
 }
 
@@ -76,7 +149,8 @@ pub async fn claim(
 }
 
 /// Acknowledges that `shard` closed the source's pool: clears
-/// `servingShard` if it still names `shard`.
+/// `servingShard` if it still names `shard`. Call only when no server
+/// connection of the source is open or opening on this shard.
 pub async fn release(client: &Client, key: &str, shard: u32) -> Result<(), kube::Error> {
     let (ns, name) = key.split_once('/').unwrap_or(("", key));
     let api: Api<DataSource> = Api::namespaced(client.clone(), ns);
@@ -95,3 +169,6 @@ pub async fn release(client: &Client, key: &str, shard: u32) -> Result<(), kube:
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests;

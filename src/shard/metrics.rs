@@ -35,6 +35,9 @@ pub struct ShardMetrics {
     pub handovers: Family<Direction, Counter>,
     /// 1 while this process holds the shard's Lease.
     pub lease_held: Gauge,
+    /// 1 while this process's claim on the Lease is certainly valid (it
+    /// opens connections only then); 0 after a failed renewal lapsed it.
+    pub lease_valid: Gauge,
     /// 1 while draining after SIGTERM.
     pub draining: Gauge,
 }
@@ -50,6 +53,7 @@ impl ShardMetrics {
             sessions: Gauge::default(),
             handovers: Family::default(),
             lease_held: Gauge::default(),
+            lease_valid: Gauge::default(),
             draining: Gauge::default(),
         };
         reg.register(
@@ -71,6 +75,11 @@ impl ShardMetrics {
             "shardpool_shard_lease_held",
             "1 while this process holds the shard Lease",
             m.lease_held.clone(),
+        );
+        reg.register(
+            "shardpool_shard_lease_valid",
+            "1 while this process's Lease claim is valid (new connections may be opened)",
+            m.lease_valid.clone(),
         );
         reg.register(
             "shardpool_shard_draining",
@@ -179,6 +188,17 @@ impl Collector for SourcesCollector {
                 };
                 ConstCounter::new(v).encode(m.encode_family(&ls)?)?;
             }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "shardpool_pool_fenced_backends",
+            "Server connections of other shard processes this shard ended before opening the source.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &all {
+            let v = s.pool.manager().fenced_backends();
+            ConstCounter::new(v).encode(m.encode_family(&labels(&s.key))?)?;
         }
         Ok(())
     }

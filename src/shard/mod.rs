@@ -4,11 +4,17 @@
 //!
 //! Life of a shard process: standby (waiting for the Lease; ready, so a
 //! rollout can proceed), then serving (pools warm, endpoint open), then on
-//! SIGTERM draining (no new transactions, running ones finish), closing
-//! pools and releasing the Lease. If it cannot renew the Lease in time it
-//! exits at once, before the Lease can expire, so two shards never hold
-//! the same source's connections.
+//! SIGTERM draining (no new transactions, running ones finish until the
+//! deadline, the rest are ended), closing pools and releasing the Lease.
+//!
+//! A shard that cannot renew its Lease (the API server hung, down, or out
+//! of reach) keeps serving on the connections it has and opens no new ones
+//! once its claim may have expired; it exits only when it learns that
+//! another holder owns the Lease. That is safe because a successor ends a
+//! predecessor's connections before opening its own ([`fence`]).
 
+pub mod checkout;
+pub mod fence;
 pub mod handover;
 pub mod metrics;
 pub mod pool;
@@ -22,13 +28,15 @@ pub mod status;
 pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client};
-use tokio::sync::{Notify, Semaphore, watch};
+use kube::{Api, Client, Resource};
+use tokio::sync::{Semaphore, watch};
 
 use crate::crd::DataSource;
 use crate::health::{self, Ready};
@@ -99,7 +107,8 @@ pub fn lease_name(index: u32) -> String {
 
 /// Runs the shard until SIGTERM; returns the process exit code.
 pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
-    let client = Client::try_default().await?;
+    let clients = crate::apiclient::connect().await?;
+    let client = clients.requests.clone();
     let ready = Ready::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let term = shutdown_signal();
@@ -116,12 +125,15 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         let _ = probe_stop.wait_for(|s| *s).await;
     }));
 
+    let duration = Duration::from_secs(cfg.lease_seconds.max(1));
+    let (renew_every, retry_every, request_timeout) = LeaseConfig::timings(duration);
     let lease_cfg = LeaseConfig {
         name: lease_name(cfg.index),
         holder: cfg.pod_name.clone(),
-        duration: Duration::from_secs(cfg.lease_seconds),
-        renew_every: Duration::from_secs(cfg.lease_seconds.max(3) / 3),
-        retry_every: Duration::from_millis(500),
+        duration,
+        renew_every,
+        retry_every,
+        request_timeout,
         owner: cfg.lease_owner(),
         labels: [
             (
@@ -138,10 +150,15 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     };
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     tracing::info!(shard = cfg.index, "standby: waiting for the lease");
-    let Some(mut held) = lease::acquire(leases, lease_cfg, &mut term).await else {
+    let Some(held) = lease::acquire(leases, lease_cfg, &mut term).await else {
         tracing::info!("terminated while standby");
         return Ok(0);
     };
+    // Renewal on its own task: nothing here waits for the API server.
+    let keeper = lease::keep(held);
+    let validity = keeper.validity();
+    let token = fence::process_token();
+    tracing::info!(shard = cfg.index, token = %token, "serving");
 
     // Serving.
     metrics.lease_held.set(1);
@@ -155,14 +172,14 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         stop_rx.clone(),
     ));
 
-    let changed = Arc::new(Notify::new());
+    let changed = Arc::new(crate::watch::Changed::default());
     let store = crate::watch::store(
-        Api::<DataSource>::all(client.clone()),
+        Api::<DataSource>::all(clients.watches.clone()),
         watcher::Config::default(),
         Some(changed.clone()),
     );
     let lease_store = crate::watch::store(
-        Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
+        Api::<Lease>::namespaced(clients.watches.clone(), &cfg.namespace),
         watcher::Config::default().labels("app.kubernetes.io/component=shard"),
         Some(changed.clone()),
     );
@@ -170,7 +187,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     // of a referenced Secret triggers one read of that Secret.
     let secret_store = crate::watch::store(
         Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(
-            client.clone(),
+            clients.watches.clone(),
         ),
         watcher::Config::default(),
         None,
@@ -180,6 +197,14 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         lease_store.wait_until_ready(),
         secret_store.wait_until_ready()
     );
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "shardpool-shard".into(),
+            instance: Some(cfg.pod_name.clone()),
+        },
+    );
+    let drain_timeout = Duration::from_secs(cfg.drain_seconds);
     let connect_limit = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
     let sync_cx = sources::SyncContext {
         client: &client,
@@ -188,30 +213,65 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         namespace: &cfg.namespace,
         shard: cfg.index,
         pod: &cfg.pod_name,
+        token: &token,
+        validity: &validity,
         connect_limit: &connect_limit,
         metrics: &metrics,
+        recorder: &recorder,
+        drain_timeout,
     };
-    let mut failures = sources::BuildFailures::new();
-    let mut written = status::Written::new();
-    let mut renew = tokio::time::interval(held.config().renew_every);
+    let failures: Arc<Mutex<status::BuildFailures>> = Arc::default();
+    // Status and rotated passwords on a task of their own: their API calls
+    // never delay opening, draining or maintaining pools.
+    tokio::spawn(report(
+        client.clone(),
+        store.clone(),
+        secret_store,
+        cfg.index,
+        cfg.pod_name.clone(),
+        registry.clone(),
+        failures.clone(),
+        stop_rx.clone(),
+    ));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
-    tracing::info!(shard = cfg.index, "serving");
     let mut resync = tokio::time::interval(Duration::from_secs(30));
     let maintaining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    sources::sync(&sync_cx, &registry, &mut failures).await;
+    sources::sync(&sync_cx, &registry, &failures).await;
     loop {
         tokio::select! {
             _ = &mut term => break,
+            by = keeper.lost() => {
+                // Another holder owns the Lease: its first connection of each
+                // source ends ours anyway; close them now and stop.
+                tracing::error!(holder = ?by, "the shard's Lease belongs to another holder; closing every pool and exiting");
+                ready.set(false);
+                let closing = registry.all().into_iter().map(|s| async move {
+                    s.retired.store(true, std::sync::atomic::Ordering::Release);
+                    s.pool.manager().close();
+                    s.kill.cancel();
+                    sources::close(&s).await;
+                });
+                let _ = tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(closing)).await;
+                metrics.lease_held.set(0);
+                let _ = stop_tx.send(true);
+                return Ok(3);
+            }
             _ = changed.notified() => {
-                sources::sync(&sync_cx, &registry, &mut failures).await;
+                sources::sync(&sync_cx, &registry, &failures).await;
             }
             _ = resync.tick() => {
                 // Retry sources that failed to build (e.g. a Secret created later).
-                failures.clear();
-                sources::sync(&sync_cx, &registry, &mut failures).await;
+                if let Ok(mut f) = failures.lock() {
+                    f.clear();
+                }
+                sources::sync(&sync_cx, &registry, &failures).await;
+            }
+            _ = status_tick.tick() => {
+                sources::sync(&sync_cx, &registry, &failures).await;
             }
             _ = tick.tick() => {
+                metrics.lease_valid.set(i64::from(validity.may_act()));
                 // One maintenance pass at a time: overlapping passes would
                 // each see the same shortfall and open it twice.
                 if !maintaining.swap(true, std::sync::atomic::Ordering::AcqRel) {
@@ -223,55 +283,81 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                     });
                 }
             }
-            _ = status_tick.tick() => {
-                sources::sync(&sync_cx, &registry, &mut failures).await;
-                sources::refresh_passwords(&client, &secret_store, &registry).await;
-                status::write(&client, &store, cfg.index, &cfg.pod_name, &registry, &failures, &mut written).await;
-            }
-            _ = renew.tick() => {
-                if let Err(e) = held.renew().await {
-                    tracing::error!(error = %e, "lease renewal failed");
-                    if matches!(e, lease::LeaseError::Lost(_)) || held.must_fence() {
-                        // Fence: exiting closes every server connection at once,
-                        // before the Lease can be taken by a successor.
-                        tracing::error!("fencing: cannot keep the lease; exiting");
-                        std::process::exit(3);
-                    }
-                }
-            }
-        }
-        if held.must_fence() {
-            tracing::error!("fencing: lease not renewed in time; exiting");
-            std::process::exit(3);
         }
     }
 
-    // Drain: no new transactions; running ones finish within the deadline.
+    // Drain: no new transactions; running ones finish within the deadline,
+    // the rest are ended; the Lease is released only when no server
+    // connection is open.
     tracing::info!(busy = registry.busy(), "SIGTERM: draining");
     ready.set(false);
     metrics.draining.set(1);
     let _ = draining_tx.send(true);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.drain_seconds);
-    while registry.busy() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            _ = renew.tick() => { let _ = held.renew().await; }
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let drains = registry.all().into_iter().map(|s| {
+        let (recorder, store) = (&recorder, &store);
+        async move {
+            let ended = sources::drain(&s, deadline).await;
+            if ended > 0 {
+                let (ns, name) = s.key.split_once('/').unwrap_or(("", &s.key));
+                let regarding = store
+                    .get(&ObjectRef::new(name).within(ns))
+                    .map(|ds| ds.object_ref(&()));
+                sources::report_ended(
+                    recorder,
+                    regarding.as_ref(),
+                    &s.key,
+                    cfg.index,
+                    ended,
+                    drain_timeout,
+                )
+                .await;
+            }
+            ended
         }
-        if held.must_fence() {
-            std::process::exit(3);
-        }
-    }
-    let left = registry.busy();
-    for s in registry.all() {
-        sources::close(&s).await;
-    }
-    if let Err(e) = held.release().await {
+    });
+    let ended: usize = futures::future::join_all(drains).await.into_iter().sum();
+    if let Err(e) = keeper.release().await {
         tracing::warn!(error = %e, "lease release failed; the successor waits for expiry");
     }
     metrics.lease_held.set(0);
     let _ = stop_tx.send(true);
-    tracing::info!(unfinished = left, "drained; exiting");
+    tracing::info!(ended, "drained; exiting");
     Ok(0)
+}
+
+/// Writes status and picks up rotated passwords every 2 s until `stop`.
+#[allow(clippy::too_many_arguments)]
+async fn report(
+    client: Client,
+    store: Store<DataSource>,
+    secrets: Store<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>,
+    shard: u32,
+    pod: String,
+    registry: Arc<registry::Registry>,
+    failures: Arc<Mutex<status::BuildFailures>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut written = status::Written::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        sources::refresh_passwords(&client, &secrets, &registry).await;
+        let failed = failures.lock().map(|f| f.clone()).unwrap_or_default();
+        status::write(
+            &client,
+            &store,
+            shard,
+            &pod,
+            &registry,
+            &failed,
+            &mut written,
+        )
+        .await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -5,18 +5,32 @@
 //! permit of one shard-wide semaphore, so a shard taking over a thousand
 //! sources opens at most that many connections at a time.
 //!
+//! Fencing: a connection is opened only while the shard's Lease claim is
+//! valid ([`Validity`]), checked before and again after connecting; and the
+//! first connection of a pool first ends every backend of the source that
+//! another shard process opened ([`super::fence`]). Other creators wait for
+//! that on `fence_lock` before they connect.
+//!
 //! Lock discipline: `password` is a std RwLock held only to clone the
 //! string; `health` is a std Mutex held only to read or replace it. Neither
-//! is held across an await.
+//! is held across an await. `fence_lock` is a tokio Mutex held across the
+//! first connection's connect and fencing, and only until `fenced` is set.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use tokio::sync::Semaphore;
 
+use super::fence;
 use super::server::{ConnectError, ConnectParams, ServerConn};
+use crate::crd::Fencing;
+use crate::lease::Validity;
+
+/// Longest wait for a previous owner's backends to disappear after they
+/// were told to terminate.
+const FENCE_WAIT: Duration = Duration::from_secs(5);
 
 /// Pool settings of one source, from its spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +47,9 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Connections are replaced after this.
     pub max_lifetime: Duration,
+    /// The server-side statement_timeout, when set: a server that has not
+    /// answered a request for this long (plus a grace) is unreachable.
+    pub statement_timeout: Option<Duration>,
 }
 
 /// Opens server connections for one source.
@@ -44,12 +61,31 @@ pub struct Manager {
     password: RwLock<String>,
     /// Shard-wide limit on concurrent connection attempts.
     connect_limit: Arc<Semaphore>,
+    /// The shard's Lease claim: no connection is opened without it.
+    validity: Validity,
+    /// Whether to end other shard processes' backends before the first
+    /// connection, and what they start with.
+    fencing: Fencing,
+    /// `application_name` prefix shared by every shard process's
+    /// connections of this source.
+    fence_prefix: String,
+    /// Set once this pool has fenced the source (or fencing is disabled).
+    fenced: AtomicBool,
+    /// Held by the one creator that fences; the others wait on it before
+    /// connecting. See the module's lock discipline.
+    fence_lock: tokio::sync::Mutex<()>,
+    /// Set when the source is being closed: no connection is opened.
+    closing: AtomicBool,
+    /// Connection attempts under way (a drain waits for them to end).
+    opening: AtomicUsize,
     /// Outcome of the latest attempt, for status and backoff.
     health: Mutex<Health>,
     /// Successful connection attempts (metrics).
     connects_ok: AtomicU64,
     /// Failed connection attempts (metrics).
     connects_failed: AtomicU64,
+    /// Backends of other shard processes this pool ended (metrics).
+    fenced_backends: AtomicU64,
 }
 
 /// Recent connection outcome of a source.
@@ -61,6 +97,9 @@ pub struct Health {
     pub failures: u32,
     /// When the last attempt failed.
     pub failed_at: Option<Instant>,
+    /// The last failure was fencing (the warehouse refused or the previous
+    /// owner's backends lingered), not the connection itself.
+    pub fencing: bool,
 }
 
 impl std::fmt::Debug for Manager {
@@ -73,7 +112,9 @@ impl std::fmt::Debug for Manager {
 }
 
 impl Manager {
-    /// A manager for one source.
+    /// A manager for one source. `fence_prefix` is what every shard
+    /// process's connections of the source start their application_name
+    /// with (see [`fence::identity`]).
     pub fn new(
         params: ConnectParams,
         settings: PoolSettings,
@@ -85,9 +126,69 @@ impl Manager {
             settings,
             password: RwLock::new(password),
             connect_limit,
+            validity: Validity::always(),
+            fencing: Fencing::Disabled,
+            fence_prefix: String::new(),
+            fenced: AtomicBool::new(true),
+            fence_lock: tokio::sync::Mutex::new(()),
+            closing: AtomicBool::new(false),
+            opening: AtomicUsize::new(0),
             health: Mutex::default(),
             connects_ok: AtomicU64::new(0),
             connects_failed: AtomicU64::new(0),
+            fenced_backends: AtomicU64::new(0),
+        }
+    }
+
+    /// Opens connections only while `validity` allows it.
+    pub fn with_validity(mut self, validity: Validity) -> Self {
+        self.validity = validity;
+        self
+    }
+
+    /// Fences the source by the database before its first connection:
+    /// `prefix` is the application_name prefix of every shard process's
+    /// connections of the source.
+    pub fn with_fencing(mut self, fencing: Fencing, prefix: String) -> Self {
+        self.fenced = AtomicBool::new(fencing == Fencing::Disabled);
+        self.fencing = fencing;
+        self.fence_prefix = prefix;
+        self
+    }
+
+    /// The pool settings.
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// Whether the shard's Lease claim currently allows opening connections.
+    pub fn may_open(&self) -> bool {
+        self.validity.may_act() && !self.closing.load(Ordering::Acquire)
+    }
+
+    /// Opens no more connections (the source is being closed).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// Connection attempts under way.
+    pub fn opening(&self) -> usize {
+        self.opening.load(Ordering::Acquire)
+    }
+
+    /// Backends of earlier owners this pool ended.
+    pub fn fenced_backends(&self) -> u64 {
+        self.fenced_backends.load(Ordering::Relaxed)
+    }
+
+    /// Records a failure seen on an open connection (the warehouse stopped
+    /// answering), so status and backoff see it.
+    pub fn record_failure(&self, message: String) {
+        if let Ok(mut h) = self.health.lock() {
+            h.last_error = Some(message);
+            h.failures = h.failures.saturating_add(1);
+            h.failed_at = Some(Instant::now());
+            h.fencing = false;
         }
     }
 
@@ -128,9 +229,71 @@ impl Manager {
                     h.last_error = Some(e.to_string());
                     h.failures = h.failures.saturating_add(1);
                     h.failed_at = Some(Instant::now());
+                    h.fencing = matches!(e, ConnectError::Fence(_));
                 }
             }
         }
+    }
+
+    /// Connects (bounded by connectTimeout, under the shard-wide limit).
+    async fn connect(&self) -> Result<ServerConn, ConnectError> {
+        let _permit = self
+            .connect_limit
+            .acquire()
+            .await
+            .map_err(|_| ConnectError::Closed)?;
+        let password = self.password.read().map(|p| p.clone()).unwrap_or_default();
+        match tokio::time::timeout(
+            self.settings.connect_timeout,
+            ServerConn::connect(&self.params, &password),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout),
+        }
+    }
+
+    /// Ends other shard processes' backends of the source, over `conn`.
+    async fn fence(&self, conn: &mut ServerConn) -> Result<(), ConnectError> {
+        let id = fence::Identity {
+            application_name: self.params.application_name.clone(),
+            prefix: self.fence_prefix.clone(),
+        };
+        let bound = self.settings.connect_timeout + FENCE_WAIT;
+        let ended = tokio::time::timeout(bound, fence::fence(conn, &id, FENCE_WAIT))
+            .await
+            .map_err(|_| {
+                ConnectError::Fence(fence::FenceError::Io(format!("no answer within {bound:?}")))
+            })?
+            .map_err(ConnectError::Fence)?;
+        if ended > 0 {
+            self.fenced_backends
+                .fetch_add(u64::try_from(ended).unwrap_or(u64::MAX), Ordering::Relaxed);
+            tracing::warn!(
+                application_name = %self.params.application_name,
+                ended,
+                "fenced: ended server connections another shard process still held for this source"
+            );
+        }
+        self.fenced.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Counts a connection attempt as under way while it lives.
+struct Opening<'a>(&'a AtomicUsize);
+
+impl<'a> Opening<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Opening(n)
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -139,21 +302,39 @@ impl managed::Manager for Manager {
     type Error = ConnectError;
 
     async fn create(&self) -> Result<ServerConn, ConnectError> {
-        let _permit = self
-            .connect_limit
-            .acquire()
-            .await
-            .map_err(|_| ConnectError::Protocol("shard is shutting down".into()))?;
-        let password = self.password.read().map(|p| p.clone()).unwrap_or_default();
-        let result = match tokio::time::timeout(
-            self.settings.connect_timeout,
-            ServerConn::connect(&self.params, &password),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ConnectError::Timeout),
+        let _opening = Opening::new(&self.opening);
+        if self.closing.load(Ordering::Acquire) {
+            return Err(ConnectError::Closed);
+        }
+        if !self.validity.may_act() {
+            return Err(ConnectError::NoLease);
+        }
+        // The first creator fences; the others wait for it before they
+        // connect, so no connection of ours exists beside a predecessor's.
+        let fencer = if self.fenced.load(Ordering::Acquire) {
+            None
+        } else {
+            let guard = self.fence_lock.lock().await;
+            (!self.fenced.load(Ordering::Acquire)).then_some(guard)
         };
+        let result = match self.connect().await {
+            Ok(mut conn) if fencer.is_some() => match self.fence(&mut conn).await {
+                Ok(()) => Ok(conn),
+                Err(e) => {
+                    tokio::spawn(conn.terminate());
+                    Err(e)
+                }
+            },
+            other => other,
+        };
+        drop(fencer);
+        // The claim may have lapsed while connecting: open nothing then.
+        if result.is_ok() && (!self.validity.may_act() || self.closing.load(Ordering::Acquire)) {
+            if let Ok(conn) = result {
+                tokio::spawn(conn.terminate());
+            }
+            return Err(ConnectError::NoLease);
+        }
         self.record(&result);
         result
     }
@@ -229,10 +410,12 @@ pub async fn maintain(pool: &Pool) -> usize {
     for conn in removed.removed {
         tokio::spawn(conn.terminate());
     }
+    if !manager.may_open() {
+        return 0;
+    }
     let h = manager.health();
     if let Some(at) = h.failed_at {
-        let backoff = Duration::from_millis(500u64.saturating_mul(1 << h.failures.min(6)));
-        if at.elapsed() < backoff.min(Duration::from_secs(30)) {
+        if at.elapsed() < backoff(h.failures) {
             return 0;
         }
     }
@@ -248,6 +431,14 @@ pub async fn maintain(pool: &Pool) -> usize {
     let gets = (0..want).map(|_| pool.get());
     held.extend(futures::future::join_all(gets).await.into_iter().flatten());
     held.len().saturating_sub(status.available)
+}
+
+/// How long warming waits after `failures` failed attempts in a row: 250 ms
+/// doubling to at most 2 s, so a warehouse back from a restart or a network
+/// fault is warm again within seconds (attempts are bounded shard-wide by
+/// the connect limit whatever this is).
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(250u64.saturating_mul(1 << failures.min(3)))
 }
 
 /// Current counts: (open, idle, in use).

@@ -26,6 +26,9 @@ pub struct Source {
     /// Set when the source leaves this shard (or is rebuilt): sessions take
     /// no new transaction on it and send the router elsewhere.
     pub retired: std::sync::atomic::AtomicBool,
+    /// Cancelled when a drain's deadline passes: sessions still holding a
+    /// server connection end their transaction and give it up at once.
+    pub kill: tokio_util::sync::CancellationToken,
     /// The password Secret: (namespace, name, key).
     pub secret: (String, String, String),
     /// resourceVersion of the Secret the current password came from.
@@ -44,9 +47,14 @@ pub struct SourceStats {
 }
 
 impl Source {
-    /// Sessions mid-transaction.
+    /// Sessions mid-transaction, or asking the pool for a connection.
     pub fn busy(&self) -> usize {
-        self.busy.load(Ordering::Relaxed)
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Server connections open (idle or in use) or being opened.
+    pub fn open_or_opening(&self) -> usize {
+        self.pool.status().size + self.pool.manager().opening()
     }
 }
 

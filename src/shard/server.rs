@@ -70,6 +70,33 @@ pub enum ConnectError {
         /// cause
         source: tls::TlsError,
     },
+    /// The shard's Lease claim may have lapsed: it opens no connection.
+    #[error("not opening connections: this shard's Lease is not renewed")]
+    NoLease,
+    /// The source is being closed on this shard.
+    #[error("the source is closing on this shard")]
+    Closed,
+    /// Earlier owners' connections could not be ended first.
+    #[error("fencing: {0}")]
+    Fence(super::fence::FenceError),
+}
+
+impl ConnectError {
+    /// The SQLSTATE a client gets when this keeps a query from running:
+    /// the server's own for its refusals (57P03 while it starts up, 28P01
+    /// for a bad password, ...), class 08 for connection failures.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            ConnectError::Server { code, .. } if !code.is_empty() => code,
+            ConnectError::Io { .. }
+            | ConnectError::Timeout
+            | ConnectError::Tls { .. }
+            | ConnectError::Server { .. } => "08001",
+            ConnectError::Unsupported(_) | ConnectError::Fence(_) => "08004",
+            ConnectError::Protocol(_) => "08P01",
+            ConnectError::NoLease | ConnectError::Closed => "57P01",
+        }
+    }
 }
 
 /// The ReadyForQuery messages of one chunk of server messages.
@@ -124,6 +151,15 @@ impl ServerConn {
             .await
             .map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
+        // A warehouse that vanishes without a word (host gone, network cut)
+        // is noticed on idle connections within about 25 s.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(10))
+            .with_interval(std::time::Duration::from_secs(5))
+            .with_retries(3);
+        socket2::SockRef::from(&stream)
+            .set_tcp_keepalive(&keepalive)
+            .map_err(io)?;
         let stream = tls::negotiate(stream, &p.host, &p.tls)
             .await
             .map_err(|source| ConnectError::Tls {
@@ -378,6 +414,46 @@ impl ServerConn {
         }
     }
 
+    /// Runs one simple query and returns its rows as text (NULL as None).
+    /// An ErrorResponse becomes [`QueryError::Server`] with its SQLSTATE.
+    /// For shardpool's own short queries (fencing), not for client traffic.
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, QueryError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.write_all(&out).await?;
+        let mut rows = Vec::new();
+        let mut failed = None;
+        loop {
+            let (chunk, ready) = self.read_messages().await?;
+            let mut rest = &chunk[..];
+            while let Ok(Some((t, n))) = pg::next_message(rest) {
+                let body = &rest[5..n];
+                match t {
+                    b'E' => {
+                        failed = Some(QueryError::Server {
+                            code: pg::error_code(body).unwrap_or("XX000").to_string(),
+                            message: pg::error_field(body, b'M').unwrap_or("").to_string(),
+                        })
+                    }
+                    b'D' => rows.push(data_row(body).ok_or_else(|| {
+                        QueryError::Io(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "malformed DataRow",
+                        ))
+                    })?),
+                    _ => {}
+                }
+                rest = &rest[n..];
+            }
+            if ready.count > 0 {
+                return match failed {
+                    Some(e) => Err(e),
+                    None => Ok(rows),
+                };
+            }
+        }
+    }
+
     /// Says goodbye to the server and closes the socket.
     pub async fn terminate(mut self) {
         let mut out = BytesMut::new();
@@ -393,15 +469,16 @@ impl ServerConn {
         if self.broken || self.rbuf.has_remaining() {
             return false;
         }
-        // Peek at the socket (under TLS too: any record from an idle
-        // server is an alert or a close). A no-op waker: nothing waits.
-        let mut probe = [0u8; 1];
-        let mut buf = tokio::io::ReadBuf::new(&mut probe);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        // Ready means EOF, unexpected bytes or an error: not reusable.
-        tls::tcp(&self.stream)
-            .poll_peek(&mut cx, &mut buf)
-            .is_pending()
+        // Peek at the socket itself (under TLS too: any record from an
+        // idle server is an alert or a close), not at the runtime's cached
+        // readiness, which a server that closed a moment ago has not
+        // updated yet. Would-block is the only answer of a live, idle one;
+        // EOF, unexpected bytes or an error mean not reusable.
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(
+            socket2::SockRef::from(tls::tcp(&self.stream)).peek(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        )
     }
 
     /// Whether the connection can no longer be used (I/O error, protocol
@@ -414,6 +491,41 @@ impl ServerConn {
     pub fn is_tls(&self) -> bool {
         self.stream.is_tls()
     }
+}
+
+/// Why one of shardpool's own queries failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The server answered with an error.
+    #[error("{code}: {message}")]
+    Server {
+        /// SQLSTATE
+        code: String,
+        /// server's message
+        message: String,
+    },
+}
+
+/// The text values of a DataRow body (NULL as None).
+fn data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
+    let mut rest = body.get(2..)?;
+    let mut row = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = rest.get(4..)?;
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = usize::try_from(len).ok()?;
+            row.push(Some(String::from_utf8_lossy(rest.get(..len)?).into_owned()));
+            rest = rest.get(len..)?;
+        }
+    }
+    Some(row)
 }
 
 /// Asks the server to cancel the query running on the connection with this key.

@@ -10,13 +10,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 
 use std::collections::VecDeque;
 
+use super::checkout::{self, CheckoutError};
 use super::metrics::ShardMetrics;
 use super::pool::Conn;
 use super::prepared::{self, Expect, Statements};
@@ -43,19 +46,21 @@ pub fn sync_points(batch: &[u8]) -> usize {
     n
 }
 
-/// Marks a source busy for as long as it lives.
+/// Marks a source busy for as long as it lives: from before a session asks
+/// the pool for a connection until the connection is given back, so a drain
+/// that sees zero busy knows no connection can appear afterwards.
 struct Busy(Arc<Source>);
 
 impl Busy {
     fn new(s: &Arc<Source>) -> Busy {
-        s.busy.fetch_add(1, Ordering::Relaxed);
+        s.busy.fetch_add(1, Ordering::AcqRel);
         Busy(s.clone())
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -66,7 +71,103 @@ struct Held {
     pending: usize,
     /// Transaction status of the last ReadyForQuery.
     status: u8,
+    /// When the server last sent something (or was last sent a request
+    /// while owing nothing): the answer deadline counts from here.
+    heard: Instant,
     _busy: Busy,
+}
+
+/// Time the server gets beyond statementTimeout to answer: past it, the
+/// server is taken to be unreachable (a blackholed network answers nothing,
+/// not even the timeout's own error).
+pub const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+/// How a session ends or goes on after asking for a connection.
+// Not boxed: it is moved into the session once per transaction, and a box
+// would be an allocation per transaction on the hot path.
+#[allow(clippy::large_enum_variant)]
+enum Checkout {
+    Got(Held),
+    /// An error was answered; the session goes on.
+    Answered,
+    /// The session is over.
+    End,
+}
+
+/// Takes a connection for the transaction that `frame` starts, or answers
+/// why not. Counted busy before asking, and re-checked for a drain after.
+async fn checkout(
+    id: u32,
+    source: &Arc<Source>,
+    frame: &Frame,
+    outbox: &Outbox,
+    draining: &watch::Receiver<bool>,
+    metrics: &ShardMetrics,
+) -> Checkout {
+    let busy = Busy::new(source);
+    if *draining.borrow() || source.retired.load(Ordering::Acquire) {
+        let msg = pg::error(
+            "FATAL",
+            DRAINING,
+            "shard is handing over; retry on its successor",
+        );
+        let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
+        return Checkout::End;
+    }
+    let asked = Instant::now();
+    let wait = source.pool.manager().settings().acquire_timeout;
+    let got = checkout::get(&source.pool, wait).await;
+    metrics.checkout_wait.observe(asked.elapsed().as_secs_f64());
+    match got {
+        Ok(conn) => {
+            source.stats.transactions.fetch_add(1, Ordering::Relaxed);
+            Checkout::Got(Held {
+                conn,
+                pending: 0,
+                status: b'I',
+                heard: Instant::now(),
+                _busy: busy,
+            })
+        }
+        Err(e @ CheckoutError::Handover(_)) => {
+            let msg = pg::error("FATAL", e.sqlstate(), &e.to_string());
+            let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
+            Checkout::End
+        }
+        Err(e) => {
+            source.stats.checkout_errors.fetch_add(1, Ordering::Relaxed);
+            let syncs = sync_points(&frame.payload);
+            let mut out = BytesMut::new();
+            pg::put_error(&mut out, "ERROR", e.sqlstate(), &e.to_string());
+            for _ in 0..syncs {
+                pg::put_ready(&mut out, b'I');
+            }
+            match outbox
+                .send(Frame::new(id, Kind::Messages, out.freeze()))
+                .await
+            {
+                Ok(()) => Checkout::Answered,
+                Err(_) => Checkout::End,
+            }
+        }
+    }
+}
+
+/// Ends a connection whose state is unknown: asks the server to cancel
+/// what runs on it, takes it out of the pool and closes it.
+fn discard(source: &Source, conn: Conn) {
+    let p = source.pool.manager().params();
+    let (host, port) = (p.host.clone(), p.port);
+    let conn = deadpool::managed::Object::take(conn);
+    let (pid, secret) = (conn.backend_pid, conn.backend_secret);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            server::cancel(&host, port, pid, secret),
+        )
+        .await;
+        conn.terminate().await;
+    });
 }
 
 /// Runs a session until the router closes it or it fails.
@@ -88,12 +189,17 @@ pub async fn run(
         .map(|p| p.clone())
         .unwrap_or_default();
     if params.is_empty() {
-        if let Ok(conn) = source.pool.get().await {
-            params = conn.params.clone();
-            if let Ok(mut p) = source.server_params.write() {
-                p.clone_from(&params);
+        let busy = Busy::new(&source);
+        if !source.retired.load(Ordering::Acquire) {
+            let wait = source.pool.manager().settings().acquire_timeout;
+            if let Ok(conn) = checkout::get(&source.pool, wait).await {
+                params = conn.params.clone();
+                if let Ok(mut p) = source.server_params.write() {
+                    p.clone_from(&params);
+                }
             }
         }
+        drop(busy);
     }
     if outbox
         .send(Frame::new(id, Kind::Opened, opened_payload(&params)))
@@ -102,6 +208,19 @@ pub async fn run(
     {
         return;
     }
+    // The server must answer a request within this (statementTimeout plus
+    // a grace); unset when the source has no statement timeout.
+    let answer_within = source
+        .pool
+        .manager()
+        .settings()
+        .statement_timeout
+        .map(|t| t + ANSWER_GRACE);
+    // One timer, re-armed at most once per `answer_within`: the hot path
+    // only records when the server last spoke.
+    let answer_timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(answer_timer);
+    let mut armed = false;
     let mut held: Option<Held> = None;
     let mut stmts = Statements::default();
     let mut owed: VecDeque<Expect> = VecDeque::new();
@@ -117,6 +236,7 @@ pub async fn run(
                     r = h.conn.read_messages() => {
                         match r {
                             Ok((chunk, ready)) => {
+                                h.heard = Instant::now();
                                 if ready.count > 0 {
                                     h.pending = h.pending.saturating_sub(ready.count);
                                     h.status = ready.last_status;
@@ -145,61 +265,57 @@ pub async fn run(
                         }
                         continue;
                     }
+                    () = &mut answer_timer, if armed => {
+                        armed = false;
+                        let (Some(limit), true) = (answer_within, h.pending > 0) else { continue };
+                        let silent = h.heard.elapsed();
+                        if silent < limit {
+                            answer_timer.as_mut().reset(h.heard + limit);
+                            armed = true;
+                            continue;
+                        }
+                        // The warehouse is unreachable: this connection's
+                        // state is unknown, and the idle ones are suspect.
+                        let msg = format!("no answer from the warehouse within statementTimeout + {}s; the connection was closed and the transaction's outcome is unknown", ANSWER_GRACE.as_secs());
+                        tracing::warn!(source = %source.key, silent_ms = silent.as_millis() as u64, "{msg}");
+                        source.pool.manager().record_failure(msg.clone());
+                        if let Some(h) = held.take() {
+                            discard(&source, h.conn);
+                        }
+                        super::sources::purge_idle(&source);
+                        let _ = outbox.send(Frame::new(id, Kind::Closed, pg::error("FATAL", "08006", &msg))).await;
+                        return;
+                    }
+                    () = source.kill.cancelled() => {
+                        if let Some(h) = held.take() {
+                            discard(&source, h.conn);
+                        }
+                        let msg = pg::error("FATAL", DRAINING, "terminating the transaction: the shard is handing the source over and the drain deadline has passed");
+                        let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
+                        return;
+                    }
                 }
             }
         };
         match frame.kind {
             Kind::Messages => {
                 if held.is_none() {
-                    if *draining.borrow() || source.retired.load(Ordering::Relaxed) {
-                        let msg = pg::error(
-                            "FATAL",
-                            DRAINING,
-                            "shard is handing over; retry on its successor",
-                        );
-                        let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
-                        return;
-                    }
-                    let asked = Instant::now();
-                    let got = source.pool.get().await;
-                    metrics.checkout_wait.observe(asked.elapsed().as_secs_f64());
-                    match got {
-                        Ok(conn) => {
-                            source.stats.transactions.fetch_add(1, Ordering::Relaxed);
-                            held = Some(Held {
-                                conn,
-                                pending: 0,
-                                status: b'I',
-                                _busy: Busy::new(&source),
-                            })
-                        }
-                        Err(e) => {
-                            source.stats.checkout_errors.fetch_add(1, Ordering::Relaxed);
-                            let syncs = sync_points(&frame.payload);
-                            let mut out = BytesMut::new();
-                            pg::put_error(
-                                &mut out,
-                                "ERROR",
-                                "53300",
-                                &format!("no server connection available: {e}"),
-                            );
-                            for _ in 0..syncs {
-                                pg::put_ready(&mut out, b'I');
-                            }
-                            if outbox
-                                .send(Frame::new(id, Kind::Messages, out.freeze()))
-                                .await
-                                .is_err()
-                            {
-                                break;
-                            }
-                            continue;
-                        }
+                    match checkout(id, &source, &frame, &outbox, &draining, &metrics).await {
+                        Checkout::Got(h) => held = Some(h),
+                        Checkout::Answered => continue,
+                        Checkout::End => return,
                     }
                 }
                 let Some(h) = held.as_mut() else { continue };
                 let syncs = sync_points(&frame.payload);
+                if h.pending == 0 {
+                    h.heard = Instant::now();
+                }
                 h.pending += syncs;
+                if let (Some(limit), false, true) = (answer_within, armed, h.pending > 0) {
+                    answer_timer.as_mut().reset(h.heard + limit);
+                    armed = true;
+                }
                 let bytes = if prepared::needs_rewrite(&frame.payload) {
                     let r = prepared::rewrite(&frame.payload, &mut stmts, &h.conn.prepared);
                     owed.extend(r.expect);

@@ -1,45 +1,43 @@
 //! Which sources this shard serves: DataSources whose `status.shard` is this
-//! shard's index and that are not paused. Builds a pool for each (reading
-//! the password from its Secret), rebuilds one whose spec changed, and
-//! drains and closes the ones that left. Other sources' pools are never
-//! touched by a change to one source.
+//! shard's index and that are not paused. Carries out the hand-off steps
+//! ([`handover::step`]): builds a pool for each source (reading the password
+//! from its Secret), rebuilds one whose spec changed, and drains, closes and
+//! releases the ones that left. Other sources' pools are never touched by a
+//! change to one source.
 
-use std::collections::HashMap;
-
-use futures::StreamExt;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
-use super::handover;
+use super::fence;
+use super::handover::{self, Step};
 use super::metrics::{Direction, ShardMetrics};
 use super::pool::{self, Manager, PoolSettings};
 use super::registry::{Registry, Source};
 use super::server::ConnectParams;
+use super::status::BuildFailures;
 use super::tls::TlsSettings;
 use crate::crd::{DataSource, parse_duration};
+use crate::lease::Validity;
 
-/// Why a source could not be served; shown in its status (no secrets).
-pub type BuildFailures = HashMap<String, String>;
-
-/// The key of a DataSource: `namespace/name`.
-pub fn key(ds: &DataSource) -> String {
-    format!("{}/{}", ds.namespace().unwrap_or_default(), ds.name_any())
-}
-
-/// Whether this shard should serve the source.
-pub fn wanted(ds: &DataSource, shard: u32) -> bool {
-    !ds.spec.paused && ds.status.as_ref().and_then(|s| s.shard) == Some(shard as i32)
-}
-
-/// Pool settings and connection parameters from a DataSource spec.
-pub fn settings(ds: &DataSource, shard: u32) -> Result<(ConnectParams, PoolSettings), String> {
+/// Pool settings and connection parameters from a DataSource spec, for
+/// `shard` in the process with this `token`.
+pub fn settings(
+    ds: &DataSource,
+    shard: u32,
+    token: &str,
+) -> Result<(ConnectParams, PoolSettings), String> {
     let p = &ds.spec.pool;
     let d = |s: &str| parse_duration(s).map_err(|e| e.to_string());
     // verify-full gets its CA bundle in `build` (read from its Secret).
@@ -47,17 +45,13 @@ pub fn settings(ds: &DataSource, shard: u32) -> Result<(ConnectParams, PoolSetti
         crate::crd::TlsMode::VerifyFull => TlsSettings::default(),
         mode => TlsSettings::new(mode, None)?,
     };
+    let ns = ds.namespace().unwrap_or_default();
     let params = ConnectParams {
         host: ds.spec.host.clone(),
         port: u16::try_from(ds.spec.port).map_err(|_| "port out of range".to_string())?,
         database: ds.spec.database.clone(),
         user: ds.spec.user.clone(),
-        application_name: format!(
-            "shardpool/{}/{}/{}",
-            ds.namespace().unwrap_or_default(),
-            ds.name_any(),
-            shard
-        ),
+        application_name: fence::identity(&ns, &ds.name_any(), shard, token).application_name,
         statement_timeout: p.statement_timeout.clone(),
         tls,
     };
@@ -68,6 +62,7 @@ pub fn settings(ds: &DataSource, shard: u32) -> Result<(ConnectParams, PoolSetti
         acquire_timeout: d(&p.acquire_timeout)?,
         idle_timeout: d(&p.idle_timeout)?,
         max_lifetime: d(&p.max_lifetime)?,
+        statement_timeout: p.statement_timeout.as_deref().map(d).transpose()?,
     };
     Ok((params, settings))
 }
@@ -136,7 +131,7 @@ pub async fn refresh_passwords(
 
 /// What [`sync`] needs besides the registry.
 pub struct SyncContext<'a> {
-    /// API client.
+    /// API client (bounded requests).
     pub client: &'a Client,
     /// DataSources.
     pub store: &'a Store<DataSource>,
@@ -148,70 +143,67 @@ pub struct SyncContext<'a> {
     pub shard: u32,
     /// This pod's name.
     pub pod: &'a str,
+    /// This process's token in its connections' application_name.
+    pub token: &'a str,
+    /// The shard's Lease claim: pools open connections only under it.
+    pub validity: &'a Validity,
     /// Shard-wide connection attempt limit.
     pub connect_limit: &'a Arc<Semaphore>,
     /// Handover counters.
     pub metrics: &'a ShardMetrics,
+    /// Events about the sources (drains past their deadline).
+    pub recorder: &'a Recorder,
+    /// How long a source leaving this shard may take to finish its
+    /// transactions before they are ended.
+    pub drain_timeout: Duration,
 }
 
-/// Brings the registry in line with the DataSources: opens sources assigned
-/// here (after the previous owner released them), drains and releases the
-/// ones that left.
-pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &mut BuildFailures) {
-    let (client, store, shard, connect_limit) = (cx.client, cx.store, cx.shard, cx.connect_limit);
-    let mut desired: HashMap<String, Arc<DataSource>> = HashMap::new();
-    for ds in store.state() {
-        if wanted(&ds, shard) {
-            desired.insert(key(&ds), ds);
-        }
-    }
-    for s in registry.all() {
-        if !desired.contains_key(&s.key) {
-            tracing::info!(source = %s.key, "source left this shard; draining");
-            if let Some(old) = registry.remove(&s.key) {
-                let client = client.clone();
-                let released = cx
-                    .metrics
-                    .handovers
-                    .get_or_create(&Direction { direction: "out" })
-                    .clone();
-                tokio::spawn(async move {
-                    drain(old.clone()).await;
-                    if let Err(e) = handover::release(&client, &old.key, shard).await {
-                        tracing::warn!(source = %old.key, error = %e, "release acknowledgement failed");
-                    } else {
-                        released.inc();
-                        tracing::info!(source = %old.key, "released");
-                    }
-                });
-            }
-        }
-    }
-    failures.retain(|k, _| desired.contains_key(k));
-    // Which sources to (re)build now; the rest wait for their previous owner.
+/// Brings the registry in line with the DataSources, one [`handover::step`]
+/// per source: opens sources assigned here (after the previous owner
+/// released them), rebuilds changed ones, drains and releases the ones
+/// that left.
+pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<BuildFailures>) {
+    let shard = cx.shard;
+    let alive = |k: u32| handover::shard_alive(cx.leases, cx.namespace, k);
+    let mut seen: HashSet<String> = HashSet::new();
     let mut to_open = Vec::new();
-    for (k, ds) in desired {
-        let generation = ds.metadata.generation.unwrap_or(0);
-        match registry.get(&k) {
-            Some(current) if current.generation == generation => continue,
-            Some(_) => {}
-            None if !handover::may_open(&ds, shard, cx.leases, cx.namespace) => {
-                tracing::debug!(source = %k, "waiting for the previous shard to release the source");
-                continue;
+    for ds in cx.store.state() {
+        let k = handover::key(&ds);
+        let held = registry.get(&k).map(|s| s.generation);
+        let step = handover::step(Some(&ds), shard, held, alive);
+        seen.insert(k.clone());
+        match step {
+            Step::Idle | Step::Serve => {}
+            Step::AwaitRelease { from } => {
+                tracing::debug!(source = %k, from, "waiting for the previous shard to release the source");
             }
-            None => {}
+            Step::ClaimAndOpen | Step::Open | Step::Rebuild => to_open.push((k, ds, step)),
+            Step::Release => release(cx, registry, &k, Some(&ds)),
         }
-        to_open.push((k, ds));
+    }
+    // Held sources whose DataSource is gone.
+    for s in registry.all() {
+        if !seen.contains(&s.key)
+            && handover::step(None, shard, Some(s.generation), alive) == Step::Release
+        {
+            release(cx, registry, &s.key, None);
+        }
+    }
+    if let Ok(mut f) = failures.lock() {
+        f.retain(|k, _| {
+            let (ns, name) = k.split_once('/').unwrap_or(("", k));
+            cx.store
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some_and(|ds| handover::wanted(&ds, shard))
+        });
     }
     // Claim and build concurrently (API round trips dominate at scale);
     // connection attempts are bounded separately by `connect_limit`.
     let results: Vec<(String, i64, Result<Source, String>)> = futures::stream::iter(to_open)
-        .map(|(k, ds)| async move {
+        .map(|(k, ds, step)| async move {
             let generation = ds.metadata.generation.unwrap_or(0);
-            let fresh = registry.get(&k).is_none();
-            let serving = ds.status.as_ref().and_then(|s| s.serving_shard);
-            if fresh && serving != Some(shard as i32) {
-                if let Err(e) = handover::claim(client, &ds, shard, cx.pod).await {
+            if step == Step::ClaimAndOpen {
+                if let Err(e) = handover::claim(cx.client, &ds, shard, cx.pod).await {
                     return (k, generation, Err(format!("cannot claim the source: {e}")));
                 }
                 cx.metrics
@@ -219,7 +211,7 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &mut Buil
                     .get_or_create(&Direction { direction: "in" })
                     .inc();
             }
-            let r = build(client, &ds, shard, connect_limit).await;
+            let r = build(cx, &ds).await;
             (k, generation, r)
         })
         .buffer_unordered(16)
@@ -228,27 +220,113 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &mut Buil
     for (k, generation, r) in results {
         match r {
             Ok(source) => {
-                failures.remove(&k);
+                if let Ok(mut f) = failures.lock() {
+                    f.remove(&k);
+                }
                 tracing::info!(source = %k, generation, "pool created");
                 if let Some(old) = registry.insert(Arc::new(source)) {
-                    tokio::spawn(drain(old));
+                    // A rebuild: the old pool drains beside the new one.
+                    let deadline = Instant::now() + cx.drain_timeout;
+                    tokio::spawn(async move {
+                        drain(&old, deadline).await;
+                    });
                 }
             }
             Err(e) => {
                 tracing::warn!(source = %k, error = %e, "cannot serve source");
-                failures.insert(k, e);
+                if let Ok(mut f) = failures.lock() {
+                    f.insert(k, e);
+                }
             }
         }
     }
 }
 
-async fn build(
-    client: &Client,
-    ds: &DataSource,
+/// Takes a source that left this shard out of the registry, and in the
+/// background drains and closes it, then acknowledges the move.
+fn release(cx: &SyncContext<'_>, registry: &Registry, key: &str, ds: Option<&DataSource>) {
+    let Some(old) = registry.remove(key) else {
+        return;
+    };
+    tracing::info!(source = %key, "source left this shard; draining");
+    let client = cx.client.clone();
+    let recorder = cx.recorder.clone();
+    let shard = cx.shard;
+    let regarding = ds.map(|ds| ds.object_ref(&()));
+    let released = cx
+        .metrics
+        .handovers
+        .get_or_create(&Direction { direction: "out" })
+        .clone();
+    let deadline = Instant::now() + cx.drain_timeout;
+    let timeout = cx.drain_timeout;
+    tokio::spawn(async move {
+        let ended = drain(&old, deadline).await;
+        if ended > 0 {
+            report_ended(
+                &recorder,
+                regarding.as_ref(),
+                &old.key,
+                shard,
+                ended,
+                timeout,
+            )
+            .await;
+        }
+        // Every connection is closed: now the next owner may open it.
+        for attempt in 0u32.. {
+            match handover::release(&client, &old.key, shard).await {
+                Ok(()) => {
+                    released.inc();
+                    tracing::info!(source = %old.key, "released");
+                    return;
+                }
+                Err(e) if attempt < 60 => {
+                    tracing::warn!(source = %old.key, error = %e, "release acknowledgement failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => {
+                    tracing::error!(source = %old.key, error = %e, "release acknowledgement failed; giving up (the next owner opens the source once this shard's Lease has expired)");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Logs and reports (as a Warning Event on the DataSource) connections
+/// ended because their transactions outlived the drain deadline.
+pub async fn report_ended(
+    recorder: &Recorder,
+    regarding: Option<&ObjectReference>,
+    key: &str,
     shard: u32,
-    connect_limit: &Arc<Semaphore>,
-) -> Result<Source, String> {
-    let (mut params, settings) = settings(ds, shard)?;
+    ended: usize,
+    timeout: Duration,
+) {
+    let note = format!(
+        "shard {shard} ended {ended} server connection(s) still in a transaction {}s after the drain began, before handing the source over",
+        timeout.as_secs()
+    );
+    tracing::warn!(source = %key, ended, "{note}");
+    let Some(regarding) = regarding else { return };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "DrainDeadlineExceeded".into(),
+        note: Some(note),
+        action: "Drain".into(),
+        secondary: None,
+    };
+    match tokio::time::timeout(Duration::from_secs(10), recorder.publish(&ev, regarding)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(source = %key, error = %e, "event not published"),
+        Err(_) => tracing::debug!(source = %key, "event not published: no answer"),
+    }
+}
+
+async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> {
+    let client = cx.client;
+    let (mut params, settings) = settings(ds, cx.shard, cx.token)?;
     let ns = ds.namespace().unwrap_or_default();
     if ds.spec.tls.mode == crate::crd::TlsMode::VerifyFull {
         let r = ds
@@ -263,32 +341,56 @@ async fn build(
     }
     let r = &ds.spec.password_secret_ref;
     let (password, version) = read_secret(client, &ns, &r.name, &r.key).await?;
-    let manager = Manager::new(params, settings, password, connect_limit.clone());
+    let prefix = fence::identity(&ns, &ds.name_any(), cx.shard, cx.token).prefix;
+    let manager = Manager::new(params, settings, password, cx.connect_limit.clone())
+        .with_validity(cx.validity.clone())
+        .with_fencing(ds.spec.fencing, prefix);
     let pool = pool::build(manager).map_err(|e| e.to_string())?;
     Ok(Source {
-        key: key(ds),
+        key: handover::key(ds),
         pool,
         generation: ds.metadata.generation.unwrap_or(0),
         server_params: Default::default(),
         busy: Default::default(),
         retired: Default::default(),
+        kill: Default::default(),
         secret: (ns, r.name.clone(), r.key.clone()),
         secret_version: std::sync::Mutex::new(version),
         stats: Default::default(),
     })
 }
 
-/// Waits (bounded) for the source's transactions to finish, then closes
-/// its idle connections politely and the pool.
-pub async fn drain(source: Arc<Source>) {
-    source
-        .retired
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while source.busy() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Retires a source and closes every server connection of it: no new
+/// transaction and no new connection from now; running transactions may
+/// finish until `deadline`, then the sessions still holding a connection
+/// end theirs (FATAL 57P01 to their clients) and give it up. Returns only
+/// when no connection of the source is open or being opened on this shard,
+/// with how many transactions were ended past the deadline.
+pub async fn drain(source: &Source, deadline: Instant) -> usize {
+    source.retired.store(true, Ordering::Release);
+    source.pool.manager().close();
+    while source.busy() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    close(&source).await;
+    let ended = source.busy();
+    if ended > 0 {
+        source.kill.cancel();
+        let bound = Instant::now() + Duration::from_secs(5);
+        while source.busy() > 0 && Instant::now() < bound {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    close(source).await;
+    let mut next_log = Instant::now() + Duration::from_secs(5);
+    while source.open_or_opening() > 0 {
+        if Instant::now() >= next_log {
+            tracing::error!(source = %source.key, open = source.open_or_opening(), "connections still open after the drain; waiting for them before handing the source over");
+            source.kill.cancel();
+            next_log += Duration::from_secs(5);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ended
 }
 
 /// Closes every idle connection with a Terminate, then the pool.
@@ -297,6 +399,19 @@ pub async fn close(source: &Source) {
     let closing = removed.removed.into_iter().map(|c| c.terminate());
     futures::future::join_all(closing).await;
     source.pool.close();
+}
+
+/// Ends every idle connection of a source (the warehouse stopped answering
+/// one of them, so the others are suspect): the next transactions connect
+/// afresh, which a reachable warehouse answers and an unreachable one
+/// fails within connectTimeout.
+pub fn purge_idle(source: &Source) {
+    let removed = source.pool.retain(|_, _| false);
+    for conn in removed.removed {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.terminate()).await;
+        });
+    }
 }
 
 /// One maintenance pass over every source: warm to minIdle, trim idle.

@@ -11,13 +11,13 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use super::handover::{self, FIELD_MANAGER};
 use super::pool;
 use super::registry::Registry;
-use super::sources::{self, BuildFailures};
 use crate::crd::{DataSource, Phase};
 
-/// Field manager of the shards' status writes.
-pub const FIELD_MANAGER: &str = "shardpool-shard";
+/// Why a source could not be served, by key; shown in its status (no secrets).
+pub type BuildFailures = HashMap<String, String>;
 
 /// Status writes in flight at once.
 const STATUS_CONCURRENCY: usize = 16;
@@ -44,6 +44,9 @@ pub fn observe(s: &super::registry::Source, min_idle: usize) -> Observed {
     let health = s.pool.manager().health();
     let phase = if counts.0 >= min_idle && health.failures == 0 {
         Phase::Ready
+    } else if health.fencing {
+        // The warehouse refused fencing: configured, reachable, not opened.
+        Phase::Degraded
     } else if health.failures > 0 && counts.0 == 0 {
         Phase::Error
     } else if health.failures > 0 {
@@ -74,10 +77,10 @@ pub async fn write(
 ) {
     let mut due = Vec::new();
     for ds in store.state() {
-        if !sources::wanted(&ds, shard) {
+        if !handover::wanted(&ds, shard) {
             continue;
         }
-        let key = sources::key(&ds);
+        let key = handover::key(&ds);
         let obs = if let Some(s) = registry.get(&key) {
             observe(&s, usize::try_from(ds.spec.pool.min_idle).unwrap_or(0))
         } else if let Some(err) = failures.get(&key) {

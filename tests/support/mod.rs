@@ -21,7 +21,43 @@ pub struct TestPg {
     pub password: String,
     /// PEM of the CA that signed the server certificate (TLS servers only).
     pub ca_pem: Option<String>,
+    tls: bool,
     child: Child,
+}
+
+/// Starts the postmaster of the server in `dir` on `port`.
+fn launch(dir: &std::path::Path, port: u16, tls: bool) -> Child {
+    let data = dir.join("data");
+    as_pg(bin("postgres"))
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            &format!("port={port}"),
+            "-c",
+            "fsync=off",
+        ])
+        .arg("-c")
+        .arg(format!("unix_socket_directories={}", data.display()))
+        .args(["-c", "max_connections=300"])
+        .args(if tls {
+            vec![
+                "-c".to_string(),
+                "ssl=on".to_string(),
+                "-c".to_string(),
+                format!("ssl_cert_file={}", dir.join("server.crt").display()),
+                "-c".to_string(),
+                format!("ssl_key_file={}", dir.join("server.key").display()),
+            ]
+        } else {
+            Vec::new()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start postgres")
 }
 
 /// Runs openssl; panics with its stderr when it fails.
@@ -191,48 +227,25 @@ impl TestPg {
             let l = TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().expect("addr").port()
         };
-        let child = as_pg(bin("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                &format!("port={port}"),
-                "-c",
-                "fsync=off",
-            ])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", data.display()))
-            .args(["-c", "max_connections=300"])
-            .args(if tls {
-                vec![
-                    "-c".to_string(),
-                    "ssl=on".to_string(),
-                    "-c".to_string(),
-                    format!("ssl_cert_file={}", dir.join("server.crt").display()),
-                    "-c".to_string(),
-                    format!("ssl_key_file={}", dir.join("server.key").display()),
-                ]
-            } else {
-                Vec::new()
-            })
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start postgres");
+        let child = launch(&dir, port, tls);
         let pg = TestPg {
             dir,
             port,
             user: "tester".into(),
             password,
             ca_pem,
+            tls,
             child,
         };
+        pg.wait_ready();
+        pg
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ready = Command::new(bin("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .stdout(Stdio::null())
                 .status()
                 .map(|s| s.success())
@@ -246,7 +259,36 @@ impl TestPg {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        pg
+    }
+
+    /// Fast shutdown (SIGINT to the postmaster, by pid), waiting until it
+    /// has exited: every backend ends with 57P01, new connections are refused.
+    pub fn stop(&mut self) {
+        // The postmaster's own pid (runuser, our child, runs it as a child).
+        let pid = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
+            .unwrap_or_else(|| self.child.id().to_string());
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("test postgres did not stop within 10 s");
+    }
+
+    /// Starts the stopped server again on the same port and data, without
+    /// waiting for it to accept connections.
+    pub fn start_again(&mut self) {
+        self.child = launch(&self.dir, self.port, self.tls);
+    }
+
+    /// Waits until the server accepts connections.
+    pub fn ready(&self) {
+        self.wait_ready();
     }
 
     /// Runs SQL as the superuser through psql; returns trimmed output.

@@ -1,0 +1,199 @@
+//! The hand-off state machine: which step each situation leads to, and the
+//! exact writes of a claim and of an acknowledgement (over a fake API
+//! server that records requests and answers with a chosen status).
+
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn source(shard: Option<i32>, serving: Option<i32>, paused: bool, generation: i64) -> DataSource {
+    let mut status = json!({});
+    if let Some(s) = shard {
+        status["shard"] = json!(s);
+    }
+    if let Some(s) = serving {
+        status["servingShard"] = json!(s);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "shardpool.dev/v1alpha1",
+        "kind": "DataSource",
+        "metadata": {"name": "acme", "namespace": "tenants", "generation": generation},
+        "spec": {"host": "db", "database": "acme", "user": "bi", "paused": paused,
+                 "passwordSecretRef": {"name": "pw", "key": "password"}},
+        "status": status,
+    }))
+    .expect("a valid DataSource")
+}
+
+fn none_alive(_: u32) -> bool {
+    false
+}
+
+fn all_alive(_: u32) -> bool {
+    true
+}
+
+#[test]
+fn a_source_of_another_shard_that_we_do_not_hold_is_left_alone() {
+    let ds = source(Some(2), Some(2), false, 1);
+    assert_eq!(step(Some(&ds), 1, None, all_alive), Step::Idle);
+    assert_eq!(step(None, 1, None, all_alive), Step::Idle);
+}
+
+#[test]
+fn a_free_source_is_claimed_before_it_is_opened() {
+    let ds = source(Some(1), None, false, 1);
+    assert_eq!(step(Some(&ds), 1, None, all_alive), Step::ClaimAndOpen);
+}
+
+#[test]
+fn a_source_still_served_by_a_live_shard_waits_for_its_release() {
+    let ds = source(Some(1), Some(0), false, 1);
+    assert_eq!(
+        step(Some(&ds), 1, None, all_alive),
+        Step::AwaitRelease { from: 0 }
+    );
+    assert!(!may_open(&ds, 1, all_alive));
+    // Shard 0 is gone (no live Lease holder): it holds nothing any more.
+    assert_eq!(step(Some(&ds), 1, None, none_alive), Step::ClaimAndOpen);
+    assert!(may_open(&ds, 1, none_alive));
+    // Only the shard named as serving matters.
+    assert!(!may_open(&ds, 1, |k| k == 0));
+    assert!(may_open(&ds, 1, |k| k == 2));
+}
+
+#[test]
+fn a_source_this_shard_claimed_earlier_is_opened_without_a_new_claim() {
+    let ds = source(Some(1), Some(1), false, 1);
+    assert_eq!(step(Some(&ds), 1, None, all_alive), Step::Open);
+}
+
+#[test]
+fn a_held_source_is_served_while_its_spec_is_unchanged_and_rebuilt_after() {
+    let ds = source(Some(1), Some(1), false, 3);
+    assert_eq!(step(Some(&ds), 1, Some(3), all_alive), Step::Serve);
+    assert_eq!(step(Some(&ds), 1, Some(2), all_alive), Step::Rebuild);
+}
+
+#[test]
+fn a_held_source_that_moved_paused_or_vanished_is_released() {
+    let moved = source(Some(2), Some(1), false, 1);
+    assert_eq!(step(Some(&moved), 1, Some(1), all_alive), Step::Release);
+    let paused = source(Some(1), Some(1), true, 2);
+    assert_eq!(step(Some(&paused), 1, Some(1), all_alive), Step::Release);
+    assert!(!wanted(&paused, 1));
+    assert_eq!(step(None, 1, Some(1), all_alive), Step::Release);
+}
+
+#[test]
+fn keys_name_namespace_and_source() {
+    assert_eq!(key(&source(None, None, false, 1)), "tenants/acme");
+}
+
+/// One request the fake answered.
+#[derive(Debug, Clone)]
+struct Call {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+/// A fake API server answering every request with `code` (and the body of
+/// a DataSource on success).
+fn fake(code: u16) -> (Client, Arc<Mutex<Vec<Call>>>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let record = calls.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            record.lock().expect("calls").push(Call {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().unwrap_or_default().to_string(),
+                content_type: parts
+                    .headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            });
+            let answer = if code < 300 {
+                serde_json::to_value(source(Some(1), None, false, 1)).expect("json")
+            } else {
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "code": code, "reason": "Test", "message": "test"})
+            };
+            let resp = Response::builder()
+                .status(StatusCode::from_u16(code).expect("code"))
+                .header("content-type", "application/json")
+                .body(Body::from(answer.to_string().into_bytes()))
+                .expect("response");
+            send.send_response(resp);
+        }
+    });
+    (Client::new(service, "sp"), calls)
+}
+
+#[tokio::test]
+async fn a_claim_applies_serving_shard_under_the_shard_field_manager() {
+    let (client, calls) = fake(200);
+    let ds = source(Some(1), None, false, 1);
+    claim(&client, &ds, 1, "shard-1-pod")
+        .await
+        .expect("claimed");
+    let calls = calls.lock().expect("calls").clone();
+    assert_eq!(calls.len(), 1);
+    let c = &calls[0];
+    assert_eq!(c.method, "PATCH");
+    assert_eq!(
+        c.path,
+        "/apis/shardpool.dev/v1alpha1/namespaces/tenants/datasources/acme/status"
+    );
+    assert!(c.content_type.contains("apply-patch"), "{}", c.content_type);
+    assert!(
+        c.query.contains("fieldManager=shardpool-shard"),
+        "{}",
+        c.query
+    );
+    assert_eq!(c.body["status"]["servingShard"], json!(1));
+    assert_eq!(c.body["status"]["servedBy"], json!("shard-1-pod"));
+    assert_eq!(c.body["status"]["phase"], json!("Connecting"));
+}
+
+#[tokio::test]
+async fn an_acknowledgement_clears_serving_shard_only_if_it_still_names_this_shard() {
+    let (client, calls) = fake(200);
+    release(&client, "tenants/acme", 1).await.expect("released");
+    let calls = calls.lock().expect("calls").clone();
+    assert_eq!(calls.len(), 1);
+    let c = &calls[0];
+    assert_eq!(c.method, "PATCH");
+    assert!(c.content_type.contains("json-patch"), "{}", c.content_type);
+    assert_eq!(
+        c.body,
+        json!([
+            {"op": "test", "path": "/status/servingShard", "value": 1},
+            {"op": "remove", "path": "/status/servingShard"},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn an_acknowledgement_someone_else_overtook_or_of_a_deleted_source_is_done() {
+    for code in [422, 404] {
+        let (client, _) = fake(code);
+        assert!(release(&client, "tenants/acme", 1).await.is_ok(), "{code}");
+    }
+    let (client, _) = fake(500);
+    assert!(release(&client, "tenants/acme", 1).await.is_err());
+}
