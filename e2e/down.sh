@@ -15,13 +15,15 @@ for f in "$PIDS"/*.pid "$STATE"/pods/*/*.pid; do
 done
 
 stop_pid podrunner 45
-# Pod process groups the runner did not get to stop.
-for f in "$STATE"/pods/*/*.pid; do
+# Pod process groups the runner did not get to stop, and orphans (pods the
+# fault harness deleted while their processes ran on).
+for f in "$STATE"/pods/*/*.pid "$PIDS"/orphan-*.pid; do
   [ -f "$f" ] || continue
   pid=$(cat "$f")
   [[ "$pid" =~ ^[0-9]+$ ]] && [ "$pid" -gt 1 ] && kill -KILL -- "-$pid" 2>/dev/null || true
 done
-for c in kwok scheduler controller-manager apiserver etcd; do
+rm -f "$PIDS"/orphan-*.pid
+for c in toxiproxy kwok scheduler controller-manager apiserver etcd; do
   stop_pid "$c" 10
 done
 # PostgreSQL: SIGINT to the postmaster is its fast shutdown.

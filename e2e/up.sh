@@ -3,14 +3,16 @@
 # kube-controller-manager, kube-scheduler (all from k8s.io/kubernetes at the
 # version pinned in e2e/go.mod), kwok keeping two fake nodes Ready,
 # the pod runner (their kubelet: pods run as local processes on 127.1.x.y),
-# and a PostgreSQL server playing the customer warehouses.
+# toxiproxy (the TCP fault proxy: every pod reaches the API server through a
+# proxy of its own, so e2e/fault can cut one pod off), and a PostgreSQL
+# server playing the customer warehouses.
 #
 # Idempotent: a second run while everything is up does nothing. Writes
 # e2e/.state/env (KUBECONFIG, WAREHOUSE_PG*). Stop with e2e/down.sh.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-COMPONENTS=(etcd apiserver controller-manager scheduler kwok podrunner)
+COMPONENTS=(etcd apiserver controller-manager scheduler kwok toxiproxy podrunner)
 
 # --- already up, or half up? -------------------------------------------------
 alive=0 dead=()
@@ -45,7 +47,7 @@ LDFLAGS="-X $VPKG.gitVersion=$K8S_VERSION -X $VPKG.gitMajor=${BASH_REMATCH[1]} -
 (cd "$E2E" && go build -ldflags "$LDFLAGS" -o "$LOCALKUBE" ./cluster/cmd/localkube) || die "building localkube failed (see above)"
 
 # --- ports -----------------------------------------------------------------------
-for p in "$APISERVER_PORT" "$ETCD_PORT" "$ETCD_PEER_PORT" "$KCM_PORT" "$SCHEDULER_PORT" "$KWOK_PORT" "$WAREHOUSE_PORT"; do
+for p in "$APISERVER_PORT" "$ETCD_PORT" "$ETCD_PEER_PORT" "$KCM_PORT" "$SCHEDULER_PORT" "$KWOK_PORT" "$TOXIPROXY_PORT" "$WAREHOUSE_PORT"; do
   "$LOCALKUBE" freeport "$p" || die "port $p is needed by the local cluster; stop what uses it or move the cluster's ports (LOCALKUBE_*_PORT, see e2e/lib.sh)"
 done
 
@@ -104,12 +106,17 @@ start_bg kwok "$LOCALKUBE" kwok \
   --server-address="127.0.0.1:$KWOK_PORT"
 wait_for "nodes Ready" 90 kwok kc wait --for=condition=Ready node --all --timeout=2s
 
+log "starting toxiproxy on 127.0.0.1:$TOXIPROXY_PORT"
+start_bg toxiproxy "$LOCALKUBE" toxiproxy --host 127.0.0.1 --port "$TOXIPROXY_PORT"
+wait_for "toxiproxy" 30 toxiproxy curl -sf "http://127.0.0.1:$TOXIPROXY_PORT/version"
+echo "http://127.0.0.1:$TOXIPROXY_PORT" > "$STATE/toxiproxy.url"
+
 SHARDPOOL_BIN="${SHARDPOOL_BIN:-$ROOT/target/debug/shardpool}"
 log "starting the pod runner (pods on $NODES; image shardpool -> $SHARDPOOL_BIN)"
 start_bg podrunner "$LOCALKUBE" podrunner \
   --kubeconfig="$STATE/kubeconfig" --nodes="$NODES" --state="$STATE" \
   --apiserver-host=127.0.0.1 --apiserver-port="$APISERVER_PORT" --ca-file="$PKI/ca.crt" \
-  --image-map="shardpool=$SHARDPOOL_BIN"
+  --image-map="shardpool=$SHARDPOOL_BIN" --toxiproxy="http://127.0.0.1:$TOXIPROXY_PORT"
 wait_for "controller-manager" 60 controller-manager kc -n default get serviceaccount default
 pid_alive scheduler || die "kube-scheduler exited (log: $LOGS/scheduler.log)"
 pid_alive podrunner || die "the pod runner exited (log: $LOGS/podrunner.log)"

@@ -90,6 +90,8 @@ func TestRBACIsLeastPrivilege(t *testing.T) {
 		{"shard", "patch", "datasources.shardpool.dev", "tenants", false},
 		{"shard", "delete", "deployments.apps", systemNS, false},
 		{"shard", "update", "leases.coordination.k8s.io", "kube-system", false},
+		{"shard", "create", "events.events.k8s.io", "tenants", true},
+		{"shard", "create", "events", "tenants", false},
 		{"operator", "patch", "deployments.apps", systemNS, true},
 		{"operator", "patch", "datasources.shardpool.dev/status", "tenants", true},
 		{"operator", "get", "secrets", "tenants", false},

@@ -232,7 +232,7 @@ func TestAssignmentEvents(t *testing.T) {
 }
 
 // Every source has exactly minIdle warm connections, all from the shard
-// that owns it (application_name shardpool/<ns>/<name>/<shard>).
+// that owns it (application_name shardpool/<ns>/<name>/<shard>/<process>).
 func TestOnePoolPerSourceAtMinIdle(t *testing.T) {
 	installed(t)
 	want := map[string]int{"acme": 2, "globex": 2, "initech": 1}
@@ -244,19 +244,34 @@ func TestOnePoolPerSourceAtMinIdle(t *testing.T) {
 		}
 		shards[name] = out
 	}
-	var got string
-	eventually(t, 30*time.Second, "pg_stat_activity shows exactly minIdle connections per source", func() (bool, error) {
-		got = warehouse(t, "postgres", "SELECT application_name || '=' || count(*) FROM pg_stat_activity WHERE application_name LIKE 'shardpool/tenants/%' AND application_name NOT LIKE 'shardpool/tenants/bench%' GROUP BY application_name ORDER BY 1")
-		var lines []string
-		for name, n := range want {
-			lines = append(lines, fmt.Sprintf("shardpool/tenants/%s/%s=%d", name, shards[name], n))
+	eventually(t, 30*time.Second, "pg_stat_activity shows exactly minIdle connections per source, all from one process of its shard", func() (bool, error) {
+		rows := warehouse(t, "postgres", "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'shardpool/tenants/%' AND application_name NOT LIKE 'shardpool/tenants/bench%'")
+		count := map[string]int{}
+		owners := map[string]map[string]bool{}
+		for _, app := range strings.Split(rows, "\n") {
+			src, shard, owner, ok := appOwner(app)
+			if !ok {
+				continue
+			}
+			name := strings.TrimPrefix(src, "tenants/")
+			if _, known := want[name]; !known {
+				return false, fmt.Errorf("connection of an unknown source: %s", app)
+			}
+			if shard != shards[name] {
+				return false, fmt.Errorf("%s: connection from shard %s, assigned to %s", name, shard, shards[name])
+			}
+			count[name]++
+			if owners[name] == nil {
+				owners[name] = map[string]bool{}
+			}
+			owners[name][owner] = true
 		}
-		for _, l := range lines {
-			if !strings.Contains(got+"\n", l+"\n") {
-				return false, fmt.Errorf("missing %s in\n%s", l, got)
+		for name, n := range want {
+			if count[name] != n || len(owners[name]) != 1 {
+				return false, fmt.Errorf("%s: %d connections from %d processes, want %d from 1", name, count[name], len(owners[name]), n)
 			}
 		}
-		return strings.Count(got, "\n")+1 == len(want), nil
+		return true, nil
 	})
 }
 

@@ -133,3 +133,15 @@ func installCredential(t *testing.T, name string) string {
 	}
 	return strings.TrimSpace(string(b))
 }
+
+// appOwner splits a server connection's application_name,
+// "shardpool/<ns>/<name>/<shard>/<token>", into its source "<ns>/<name>",
+// its shard and its owning process "<shard>/<token>"; ok is false for any
+// other name.
+func appOwner(app string) (source, shard, owner string, ok bool) {
+	parts := strings.Split(app, "/")
+	if len(parts) != 5 || parts[0] != "shardpool" {
+		return "", "", "", false
+	}
+	return parts[1] + "/" + parts[2], parts[3], parts[3] + "/" + parts[4], true
+}

@@ -2,7 +2,6 @@ package tests
 
 import (
 	"fmt"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -38,30 +37,32 @@ func TestTwoHundredSourcesWarmExactlyOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]bool{}
+	want := map[string]string{}
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
 		f := strings.Fields(line)
 		if len(f) == 2 {
-			want["shardpool/"+ns+"/"+f[0]+"/"+f[1]] = true
+			want[ns+"/"+f[0]] = f[1]
 		}
 	}
 	eventually(t, 30*time.Second, "exactly one connection per source, from its own shard", func() (bool, error) {
-		rows := warehouse(t, "postgres", "SELECT application_name || ' ' || count(*) FROM pg_stat_activity WHERE application_name LIKE 'shardpool/"+ns+"/%' GROUP BY application_name")
-		got := 0
-		for _, line := range strings.Split(rows, "\n") {
-			f := strings.Fields(line)
-			if len(f) != 2 {
+		rows := warehouse(t, "postgres", "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'shardpool/"+ns+"/%'")
+		count := map[string]int{}
+		for _, app := range strings.Split(rows, "\n") {
+			src, shard, _, ok := appOwner(app)
+			if !ok {
 				continue
 			}
-			if !want[f[0]] {
-				return false, fmt.Errorf("unexpected connection %s", f[0])
+			if want[src] != shard {
+				return false, fmt.Errorf("unexpected connection %s (source assigned to shard %q)", app, want[src])
 			}
-			if cnt, _ := strconv.Atoi(f[1]); cnt != 1 {
-				return false, fmt.Errorf("%s has %d connections, want 1", f[0], cnt)
-			}
-			got++
+			count[src]++
 		}
-		return got == n, fmt.Errorf("%d of %d sources have their connection", got, n)
+		for src, c := range count {
+			if c != 1 {
+				return false, fmt.Errorf("%s has %d connections, want 1", src, c)
+			}
+		}
+		return len(count) == n, fmt.Errorf("%d of %d sources have their connection", len(count), n)
 	})
 	// A sample answers through the router (user ops may use every
 	// namespace), and bi, scoped to tenants, cannot see them.

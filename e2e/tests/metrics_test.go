@@ -181,7 +181,7 @@ func TestMetricsTellWhatHappened(t *testing.T) {
 		if !found {
 			return false, fmt.Errorf("no shardpool_pool_connections for tenants/acme")
 		}
-		seen, _ := strconv.ParseFloat(warehouse(t, "postgres", fmt.Sprintf("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardpool/tenants/acme/%s'", k)), 64)
+		seen, _ := strconv.ParseFloat(warehouse(t, "postgres", fmt.Sprintf("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'shardpool/tenants/acme/%s/%%'", k)), 64)
 		if open != seen {
 			return false, fmt.Errorf("metrics say %v connections, pg_stat_activity %v", open, seen)
 		}

@@ -19,7 +19,7 @@ import (
 
 // connectionOwners maps every warehouse connection of a shardpool source to
 // the pid of the process holding its client end (via ss), and returns, per
-// application_name, the set of owning pids.
+// source (<ns>/<name>), the set of owning pids.
 func connectionOwners(t *testing.T) map[string]map[int]bool {
 	t.Helper()
 	out, err := exec.Command("ss", "-tnpH", "state", "established", "( dport = :"+os.Getenv("WAREHOUSE_PGPORT")+" )").Output()
@@ -43,10 +43,14 @@ func connectionOwners(t *testing.T) map[string]map[int]bool {
 		if !ok {
 			continue // closing right now
 		}
-		if owners[f[0]] == nil {
-			owners[f[0]] = map[int]bool{}
+		src, _, _, ok := appOwner(f[0])
+		if !ok {
+			continue
 		}
-		owners[f[0]][pid] = true
+		if owners[src] == nil {
+			owners[src] = map[int]bool{}
+		}
+		owners[src][pid] = true
 	}
 	return owners
 }
@@ -93,10 +97,10 @@ func TestShardRolloutUnderLoad(t *testing.T) {
 	rolled := map[string]time.Time{}
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
-		for app, pids := range connectionOwners(t) {
+		for src, pids := range connectionOwners(t) {
 			if len(pids) > 1 {
 				mu.Lock()
-				overlaps = append(overlaps, fmt.Sprintf("%s held by pids %v", app, pids))
+				overlaps = append(overlaps, fmt.Sprintf("%s held by pids %v", src, pids))
 				mu.Unlock()
 			}
 		}

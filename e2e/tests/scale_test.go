@@ -138,19 +138,19 @@ func TestRescaleMovesWithoutOverlap(t *testing.T) {
 			rows := warehouse(t, "postgres", "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'shardpool/"+ns+"/%'")
 			seen := map[string]map[string]bool{}
 			for _, app := range strings.Split(rows, "\n") {
-				parts := strings.Split(app, "/")
-				if len(parts) != 4 {
+				src, _, owner, ok := appOwner(app)
+				if !ok {
 					continue
 				}
-				if seen[parts[2]] == nil {
-					seen[parts[2]] = map[string]bool{}
+				if seen[src] == nil {
+					seen[src] = map[string]bool{}
 				}
-				seen[parts[2]][parts[3]] = true
+				seen[src][owner] = true
 			}
-			for src, shards := range seen {
-				if len(shards) > 1 {
+			for src, owners := range seen {
+				if len(owners) > 1 {
 					mu.Lock()
-					overlaps = append(overlaps, fmt.Sprintf("%s on shards %v", src, shards))
+					overlaps = append(overlaps, fmt.Sprintf("%s held by shard processes %v", src, owners))
 					mu.Unlock()
 				}
 			}

@@ -64,6 +64,50 @@ pub struct ShardTemplate {
     /// Pull secrets.
     #[serde(default)]
     pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
+    /// How fast an unresponsive (frozen, wedged) shard process is restarted.
+    #[serde(default)]
+    pub liveness: Option<Liveness>,
+}
+
+/// The shard container's liveness probe. A shard that stops answering holds
+/// its sources hostage (its Lease stays held, nobody else may open them), so
+/// it is restarted within seconds; the replacement process of the same pod
+/// takes the Lease back at once and fences the old process's connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Liveness {
+    /// Seconds between probes.
+    #[serde(default = "one")]
+    pub period_seconds: i32,
+    /// Seconds a probe may take.
+    #[serde(default = "one")]
+    pub timeout_seconds: i32,
+    /// Failed probes in a row before the restart.
+    #[serde(default = "three")]
+    pub failure_threshold: i32,
+    /// Seconds between SIGTERM and SIGKILL when the probe restarts the
+    /// process (a frozen process cannot drain anyway).
+    #[serde(default = "one")]
+    pub termination_grace_period_seconds: i64,
+}
+
+fn one<T: From<u8>>() -> T {
+    T::from(1)
+}
+
+fn three() -> i32 {
+    3
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            period_seconds: 1,
+            timeout_seconds: 1,
+            failure_threshold: 3,
+            termination_grace_period_seconds: 1,
+        }
+    }
 }
 
 /// Autoscaling of the shard count from the summed maxSize of all sources.
@@ -233,16 +277,21 @@ pub fn deployment(
             period_seconds: Some(1),
             ..Default::default()
         }),
-        liveness_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/healthz".into()),
-                port: IntOrString::String("metrics".into()),
+        liveness_probe: {
+            let l = t.liveness.clone().unwrap_or_default();
+            Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/healthz".into()),
+                    port: IntOrString::String("metrics".into()),
+                    ..Default::default()
+                }),
+                period_seconds: Some(l.period_seconds.max(1)),
+                timeout_seconds: Some(l.timeout_seconds.max(1)),
+                failure_threshold: Some(l.failure_threshold.max(1)),
+                termination_grace_period_seconds: Some(l.termination_grace_period_seconds.max(1)),
                 ..Default::default()
-            }),
-            period_seconds: Some(10),
-            failure_threshold: Some(6),
-            ..Default::default()
-        }),
+            })
+        },
         resources: t.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),

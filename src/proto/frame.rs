@@ -23,6 +23,10 @@ pub enum Kind {
     Close,
     /// Shard: the session ended; payload holds an ErrorResponse (may be empty).
     Closed,
+    /// Router (session 0): are you there? Links of protocol version 2 only.
+    Ping,
+    /// Shard (session 0): the answer to a Ping.
+    Pong,
 }
 
 impl Kind {
@@ -34,6 +38,8 @@ impl Kind {
             Kind::Cancel => b'X',
             Kind::Close => b'C',
             Kind::Closed => b'c',
+            Kind::Ping => b'P',
+            Kind::Pong => b'p',
         }
     }
 
@@ -45,6 +51,8 @@ impl Kind {
             b'X' => Kind::Cancel,
             b'C' => Kind::Close,
             b'c' => Kind::Closed,
+            b'P' => Kind::Ping,
+            b'p' => Kind::Pong,
             _ => return None,
         })
     }

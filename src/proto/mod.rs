@@ -5,7 +5,9 @@
 //! client sent and the client sees exactly what the warehouse answered.
 //!
 //! A connection starts with the router sending [`HELLO`]; the shard answers
-//! with the same 8 bytes. After that both sides send frames:
+//! with the same 8 bytes. A shard that does not know version 2 closes the
+//! connection instead, and the router falls back to [`HELLO_V1`]. After
+//! that both sides send frames:
 //!
 //! ```text
 //! u32 session | u8 kind | u32 payload length | payload
@@ -15,11 +17,22 @@
 //! `Close`. Shard to router: `Opened` (payload: ParameterStatus messages of
 //! the source's server, to replay to the client) or `Closed` (payload: an
 //! ErrorResponse), and `Messages`.
+//!
+//! Version 2 adds liveness: the router sends `Ping` (session 0) every
+//! [`liveness::PING_EVERY`], the shard answers `Pong`; either side that
+//! hears nothing from the other for its silence limit closes the connection
+//! (see [`liveness`]).
 
 pub mod frame;
+pub mod liveness;
 pub mod outbox;
 pub mod pg;
 pub mod stream;
 
-/// First bytes of every router-to-shard connection, in both directions.
-pub const HELLO: &[u8; 8] = b"SHPOOL01";
+/// First bytes of every router-to-shard connection, in both directions:
+/// version 2 (with liveness pings).
+pub const HELLO: &[u8; 8] = b"SHPOOL02";
+
+/// Version 1 of the greeting (no pings), still accepted by shards and
+/// spoken by routers to shards that do not know version 2.
+pub const HELLO_V1: &[u8; 8] = b"SHPOOL01";

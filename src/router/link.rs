@@ -3,6 +3,12 @@
 //! task hands incoming frames to their sessions; sessions encode theirs into
 //! the link's [`Outbox`], whose flusher writes a scheduler turn's worth at once.
 //!
+//! Liveness: a watchdog pings the shard and fails the link when it has been
+//! silent for [`liveness::ROUTER_SILENCE`] (a frozen or partitioned shard),
+//! which closes every session's inbox: a session waiting for an answer
+//! tells its client the transaction's outcome is unknown (08006), an idle
+//! one re-attaches on its next transaction.
+//!
 //! Lock discipline: `sessions` (std Mutex) is held only to insert, look up
 //! or remove a session's sender, never across an await; `links` likewise.
 
@@ -17,9 +23,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::proto::HELLO;
 use crate::proto::frame::{Frame, Kind};
+use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
+use crate::proto::{HELLO, HELLO_V1};
 
 /// Frames queued towards one session.
 const SESSION_QUEUE: usize = 256;
@@ -36,30 +43,63 @@ pub struct Link {
     next_id: AtomicU32,
     /// Set when the connection failed; a new one is made on next use.
     dead: AtomicBool,
+    /// The socket (a second handle), shut down when the link fails so that
+    /// the reader blocked on it returns at once.
+    socket: socket2::Socket,
+}
+
+/// Greets a shard with `hello`; Ok(false) if it does not speak that
+/// version (it closed the connection or answered otherwise).
+async fn greet(stream: &mut TcpStream, hello: &[u8; 8]) -> std::io::Result<bool> {
+    stream.write_all(hello).await?;
+    let mut answer = [0u8; 8];
+    match tokio::time::timeout(HELLO_TIMEOUT, stream.read_exact(&mut answer)).await {
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "shard did not greet",
+        )),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(_)) => Ok(&answer == hello),
+    }
+}
+
+/// Bound on a TCP connect to a shard.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on a shard's answer to the greeting (a frozen shard accepts TCP
+/// connections in the kernel but never answers).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect to shard timed out")
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 impl Link {
-    /// Connects and greets a shard.
+    /// Connects and greets a shard (version 2, with liveness pings; version
+    /// 1 for shards of older releases).
     async fn connect(addr: SocketAddr) -> std::io::Result<Arc<Link>> {
-        let mut stream = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect to shard timed out")
-            })??;
-        stream.set_nodelay(true)?;
-        stream.write_all(HELLO).await?;
-        let mut hello = [0u8; 8];
-        tokio::time::timeout(Duration::from_secs(3), stream.read_exact(&mut hello))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "shard did not greet")
-            })??;
-        if &hello != HELLO {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "peer is not a shardpool shard",
-            ));
+        let mut stream = dial(addr).await?;
+        let mut pings = true;
+        if !greet(&mut stream, HELLO).await? {
+            stream = dial(addr).await?;
+            if !greet(&mut stream, HELLO_V1).await? {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "peer is not a shardpool shard",
+                ));
+            }
+            pings = false;
+            tracing::info!(shard = %addr, "shard speaks protocol version 1: no liveness checks on this link");
         }
+        let socket = socket2::SockRef::from(&stream).try_clone()?;
+        let watch_socket = socket.try_clone()?;
         let (mut rd, wr) = stream.into_split();
         let out = Arc::new(Outbox::default());
         let link = Arc::new(Link {
@@ -68,22 +108,36 @@ impl Link {
             sessions: Mutex::default(),
             next_id: AtomicU32::new(1),
             dead: AtomicBool::new(false),
+            socket,
         });
         let writer_link = link.clone();
         tokio::spawn(async move {
             let _ = out.flush_to(wr).await;
             writer_link.fail();
         });
+        let heard = Arc::new(LastHeard::default());
+        if pings {
+            let (heard, out, link) = (heard.clone(), link.out.clone(), link.clone());
+            tokio::spawn(async move {
+                if liveness::watchdog(heard, liveness::ROUTER_SILENCE, out, true, watch_socket)
+                    .await
+                {
+                    tracing::warn!(shard = %link.addr, silent_ms = liveness::ROUTER_SILENCE.as_millis() as u64, "shard stopped answering; closing the link");
+                }
+                link.fail();
+            });
+        }
         let reader_link = link.clone();
         tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             'read: loop {
                 match rd.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(_) => heard.touch(),
                 }
                 loop {
                     match Frame::decode(&mut buf) {
+                        Ok(Some(f)) if f.kind == Kind::Pong => {}
                         Ok(Some(f)) => {
                             let inbox = reader_link
                                 .sessions
@@ -111,6 +165,7 @@ impl Link {
     fn fail(&self) {
         self.dead.store(true, Ordering::Relaxed);
         self.out.close();
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
         if let Ok(mut s) = self.sessions.lock() {
             s.clear();
         }

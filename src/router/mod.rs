@@ -231,6 +231,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     ));
 
     let shards = watcher::Config::default().labels("app.kubernetes.io/component=shard");
+    let changed = Arc::new(crate::watch::Changed::default());
     let routes = Routes {
         sources: crate::watch::store(
             Api::<DataSource>::all(clients.watches.clone()),
@@ -240,15 +241,16 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         leases: crate::watch::store(
             Api::<Lease>::namespaced(clients.watches.clone(), &cfg.namespace),
             shards.clone(),
-            None,
+            Some(changed.clone()),
         ),
         pods: crate::watch::store(
             Api::<Pod>::namespaced(clients.watches.clone(), &cfg.namespace),
             shards,
-            None,
+            Some(changed.clone()),
         ),
         namespace: cfg.namespace.clone(),
         shard_port: cfg.shard_port,
+        changed,
     };
     let _ = tokio::join!(
         routes.sources.wait_until_ready(),

@@ -49,9 +49,17 @@ pub struct Routes {
     pub namespace: String,
     /// Port of the shards' router endpoint.
     pub shard_port: u16,
+    /// Signalled on every change of the Leases or pods: a session compares
+    /// its epoch at an idle point to see whether its shard may have moved.
+    pub changed: std::sync::Arc<crate::watch::Changed>,
 }
 
 impl Routes {
+    /// Changes of the Leases and pods so far (cheap; read per transaction).
+    pub fn epoch(&self) -> u64 {
+        self.changed.epoch()
+    }
+
     /// Whether the DataSource exists (metrics label only known sources, so
     /// client-chosen names cannot grow the series without bound).
     pub fn known(&self, namespace: &str, name: &str) -> bool {

@@ -138,18 +138,19 @@ fn source_name<'a>(database: &'a str, default_ns: Option<&'a str>) -> Option<(&'
     }
 }
 
+/// Opens a session on the shard that serves `ns/name` now, holding the
+/// client (up to handoverTimeout) while no shard can take it: no holder,
+/// a shard handing over (57P01), or a shard that does not answer.
 pub(crate) async fn attach(
     router: &Router,
     ns: &str,
     name: &str,
-    avoid: Option<SocketAddr>,
 ) -> Result<(Attached, Bytes), Fatal> {
     let deadline = tokio::time::Instant::now() + router.handover_timeout;
     let key = format!("{ns}/{name}");
     let mut counted = false;
     loop {
         let attempt: Result<(), Option<Fatal>> = match router.routes.resolve(ns, name) {
-            Ok((_, addr)) if Some(addr) == avoid => Err(None),
             Ok((_, addr)) => match router.links.get(addr).await {
                 Ok(link) => match link.open(&key).await {
                     Some((id, mut inbox)) => {
@@ -248,7 +249,11 @@ where
             format!("database \"{database}\" does not exist"),
         ));
     }
-    let (mut at, params) = attach(router, ns, name, None).await?;
+    // The routing table's epoch this session last resolved at: when it
+    // moves, the session checks at its next idle point whether its source
+    // now lives elsewhere (a new Lease holder: an orphaned or replaced pod).
+    let mut epoch = router.routes.epoch();
+    let (mut at, params) = attach(router, ns, name).await?;
     let (pid, secret) = router.register(at.link.clone(), at.id);
     // Looked up once: the query path only bumps these.
     let queries = router
@@ -316,8 +321,25 @@ where
                 }
                 if end > 0 {
                     let batch = inbuf.split_to(end).freeze();
+                    if attached && pending == 0 && status == b'I' && replay.is_empty() {
+                        let now = router.routes.epoch();
+                        if now != epoch {
+                            epoch = now;
+                            // Idle, nothing owed: move if the source lives
+                            // on another pod now. Nothing is lost: the next
+                            // transaction has not been sent anywhere yet.
+                            if let Ok((_, addr)) = router.routes.resolve(ns, name) {
+                                if addr != at.link.addr {
+                                    tracing::info!(from = %at.link.addr, to = %addr, "source moved; following it");
+                                    at.link.close(at.id).await;
+                                    attached = false;
+                                }
+                            }
+                        }
+                    }
                     if !attached {
-                        let (a, _) = attach(router, ns, name, None).await?;
+                        epoch = router.routes.epoch();
+                        let (a, _) = attach(router, ns, name).await?;
                         router.retarget(pid, a.link.clone(), a.id);
                         at = a;
                         attached = true;
@@ -379,10 +401,10 @@ where
                         let body = f.payload.get(5..).unwrap_or_default();
                         if pg::error_code(body) == Some(DRAINING) && replayable {
                             // Nothing ran: hand the batches to the next owner.
-                            let old = at.link.addr;
                             tracing::info!("shard handing over; holding the session");
                             router.metrics.replayed.inc();
-                            let (a, _) = attach(router, ns, name, Some(old)).await?;
+                            epoch = router.routes.epoch();
+                            let (a, _) = attach(router, ns, name).await?;
                             router.retarget(pid, a.link.clone(), a.id);
                             at = a;
                             for (b, _) in &replay {

@@ -247,7 +247,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 tracing::error!(holder = ?by, "the shard's Lease belongs to another holder; closing every pool and exiting");
                 ready.set(false);
                 let closing = registry.all().into_iter().map(|s| async move {
-                    s.retired.store(true, std::sync::atomic::Ordering::Release);
+                    s.retired.store(true, std::sync::atomic::Ordering::SeqCst);
                     s.pool.manager().close();
                     s.kill.cancel();
                     sources::close(&s).await;

@@ -49,7 +49,7 @@ pub struct SourceStats {
 impl Source {
     /// Sessions mid-transaction, or asking the pool for a connection.
     pub fn busy(&self) -> usize {
-        self.busy.load(Ordering::Acquire)
+        self.busy.load(Ordering::SeqCst)
     }
 
     /// Server connections open (idle or in use) or being opened.

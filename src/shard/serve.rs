@@ -16,10 +16,11 @@ use tracing::Instrument;
 use super::metrics::ShardMetrics;
 use super::registry::Registry;
 use super::session;
-use crate::proto::HELLO;
 use crate::proto::frame::{Frame, Kind};
+use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::pg;
+use crate::proto::{HELLO, HELLO_V1};
 
 /// Frames queued per session before the reader waits (backpressure).
 const SESSION_QUEUE: usize = 64;
@@ -60,6 +61,7 @@ async fn connection(
     draining: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(&stream).try_clone()?;
     let (mut rd, mut wr) = stream.into_split();
     let mut hello = [0u8; 8];
     tokio::time::timeout(
@@ -68,14 +70,16 @@ async fn connection(
     )
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
-    if &hello != HELLO {
+    // Version 2 routers ping; version 1 routers (older releases) do not.
+    let pinged = &hello == HELLO;
+    if !pinged && &hello != HELLO_V1 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "not a shardpool router",
         ));
     }
-    wr.write_all(HELLO).await?;
-    tracing::debug!(%peer, "router connected");
+    wr.write_all(&hello).await?;
+    tracing::debug!(%peer, pinged, "router connected");
 
     let outbox = Arc::new(Outbox::default());
     let writer = tokio::spawn({
@@ -84,6 +88,17 @@ async fn connection(
             let _ = outbox.flush_to(wr).await;
         }
     });
+    let heard = Arc::new(LastHeard::default());
+    if pinged {
+        // A router silent for this long is gone (frozen, partitioned): its
+        // sessions end, and their connections go back or are discarded.
+        let (heard, outbox) = (heard.clone(), outbox.clone());
+        tokio::spawn(async move {
+            if liveness::watchdog(heard, liveness::SHARD_SILENCE, outbox, false, socket).await {
+                tracing::warn!(%peer, "router silent; closing its connection");
+            }
+        });
+    }
 
     let mut sessions: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -91,6 +106,7 @@ async fn connection(
         if rd.read_buf(&mut buf).await? == 0 {
             break;
         }
+        heard.touch();
         loop {
             let frame = match Frame::decode(&mut buf) {
                 Ok(Some(f)) => f,
@@ -102,8 +118,22 @@ async fn connection(
             };
             let id = frame.session;
             match frame.kind {
+                Kind::Ping => {
+                    let _ = outbox.send(liveness::pong()).await;
+                }
                 Kind::Open => {
                     let key = String::from_utf8_lossy(&frame.payload).into_owned();
+                    if *draining.borrow() {
+                        // Nothing may start here any more: the router holds
+                        // the session and tries again (the next owner).
+                        let msg = pg::error(
+                            "FATAL",
+                            session::DRAINING,
+                            "shard is handing over; retry on its successor",
+                        );
+                        let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
+                        continue;
+                    }
                     let Some(source) = registry.get(&key) else {
                         let msg = pg::error(
                             "FATAL",
@@ -144,7 +174,7 @@ async fn connection(
                         sessions.remove(&id);
                     }
                 }
-                Kind::Opened | Kind::Closed => {
+                Kind::Opened | Kind::Closed | Kind::Pong => {
                     tracing::warn!(%peer, "router sent a shard-side frame; closing");
                     break 'read;
                 }

@@ -48,19 +48,21 @@ pub fn sync_points(batch: &[u8]) -> usize {
 
 /// Marks a source busy for as long as it lives: from before a session asks
 /// the pool for a connection until the connection is given back, so a drain
-/// that sees zero busy knows no connection can appear afterwards.
+/// that sees zero busy knows no connection can appear afterwards. The count
+/// goes up before the session reads `retired`, and a drain sets `retired`
+/// before it reads the count, both SeqCst: one of the two sees the other.
 struct Busy(Arc<Source>);
 
 impl Busy {
     fn new(s: &Arc<Source>) -> Busy {
-        s.busy.fetch_add(1, Ordering::AcqRel);
+        s.busy.fetch_add(1, Ordering::SeqCst);
         Busy(s.clone())
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -105,7 +107,7 @@ async fn checkout(
     metrics: &ShardMetrics,
 ) -> Checkout {
     let busy = Busy::new(source);
-    if *draining.borrow() || source.retired.load(Ordering::Acquire) {
+    if *draining.borrow() || source.retired.load(Ordering::SeqCst) {
         let msg = pg::error(
             "FATAL",
             DRAINING,
@@ -190,7 +192,7 @@ pub async fn run(
         .unwrap_or_default();
     if params.is_empty() {
         let busy = Busy::new(&source);
-        if !source.retired.load(Ordering::Acquire) {
+        if !source.retired.load(Ordering::SeqCst) {
             let wait = source.pool.manager().settings().acquire_timeout;
             if let Ok(conn) = checkout::get(&source.pool, wait).await {
                 params = conn.params.clone();

@@ -367,7 +367,7 @@ async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> 
 /// when no connection of the source is open or being opened on this shard,
 /// with how many transactions were ended past the deadline.
 pub async fn drain(source: &Source, deadline: Instant) -> usize {
-    source.retired.store(true, Ordering::Release);
+    source.retired.store(true, Ordering::SeqCst);
     source.pool.manager().close();
     while source.busy() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

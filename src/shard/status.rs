@@ -42,12 +42,16 @@ pub struct Observed {
 pub fn observe(s: &super::registry::Source, min_idle: usize) -> Observed {
     let counts = pool::counts(&s.pool);
     let health = s.pool.manager().health();
+    let (connected, _) = s.pool.manager().connects();
     let phase = if counts.0 >= min_idle && health.failures == 0 {
         Phase::Ready
     } else if health.fencing {
         // The warehouse refused fencing: configured, reachable, not opened.
         Phase::Degraded
-    } else if health.failures > 0 && counts.0 == 0 {
+    } else if health.failures > 0 && counts.0 == 0 && connected == 0 {
+        // Never connected on this shard: misconfigured or unreachable. A
+        // source that served and now fails (a warehouse restarting, a
+        // network fault) is Degraded instead, and recovers on its own.
         Phase::Error
     } else if health.failures > 0 {
         Phase::Degraded

@@ -8,6 +8,7 @@
 //	localkube scheduler [kube-scheduler flags]
 //	localkube kwok [kwok flags]
 //	localkube podrunner --kubeconfig F --state DIR ...
+//	localkube toxiproxy --host 127.0.0.1 --port N   (the TCP fault proxy)
 //	localkube pki --dir DIR --apiserver-port N
 //	localkube freeport PORT   (exit 1 with a message if PORT is taken)
 package main
@@ -32,10 +33,11 @@ import (
 	"shardpool.dev/e2e/cluster/internal/kwok"
 	"shardpool.dev/e2e/cluster/internal/pki"
 	"shardpool.dev/e2e/cluster/internal/podrunner"
+	"shardpool.dev/e2e/cluster/internal/toxi"
 )
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: localkube etcd|apiserver|controller-manager|scheduler|kwok|podrunner|pki|freeport [flags]")
+	fmt.Fprintln(os.Stderr, "usage: localkube etcd|apiserver|controller-manager|scheduler|kwok|podrunner|toxiproxy|pki|freeport [flags]")
 	os.Exit(2)
 }
 
@@ -63,6 +65,8 @@ func main() {
 		os.Exit(kwok.Main(args))
 	case "podrunner":
 		os.Exit(podrunner.Main(args))
+	case "toxiproxy":
+		os.Exit(toxi.Main(args))
 	case "pki":
 		os.Exit(pki.Main(args))
 	case "freeport":

@@ -36,8 +36,8 @@ func (r *Runner) containerEnv(ctx context.Context, p *corev1.Pod, c *corev1.Cont
 	}
 	set("HOSTNAME", p.Name)
 	set("HOME", w.absDir())
-	set("KUBERNETES_SERVICE_HOST", r.cfg.APIServerHost)
-	set("KUBERNETES_SERVICE_PORT", r.cfg.APIServerPort)
+	set("KUBERNETES_SERVICE_HOST", w.apiHost)
+	set("KUBERNETES_SERVICE_PORT", w.apiPort)
 	set("KUBECONFIG", filepath.Join(w.absDir(), "kubeconfig"))
 	for _, ef := range c.EnvFrom {
 		switch {

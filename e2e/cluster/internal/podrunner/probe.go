@@ -56,9 +56,14 @@ func (c *container) probe(ctx context.Context, p *corev1.Probe, readiness bool) 
 			pid, exited := c.pid, c.exited
 			c.mu.Unlock()
 			if pid != 0 {
+				// The probe's own grace period wins over the pod's, as
+				// in the kubelet (a wedged process cannot drain anyway).
 				grace := int64(30)
 				if sp := c.w.current().Spec.TerminationGracePeriodSeconds; sp != nil {
 					grace = *sp
+				}
+				if p.TerminationGracePeriodSeconds != nil {
+					grace = *p.TerminationGracePeriodSeconds
 				}
 				c.kill(pid, exited, time.Duration(grace)*time.Second)
 			}

@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	toxiproxy "github.com/Shopify/toxiproxy/v2/client"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
@@ -41,6 +42,9 @@ type Config struct {
 	ImageMap map[string]string
 	// IPPrefix is the first two octets of pod IPs, e.g. "127.1".
 	IPPrefix string
+	// Toxiproxy is the URL of the cluster's toxiproxy API; when set, every
+	// pod reaches the API server through a proxy of its own.
+	Toxiproxy string
 }
 
 // Runner owns one worker per pod.
@@ -53,6 +57,8 @@ type Runner struct {
 	workers map[types.UID]*podWorker
 	// wg counts live workers, so shutdown can wait for their processes.
 	wg sync.WaitGroup
+	// toxi is the toxiproxy client (nil without one).
+	toxi *toxiproxy.Client
 }
 
 // Main parses flags, runs the runner until SIGTERM/SIGINT, then stops every
@@ -67,6 +73,7 @@ func Main(args []string) int {
 	caFile := fs.String("ca-file", "", "cluster CA certificate given to pods")
 	imageMap := fs.String("image-map", "", "comma-separated image=binary pairs")
 	ipPrefix := fs.String("ip-prefix", "127.1", "first two octets of pod IPs")
+	toxi := fs.String("toxiproxy", "", "toxiproxy API URL: give each pod its own proxy to the API server")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -82,6 +89,7 @@ func Main(args []string) int {
 		CAFile:        *caFile,
 		ImageMap:      map[string]string{},
 		IPPrefix:      *ipPrefix,
+		Toxiproxy:     *toxi,
 	}
 	for _, n := range strings.Split(*nodes, ",") {
 		if n = strings.TrimSpace(n); n != "" {
@@ -126,6 +134,9 @@ func Main(args []string) int {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
 	r := &Runner{cfg: cfg, client: client, ips: newIPAllocator(cfg.IPPrefix), workers: map[types.UID]*podWorker{}}
+	if cfg.Toxiproxy != "" {
+		r.toxi = toxiproxy.NewClient(cfg.Toxiproxy)
+	}
 	r.run(ctx)
 	klog.Info("podrunner: stopping all containers")
 	r.stopAll()

@@ -34,6 +34,12 @@ type podWorker struct {
 	name string
 	dir  string
 	ip   string
+	// apiHost and apiPort are where this pod reaches the API server (its
+	// own toxiproxy listener when the runner has a toxiproxy).
+	apiHost, apiPort string
+	// keepIP is set when the pod was orphaned: its process still uses the
+	// IP, so it is not handed to another pod.
+	keepIP bool
 
 	// mu guards pod (the newest version seen) and containers' slice header.
 	mu   sync.Mutex
@@ -108,7 +114,16 @@ func (w *podWorker) run() {
 		return
 	}
 	w.ip = ip
-	defer w.r.ips.release(ip)
+	defer func() {
+		if !w.keepIP {
+			w.r.ips.release(ip)
+			w.r.dropAPIProxy(w.ns, w.name)
+		}
+	}()
+	if w.apiHost, w.apiPort, err = w.r.apiEndpoint(w.ns, w.name); err != nil {
+		w.logf("%v; the pod reaches the API server directly", err)
+		w.apiHost, w.apiPort = w.r.cfg.APIServerHost, w.r.cfg.APIServerPort
+	}
 	w.startTime = metav1.Now()
 	if err := os.MkdirAll(w.dir, 0o755); err != nil {
 		w.logf("state dir: %v", err)
@@ -140,6 +155,10 @@ func (w *podWorker) run() {
 				w.startContainers(ctx)
 			}
 		case <-w.goneCh:
+			if w.orphaned() {
+				w.orphan()
+				return
+			}
 			w.logf("removed from the API server; killing its processes")
 			w.terminate(0)
 			return
@@ -184,8 +203,12 @@ func (w *podWorker) finalize(ctx context.Context) {
 	if p.DeletionGracePeriodSeconds != nil {
 		grace = *p.DeletionGracePeriodSeconds
 	}
-	w.logf("deleted; stopping containers (grace %ds)", grace)
-	w.terminate(grace)
+	if w.orphaned() {
+		w.orphan()
+	} else {
+		w.logf("deleted; stopping containers (grace %ds)", grace)
+		w.terminate(grace)
+	}
 	zero := int64(0)
 	uid := w.uid
 	err := w.r.client.CoreV1().Pods(w.ns).Delete(ctx, w.name, metav1.DeleteOptions{
@@ -271,7 +294,7 @@ contexts:
     user: serviceaccount
     namespace: %s
 current-context: pod
-`, w.r.cfg.APIServerHost, w.r.cfg.APIServerPort, filepath.Join(w.absDir(), "ca.crt"), filepath.Join(w.absDir(), "token"), w.ns)
+`, w.apiHost, w.apiPort, filepath.Join(w.absDir(), "ca.crt"), filepath.Join(w.absDir(), "token"), w.ns)
 	return os.WriteFile(filepath.Join(w.dir, "kubeconfig"), []byte(kc), 0o600)
 }
 

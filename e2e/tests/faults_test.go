@@ -1,0 +1,595 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"shardpool.dev/e2e/fault"
+)
+
+// The fault-injection suite (DESIGN guarantees 1, 2, 5, 7, 10, 11): each
+// row puts steady load through the router (several clients per source, each
+// reconnecting after an error as a BI backend's pool does), injects one
+// fault, and checks what must hold. pg_stat_activity is sampled every 50 ms
+// for the whole suite; any sample in which one source has server
+// connections from two shard processes fails it. Every row prints its
+// figures, and the table is written to e2e/.state/faults.txt.
+
+// faultsEnv is what the rows share.
+type faultsEnv struct {
+	h        *fault.Harness
+	ns       string
+	routerIP string
+	opsPW    string
+	wh       *pgx.Conn
+	owners   *fault.Owners
+	bh       *fault.Proxy
+	table    []string
+}
+
+func (e *faultsEnv) connect(ctx context.Context, db string) (*pgx.Conn, error) {
+	cfg, err := pgx.ParseConfig(fmt.Sprintf("host=%s port=5432 user=ops dbname=%s sslmode=disable connect_timeout=15", e.routerIP, db))
+	if err != nil {
+		return nil, err
+	}
+	cfg.Password = e.opsPW
+	cfg.DefaultQueryExecMode = pgx.QueryExecModeSimpleProtocol
+	return pgx.ConnectConfig(ctx, cfg)
+}
+
+// load starts 3 clients on each source, a query every 20 ms each; with
+// many sources, 1 client each, a query every 50 ms.
+func (e *faultsEnv) load(sources ...string) *fault.Load {
+	clients, pause := 3, 20*time.Millisecond
+	if len(sources) > 4 {
+		clients, pause = 1, 50*time.Millisecond
+	}
+	l := &fault.Load{Connect: e.connect, Pause: pause, Timeout: 30 * time.Second}
+	var dbs []string
+	for _, s := range sources {
+		dbs = append(dbs, e.ns+"."+s)
+	}
+	l.Start(dbs, clients)
+	return l
+}
+
+func (e *faultsEnv) backends(t *testing.T) map[string][]int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m, err := fault.Backends(ctx, e.wh, "shardpool/"+e.ns+"/")
+	if err != nil {
+		t.Fatalf("pg_stat_activity: %v", err)
+	}
+	return m
+}
+
+// holder returns the shard pod serving `source` and its process group.
+func (e *faultsEnv) holder(t *testing.T, source string) (string, int) {
+	t.Helper()
+	ctx := context.Background()
+	out, _, err := kubectl(t, "", "-n", e.ns, "get", "datasource", source, "-o", "jsonpath={.status.shard}")
+	if err != nil || out == "" {
+		t.Fatalf("%s has no shard: %v", source, err)
+	}
+	lease, err := e.h.Kube.CoordinationV1().Leases(systemNS).Get(ctx, "shardpool-shard-"+out, metav1.GetOptions{})
+	if err != nil || lease.Spec.HolderIdentity == nil {
+		t.Fatalf("lease of shard %s: %v", out, err)
+	}
+	pod, err := e.h.Kube.CoreV1().Pods(systemNS).Get(ctx, *lease.Spec.HolderIdentity, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pod.Name, containerPid(pod)
+}
+
+// settle waits until every source of the namespace is Ready with no
+// connection of a second process, so a row starts from a quiet state.
+func (e *faultsEnv) settle(t *testing.T) {
+	t.Helper()
+	eventually(t, 90*time.Second, "every fault source Ready", func() (bool, error) {
+		out, _, err := kubectl(t, "", "-n", e.ns, "get", "datasources", "-o", `jsonpath={range .items[*]}{.metadata.name}={.status.phase} {end}`)
+		if err != nil {
+			return false, err
+		}
+		for _, f := range strings.Fields(out) {
+			if !strings.HasSuffix(f, "=Ready") {
+				return false, fmt.Errorf("%s", out)
+			}
+		}
+		return out != "", nil
+	})
+}
+
+// row runs one fault under load on `sources` and records its figures.
+func (e *faultsEnv) row(t *testing.T, name string, sources []string, inject func(t *testing.T) string, check func(t *testing.T, r fault.Report)) {
+	t.Run(name, func(t *testing.T) {
+		e.settle(t)
+		l := e.load(sources...)
+		time.Sleep(3 * time.Second)
+		extra := inject(t)
+		r := l.Stop()
+		if len(r.Failed()) > 0 {
+			for i, f := range r.Failed() {
+				if i == 8 {
+					break
+				}
+				t.Logf("failed: %s at %s after %s: %s %s", f.Source, f.Start.Format("15:04:05.000"), f.End.Sub(f.Start).Round(time.Millisecond), f.Code, f.Err)
+			}
+		}
+		line := fmt.Sprintf("| %s | %s | %s |", name, r.Summary(), extra)
+		t.Log(line)
+		e.table = append(e.table, line)
+		check(t, r)
+	})
+}
+
+func sameBackends(t *testing.T, before, after map[string][]int) {
+	t.Helper()
+	if len(before) == 0 {
+		t.Fatal("no server connections to compare")
+	}
+	if !reflect.DeepEqual(before, after) {
+		t.Errorf("server backends changed:\nbefore %v\nafter  %v", before, after)
+	}
+}
+
+func onlyRetryable(t *testing.T, r fault.Report) {
+	t.Helper()
+	for code, n := range r.Codes() {
+		if !strings.HasPrefix(code, "08") && !strings.HasPrefix(code, "57") {
+			t.Errorf("%d failures with SQLSTATE %q: only 08xxx and 57Pxx may reach a client here", n, code)
+		}
+	}
+}
+
+func TestFaults(t *testing.T) {
+	routerIP, _ := installed(t)
+	c := client(t)
+	h, err := fault.New(stateDir(), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &faultsEnv{h: h, routerIP: routerIP, opsPW: opsPassword(t), ns: tempNamespace(t, c, "faults")}
+	upstream := os.Getenv("WAREHOUSE_PGHOST") + ":" + os.Getenv("WAREHOUSE_PGPORT")
+	if e.bh, err = h.WarehouseProxy("wh-"+e.ns, upstream); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.bh.Delete() })
+	ctx := context.Background()
+	if e.wh, err = pgx.Connect(ctx, fmt.Sprintf("host=%s port=%s user=%s password=%s dbname=postgres sslmode=disable",
+		os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"), os.Getenv("WAREHOUSE_PGUSER"), os.Getenv("WAREHOUSE_PGPASSWORD"))); err != nil {
+		t.Fatal(err)
+	}
+	defer e.wh.Close(ctx)
+
+	var b strings.Builder
+	fmt.Fprintf(&b, "apiVersion: v1\nkind: Secret\nmetadata: {name: wh, namespace: %s}\nstringData: {password: %q}\n", e.ns, os.Getenv("WAREHOUSE_PGPASSWORD"))
+	source := func(name, host string, port int, pool string) {
+		fmt.Fprintf(&b, "---\napiVersion: shardpool.dev/v1alpha1\nkind: DataSource\nmetadata: {name: %s, namespace: %s}\nspec: {host: %q, port: %d, database: acme, user: %s, passwordSecretRef: {name: wh, key: password}, tls: {mode: disable}, pool: {%s}}\n",
+			name, e.ns, host, port, os.Getenv("WAREHOUSE_PGUSER"), pool)
+	}
+	whPort, _ := strconv.Atoi(os.Getenv("WAREHOUSE_PGPORT"))
+	direct := "minIdle: 2, maxSize: 6, connectTimeout: 2s, acquireTimeout: 10s"
+	source("f0", os.Getenv("WAREHOUSE_PGHOST"), whPort, direct)
+	source("f1", os.Getenv("WAREHOUSE_PGHOST"), whPort, direct)
+	source("bh", e.bh.Host, e.bh.Port, "minIdle: 2, maxSize: 6, connectTimeout: 2s, acquireTimeout: 3s, statementTimeout: 3s")
+	var movers []string
+	for i := 0; i < 16; i++ {
+		movers = append(movers, fmt.Sprintf("m%02d", i))
+		source(movers[i], os.Getenv("WAREHOUSE_PGHOST"), whPort, "minIdle: 1, maxSize: 3, connectTimeout: 2s, acquireTimeout: 10s")
+	}
+	if _, stderr, err := kubectl(t, b.String(), "apply", "-f", "-"); err != nil {
+		t.Fatalf("apply: %v\n%s", err, stderr)
+	}
+	e.owners = &fault.Owners{Prefix: "shardpool/" + e.ns + "/"}
+	ownersConn, err := pgx.Connect(ctx, e.wh.Config().ConnString())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.owners.Start(ownersConn)
+	defer func() {
+		samples, violations, most, err := e.owners.Stop()
+		_ = ownersConn.Close(ctx)
+		t.Logf("pg_stat_activity sampled %d times every 50 ms; most connections per source %v", samples, most)
+		if err != nil {
+			t.Errorf("sampling pg_stat_activity: %v", err)
+		}
+		if len(violations) > 0 {
+			t.Errorf("%d samples showed a source with two owners, e.g. %v", len(violations), violations[:min(len(violations), 5)])
+		}
+		if samples < 100 {
+			t.Errorf("only %d samples of pg_stat_activity", samples)
+		}
+		for src, n := range most {
+			if n > 6 {
+				t.Errorf("%s had %d server connections, above its maxSize 6", src, n)
+			}
+		}
+		table := "| fault | load through the router | figures |\n| --- | --- | --- |\n" + strings.Join(e.table, "\n") + "\n"
+		_ = os.WriteFile(filepath.Join(stateDir(), "faults.txt"), []byte(table), 0o644)
+		t.Logf("\n%s", table)
+	}()
+	e.settle(t)
+	steady := []string{"f0", "f1"}
+
+	e.row(t, "kube-apiserver hung (SIGSTOP) 45 s", steady, func(t *testing.T) string {
+		before := e.backends(t)
+		resume, err := h.HangAPIServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(45 * time.Second)
+		if err := resume(); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.WaitAPIReady(time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * time.Second)
+		sameBackends(t, before, e.backends(t))
+		return fmt.Sprintf("same %d backends before and after", count(before))
+	}, func(t *testing.T, r fault.Report) {
+		if n := len(r.Failed()); n > 0 {
+			t.Errorf("%d queries failed", n)
+		}
+		if s, src := r.LongestSilence(); s > time.Second {
+			t.Errorf("%s went %s without an answer", src, s)
+		}
+	})
+
+	e.row(t, "kube-apiserver stopped 45 s, then started", steady, func(t *testing.T) string {
+		before := e.backends(t)
+		start, err := h.StopAPIServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(45 * time.Second)
+		t0 := time.Now()
+		if err := start(); err != nil {
+			t.Fatal(err)
+		}
+		up := time.Since(t0)
+		time.Sleep(3 * time.Second)
+		sameBackends(t, before, e.backends(t))
+		return fmt.Sprintf("same %d backends; apiserver ready %s after its start", count(before), up.Round(time.Millisecond))
+	}, func(t *testing.T, r fault.Report) {
+		if n := len(r.Failed()); n > 0 {
+			t.Errorf("%d queries failed", n)
+		}
+		if s, src := r.LongestSilence(); s > time.Second {
+			t.Errorf("%s went %s without an answer", src, s)
+		}
+	})
+
+	e.row(t, "one shard cut from the kube-apiserver 45 s", []string{"f0"}, func(t *testing.T) string {
+		pod, _ := e.holder(t, "f0")
+		before := e.backends(t)
+		heal, err := h.FaultPodAPI(systemNS, pod, fault.Cut)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(45 * time.Second)
+		if err := heal(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * time.Second)
+		sameBackends(t, before, e.backends(t))
+		if p, _ := e.holder(t, "f0"); p != pod {
+			t.Errorf("the shard lost its Lease to %s", p)
+		}
+		return fmt.Sprintf("%s kept its Lease and its %d backends", pod, count(before))
+	}, func(t *testing.T, r fault.Report) {
+		if n := len(r.Failed()); n > 0 {
+			t.Errorf("%d queries failed", n)
+		}
+	})
+
+	var orphanAt time.Time
+	e.row(t, "shard orphaned, replacement started", []string{"f0"}, func(t *testing.T) string {
+		pod, _ := e.holder(t, "f0")
+		o, err := h.OrphanPod(ctx, systemNS, pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer o.Kill()
+		orphanAt = time.Now()
+		var successor string
+		eventually(t, 60*time.Second, "a replacement pod holds the shard's Lease and serves f0", func() (bool, error) {
+			p, _ := e.holder(t, "f0")
+			if p == pod {
+				return false, fmt.Errorf("still held by the orphan")
+			}
+			successor = p
+			out, _, err := kubectl(t, "", "-n", e.ns, "get", "datasource", "f0", "-o", "jsonpath={.status.servedBy} {.status.phase}")
+			return out == p+" Ready", err
+		})
+		time.Sleep(3 * time.Second)
+		if !alive(o.Pid) {
+			t.Errorf("the orphan (pid %d) died on its own; the fault did not hold", o.Pid)
+		}
+		return fmt.Sprintf("orphan %s (pid %d) kept running; %s took over", pod, o.Pid, successor)
+	}, func(t *testing.T, r fault.Report) {
+		onlyRetryable(t, r)
+		if l := r.Longest(); l.End.Sub(l.Start) > 10*time.Second {
+			t.Errorf("an attempt took %s (%s)", l.End.Sub(l.Start), l.Err)
+		}
+		back := r.FirstAnswerAfter(orphanAt.Add(15 * time.Second))
+		t.Logf("first answer of a query sent after the Lease duration: %v after it", back)
+		if d, ok := back[e.ns+".f0"]; !ok || d > 2*time.Second {
+			t.Errorf("the replacement did not serve within the Lease duration + 2 s (%v)", back)
+		}
+	})
+
+	var frozenAt time.Time
+	e.row(t, "shard frozen (SIGSTOP) 30 s, then resumed", []string{"f0"}, func(t *testing.T) string {
+		pod, pid := e.holder(t, "f0")
+		resume, err := fault.Freeze(pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		frozenAt = time.Now()
+		time.Sleep(30 * time.Second)
+		if err := resume(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * time.Second)
+		p, newPid := e.holder(t, "f0")
+		return fmt.Sprintf("%s (pid %d) frozen; now served by %s pid %d", pod, pid, p, newPid)
+	}, func(t *testing.T, r fault.Report) {
+		onlyRetryable(t, r)
+		if l := r.Longest(); l.End.Sub(l.Start) > 10*time.Second {
+			t.Errorf("an attempt took %s (%s)", l.End.Sub(l.Start), l.Err)
+		}
+		if s, _ := r.LongestSilence(); s > 20*time.Second {
+			t.Errorf("f0 went %s without an answer (at most 20 s after the freeze)", s)
+		}
+		t.Logf("answers again %v after the freeze", r.FirstAnswerAfter(frozenAt))
+	})
+
+	var restart struct{ signalled, stopped, ready time.Time }
+	e.row(t, "warehouse PostgreSQL restarted (fast shutdown, down 3 s)", steady, func(t *testing.T) string {
+		restart.signalled = time.Now()
+		stopped, ready, err := h.RestartWarehouse(3*time.Second, os.Getenv("WAREHOUSE_PGPORT"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		restart.stopped, restart.ready = stopped, ready
+		time.Sleep(5 * time.Second)
+		return fmt.Sprintf("down %s", ready.Sub(stopped).Round(time.Millisecond))
+	}, func(t *testing.T, r fault.Report) {
+		inFlight := 0
+		for _, x := range r.Results {
+			if !x.Reconnect && x.Start.Before(restart.stopped) && x.End.After(restart.signalled) {
+				inFlight++
+			}
+		}
+		failed := 0
+		for _, f := range r.Failed() {
+			if !f.Reconnect {
+				failed++
+			}
+			if f.Code == "53300" {
+				t.Errorf("a client was told 53300 (too many connections) during a restart: %s", f.Err)
+			}
+			if !strings.HasPrefix(f.Code, "08") && f.Code != "57P01" && f.Code != "57P03" {
+				t.Errorf("failure with SQLSTATE %s: %s", f.Code, f.Err)
+			}
+		}
+		t.Logf("%d queries failed, %d were in flight at the shutdown", failed, inFlight)
+		if failed > inFlight {
+			t.Errorf("%d queries failed, only %d were in flight at the shutdown: the others should have waited", failed, inFlight)
+		}
+		back := r.FirstAnswerAfter(restart.ready)
+		for _, src := range steady {
+			if d, ok := back[e.ns+"."+src]; !ok || d > 2*time.Second {
+				t.Errorf("%s answered %v after the warehouse accepted connections (at most 2 s)", src, d)
+			}
+		}
+		// Back to minIdle and never above maxSize (the sampler checks the bound).
+		eventually(t, 20*time.Second, "pools back at minIdle or more", func() (bool, error) {
+			m := e.backends(t)
+			for _, src := range steady {
+				if n := len(m[e.ns+"/"+src]); n < 2 || n > 6 {
+					return false, fmt.Errorf("%s has %d connections", src, n)
+				}
+			}
+			return true, nil
+		})
+	})
+
+	var healedAt time.Time
+	e.row(t, "warehouse blackholed 20 s", []string{"bh"}, func(t *testing.T) string {
+		if err := e.bh.Blackhole(); err != nil {
+			t.Fatal(err)
+		}
+		var degraded string
+		eventually(t, 19*time.Second, "bh Degraded with a lastError", func() (bool, error) {
+			out, _, err := kubectl(t, "", "-n", e.ns, "get", "datasource", "bh", "-o", "jsonpath={.status.phase}|{.status.lastError}")
+			degraded = out
+			return strings.HasPrefix(out, "Degraded|") && len(out) > len("Degraded|"), err
+		})
+		time.Sleep(20*time.Second - 0)
+		if err := e.bh.Heal(); err != nil {
+			t.Fatal(err)
+		}
+		healedAt = time.Now()
+		var readyIn time.Duration
+		eventually(t, 30*time.Second, "bh Ready again", func() (bool, error) {
+			out, _, err := kubectl(t, "", "-n", e.ns, "get", "datasource", "bh", "-o", "jsonpath={.status.phase}")
+			readyIn = time.Since(healedAt)
+			return out == "Ready", err
+		})
+		if readyIn > 5*time.Second {
+			t.Errorf("Ready %s after the network healed (at most 5 s)", readyIn)
+		}
+		time.Sleep(2 * time.Second)
+		return fmt.Sprintf("status during: %q; Ready %s after healing", degraded, readyIn.Round(time.Millisecond))
+	}, func(t *testing.T, r fault.Report) {
+		for _, f := range r.Failed() {
+			if !strings.HasPrefix(f.Code, "08") && f.Code != "57014" {
+				t.Errorf("failure with SQLSTATE %s (want 08xxx or 57014): %s", f.Code, f.Err)
+			}
+		}
+		// statementTimeout 3 s (+2 s for the shard to give up on a silent
+		// server), acquireTimeout 3 s: nothing may take much longer.
+		if l := r.Longest(); l.End.Sub(l.Start) > 7*time.Second {
+			t.Errorf("an attempt took %s during the blackhole (%s)", l.End.Sub(l.Start), l.Err)
+		}
+		if len(r.Failed()) == 0 {
+			t.Error("no query failed while the warehouse was unreachable: the fault did not hold")
+		}
+		t.Logf("first answer after healing: %v", r.FirstAnswerAfter(healedAt))
+	})
+
+	// Rescale 3 -> 4 while every source that moves is under load: the old
+	// shard drains, closes and acknowledges, and only then the new one opens.
+	helmSet(t, "shard.count=3")
+	t.Cleanup(func() { helmSet(t, "shard.count=2") })
+	before := e.shardsOf(t)
+	all := append(append([]string{}, steady...), movers...)
+	var moved []string
+	e.row(t, "rescale 3 -> 4 shards, every source under load", all, func(t *testing.T) string {
+		helmSet(t, "shard.count=4")
+		after := e.shardsOf(t)
+		for name, s := range after {
+			if s != before[name] {
+				moved = append(moved, name)
+				if s != "3" {
+					t.Errorf("%s moved from shard %s to %s, not to the new shard 3", name, before[name], s)
+				}
+			}
+		}
+		time.Sleep(2 * time.Second)
+		return fmt.Sprintf("%d of %d sources moved to shard 3", len(moved), len(after))
+	}, func(t *testing.T, r fault.Report) {
+		if len(moved) == 0 {
+			t.Error("no source moved: nothing was tested")
+		}
+		if n := len(r.Failed()); n > 0 {
+			t.Errorf("%d queries failed during the rescale", n)
+		}
+	})
+
+	// A transaction longer than the drain deadline: the shard ends it (and
+	// says so in an Event) before it releases its Lease.
+	helmSet(t, "shard.terminationGracePeriodSeconds=10")
+	t.Cleanup(func() { helmSet(t, "shard.terminationGracePeriodSeconds=60") })
+	eventually(t, 3*time.Minute, "every shard rolled to a 10 s grace period", func() (bool, error) {
+		pods, err := c.CoreV1().Pods(systemNS).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=shard"})
+		if err != nil {
+			return false, err
+		}
+		for _, p := range pods.Items {
+			if p.Spec.TerminationGracePeriodSeconds == nil || *p.Spec.TerminationGracePeriodSeconds != 10 || p.DeletionTimestamp != nil {
+				return false, fmt.Errorf("%s not rolled yet", p.Name)
+			}
+		}
+		return len(pods.Items) > 0, nil
+	})
+	var longTx struct {
+		code    string
+		ended   time.Duration
+		release time.Time
+		lastOld time.Time
+	}
+	e.row(t, "drain deadline exceeded (a transaction longer than the grace period)", steady, func(t *testing.T) string {
+		pod, _ := e.holder(t, "f0")
+		owners := e.owners.Owning(e.ns + "/f0")
+		if len(owners) != 1 {
+			t.Fatalf("f0 owned by %v", owners)
+		}
+		tx, err := e.connect(ctx, e.ns+".f0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Close(ctx)
+		if _, err := tx.Exec(ctx, "BEGIN"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+		lease, err := c.CoordinationV1().Leases(systemNS).Get(ctx, "shardpool-shard-"+strings.SplitN(owners[0], "/", 2)[0], metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		deleted := time.Now()
+		if err := c.CoreV1().Pods(systemNS).Delete(ctx, pod, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// Watch the Lease: when does it leave the draining pod?
+		eventually(t, 30*time.Second, "the draining shard released its Lease", func() (bool, error) {
+			l, err := c.CoordinationV1().Leases(systemNS).Get(ctx, lease.Name, metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != pod {
+				longTx.release = time.Now()
+				return true, nil
+			}
+			return false, nil
+		})
+		// The long transaction was ended by the shard.
+		_, err = tx.Exec(ctx, "SELECT 2")
+		longTx.code = sqlstate(err)
+		longTx.lastOld = e.owners.LastSeen(e.ns+"/f0", owners[0])
+		var events string
+		eventually(t, 30*time.Second, "an Event says the drain ended a transaction", func() (bool, error) {
+			out, _, err := kubectl(t, "", "-n", e.ns, "get", "events", "--field-selector", "reason=DrainDeadlineExceeded,involvedObject.name=f0", "-o", "jsonpath={range .items[*]}{.note}{.message}{end}")
+			events = out
+			return strings.Contains(out, "ended 1 server connection"), err
+		})
+		longTx.ended = longTx.release.Sub(deleted)
+		return fmt.Sprintf("transaction ended with %s; Lease released %s after SIGTERM; Event: %q", longTx.code, longTx.ended.Round(time.Millisecond), events)
+	}, func(t *testing.T, r fault.Report) {
+		if longTx.code != "57P01" {
+			t.Errorf("the transaction past the deadline ended with %q, want 57P01", longTx.code)
+		}
+		if longTx.lastOld.IsZero() || !longTx.lastOld.Before(longTx.release) {
+			t.Errorf("the old shard's connection was seen at %s, after its Lease was released (%s)", longTx.lastOld.Format("15:04:05.000"), longTx.release.Format("15:04:05.000"))
+		}
+		onlyRetryable(t, r)
+	})
+}
+
+// shardsOf maps each source of the namespace to its shard, once every
+// source is Ready on the shard it is assigned to (servingShard = shard).
+func (e *faultsEnv) shardsOf(t *testing.T) map[string]string {
+	t.Helper()
+	var shards map[string]string
+	eventually(t, 120*time.Second, "every fault source Ready on its assigned shard", func() (bool, error) {
+		a := assignments(t, e.ns)
+		shards = map[string]string{}
+		for name, v := range a {
+			if v[1] != "Ready" || v[0] != v[2] {
+				return false, fmt.Errorf("%s: %v", name, v)
+			}
+			shards[name] = v[0]
+		}
+		return len(shards) > 0, nil
+	})
+	return shards
+}
+
+func count(m map[string][]int) int {
+	n := 0
+	for _, v := range m {
+		n += len(v)
+	}
+	return n
+}
+
+func alive(pid int) bool {
+	return processAlive(pid)
+}
