@@ -18,7 +18,7 @@ trap cleanup EXIT
 source "$STATE/env"
 cd "$E2E"
 # Bounded: the whole suite, including waits, must end within the timeout.
-go test ./tests/ -count=1 -timeout 20m -v "$@"
+go test ./tests/ -count=1 -timeout 35m -v "$@"
 # Last, on its own: uninstalling the release (destructive), then putting it
 # back when the cluster outlives this run (a `make demo` cluster).
 if [ "$#" = 0 ]; then

@@ -27,6 +27,8 @@ import (
 	"time"
 
 	toxiproxy "github.com/Shopify/toxiproxy/v2/client"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
@@ -97,14 +99,24 @@ func waitGone(pid int, timeout time.Duration) bool {
 	return !alive(pid)
 }
 
+// signalGroup signals the process group led by pid. It refuses pids that
+// would signal something else: 0 or 1 (kill(-0) is the caller's own group)
+// and the caller's own group.
+func signalGroup(pid int, sig syscall.Signal) error {
+	if pid <= 1 || pid == syscall.Getpgrp() {
+		return fmt.Errorf("refusing to signal process group %d", pid)
+	}
+	return syscall.Kill(-pid, sig)
+}
+
 // Freeze stops a process group (SIGSTOP) and returns the function that
 // resumes it (SIGCONT); resuming one that has died meanwhile is no error.
 func Freeze(pid int) (resume func() error, err error) {
-	if err := syscall.Kill(-pid, syscall.SIGSTOP); err != nil {
+	if err := signalGroup(pid, syscall.SIGSTOP); err != nil {
 		return nil, fmt.Errorf("SIGSTOP %d: %w", pid, err)
 	}
 	return func() error {
-		if err := syscall.Kill(-pid, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
+		if err := signalGroup(pid, syscall.SIGCONT); err != nil && !errors.Is(err, syscall.ESRCH) {
 			return fmt.Errorf("SIGCONT %d: %w", pid, err)
 		}
 		return nil
@@ -166,9 +178,9 @@ func (h *Harness) StopAPIServer() (start func() error, err error) {
 	if err != nil {
 		return nil, err
 	}
-	_ = syscall.Kill(-pid, syscall.SIGTERM)
+	_ = signalGroup(pid, syscall.SIGTERM)
 	if !waitGone(pid, 30*time.Second) {
-		_ = syscall.Kill(-pid, syscall.SIGKILL)
+		_ = signalGroup(pid, syscall.SIGKILL)
 		if !waitGone(pid, 10*time.Second) {
 			return nil, fmt.Errorf("kube-apiserver (pid %d) did not stop", pid)
 		}
@@ -196,6 +208,65 @@ func (h *Harness) WaitAPIReady(timeout time.Duration) error {
 		time.Sleep(200 * time.Millisecond)
 	}
 	return fmt.Errorf("kube-apiserver not ready after %s: %v", timeout, last)
+}
+
+// WaitControllersCaughtUp waits until the cluster's own watchers work
+// again after an API server fault: a ReplicaSet created in ns must get its
+// pod created (controller-manager), scheduled (scheduler) and running (pod
+// runner). Their watches come back with client-go's back-off, which can
+// exceed a minute after a long outage; a later fault would otherwise hit a
+// cluster that cannot yet start a replacement pod. The ReplicaSet is
+// deleted again. Returns how long it took.
+func (h *Harness) WaitControllersCaughtUp(ns string, timeout time.Duration) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	t0 := time.Now()
+	one := int32(1)
+	labels := map[string]string{"app": "fault-catchup"}
+	rs := &appsv1.ReplicaSet{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: "fault-catchup-"},
+		Spec: appsv1.ReplicaSetSpec{
+			Replicas: &one,
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels},
+				Spec: corev1.PodSpec{
+					TerminationGracePeriodSeconds: new(int64),
+					Containers:                    []corev1.Container{{Name: "sleep", Image: "sleep", Command: []string{"sleep", "600"}}},
+				},
+			},
+		},
+	}
+	var err error
+	for {
+		var created *appsv1.ReplicaSet
+		if created, err = h.Kube.AppsV1().ReplicaSets(ns).Create(ctx, rs, metav1.CreateOptions{}); err == nil {
+			rs = created
+			break
+		}
+		if ctx.Err() != nil {
+			return 0, fmt.Errorf("creating a ReplicaSet: %w", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	defer func() {
+		bg := metav1.DeletePropagationBackground
+		_ = h.Kube.AppsV1().ReplicaSets(ns).Delete(context.Background(), rs.Name, metav1.DeleteOptions{PropagationPolicy: &bg})
+	}()
+	for {
+		pods, err := h.Kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=fault-catchup"})
+		if err == nil {
+			for _, p := range pods.Items {
+				if p.Status.Phase == corev1.PodRunning && metav1.IsControlledBy(&p, rs) {
+					return time.Since(t0), nil
+				}
+			}
+		}
+		if ctx.Err() != nil {
+			return 0, fmt.Errorf("no pod of ReplicaSet %s running after %s", rs.Name, timeout)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // PodAPIFault is what happens to one pod's traffic to the API server.
@@ -370,7 +441,15 @@ func (h *Harness) OrphanPod(ctx context.Context, ns, pod string) (*Orphan, error
 		return nil, err
 	}
 	// The pod runner must have seen the annotation before the deletion.
-	time.Sleep(500 * time.Millisecond)
+	armed := OrphanArmedFile(h.State, ns, pod)
+	for wait := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(armed); err == nil {
+			break
+		}
+		if time.Now().After(wait) {
+			return nil, fmt.Errorf("the pod runner did not see the orphan annotation of %s/%s within 10 s", ns, pod)
+		}
+	}
 	if _, err := h.FaultPodAPI(ns, pod, Cut); err != nil {
 		return nil, err
 	}
@@ -396,10 +475,11 @@ func (h *Harness) OrphanPod(ctx context.Context, ns, pod string) (*Orphan, error
 
 // Kill ends the orphan (SIGKILL to its process group) and forgets it.
 func (o *Orphan) Kill() {
-	_ = syscall.Kill(-o.Pid, syscall.SIGCONT)
-	_ = syscall.Kill(-o.Pid, syscall.SIGKILL)
+	_ = signalGroup(o.Pid, syscall.SIGCONT)
+	_ = signalGroup(o.Pid, syscall.SIGKILL)
 	waitGone(o.Pid, 10*time.Second)
 	_ = os.Remove(OrphanPidFile(o.h.State, o.ns, o.pod))
+	_ = os.Remove(OrphanArmedFile(o.h.State, o.ns, o.pod))
 	if p, err := o.h.Toxi.Proxy(APIProxyName(o.ns, o.pod)); err == nil {
 		_ = p.Delete()
 	}

@@ -23,3 +23,10 @@ func APIProxyName(ns, pod string) string {
 func OrphanPidFile(state, ns, pod string) string {
 	return filepath.Join(state, "pids", fmt.Sprintf("orphan-%s_%s.pid", ns, pod))
 }
+
+// OrphanArmedFile is written by the pod runner once it has seen a pod's
+// OrphanAnnotation; the harness deletes the pod only after that, so the
+// deletion cannot race the annotation through the runner's watch.
+func OrphanArmedFile(state, ns, pod string) string {
+	return filepath.Join(state, "pids", fmt.Sprintf("orphan-armed-%s_%s", ns, pod))
+}

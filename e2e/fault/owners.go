@@ -24,8 +24,13 @@ type Owners struct {
 	stop chan struct{}
 	done chan struct{}
 	// mu guards everything below.
-	mu         sync.Mutex
-	samples    int
+	mu      sync.Mutex
+	samples int
+	// failed counts sampling attempts that failed (the warehouse down or
+	// restarting); gap is the longest time between two good samples.
+	failed     int
+	gap        time.Duration
+	lastOK     time.Time
 	violations []string
 	most       map[string]int
 	// last is when each (source, owner) was last seen, keyed "src owner".
@@ -43,9 +48,11 @@ func SplitApp(app string) (source, owner string, ok bool) {
 	return parts[1] + "/" + parts[2], parts[3] + "/" + parts[4], true
 }
 
-// Start samples through conn (a direct connection to the warehouse, as a
-// role that sees every backend) until Stop.
-func (o *Owners) Start(conn *pgx.Conn) {
+// Start samples through connections from connect (direct to the
+// warehouse, as a role that sees every backend) until Stop. A failed sample
+// drops its connection and the next one opens another, so sampling goes on
+// across a warehouse restart.
+func (o *Owners) Start(connect func(context.Context) (*pgx.Conn, error)) {
 	if o.Interval == 0 {
 		o.Interval = 50 * time.Millisecond
 	}
@@ -56,18 +63,42 @@ func (o *Owners) Start(conn *pgx.Conn) {
 		defer close(o.done)
 		tick := time.NewTicker(o.Interval)
 		defer tick.Stop()
+		var conn *pgx.Conn
+		defer func() {
+			if conn != nil {
+				_ = conn.Close(context.Background())
+			}
+		}()
 		for {
 			select {
 			case <-o.stop:
 				return
 			case <-tick.C:
 			}
-			if err := o.sample(conn); err != nil {
-				o.mu.Lock()
-				if o.err == nil {
-					o.err = err
+			var err error
+			if conn == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				conn, err = connect(ctx)
+				cancel()
+			}
+			if err == nil {
+				err = o.sample(conn)
+			}
+			o.mu.Lock()
+			if err != nil {
+				o.failed++
+				o.err = err
+			} else {
+				now := time.Now()
+				if !o.lastOK.IsZero() && now.Sub(o.lastOK) > o.gap {
+					o.gap = now.Sub(o.lastOK)
 				}
-				o.mu.Unlock()
+				o.lastOK, o.err = now, nil
+			}
+			o.mu.Unlock()
+			if err != nil && conn != nil {
+				_ = conn.Close(context.Background())
+				conn = nil
 			}
 		}
 	}()
@@ -156,14 +187,27 @@ func (o *Owners) LastSeen(src, owner string) time.Time {
 	return o.last[src+" "+owner]
 }
 
-// Stop ends sampling; returns the number of samples, the violations, the
-// most connections seen per source, and the first sampling error.
-func (o *Owners) Stop() (samples int, violations []string, most map[string]int, err error) {
+// Sampled is what Stop reports.
+type Sampled struct {
+	// Samples taken, and attempts that failed.
+	Samples, Failed int
+	// Gap is the longest time between two good samples.
+	Gap time.Duration
+	// Violations lists the samples with a source held by two processes.
+	Violations []string
+	// Most is the most connections seen per source.
+	Most map[string]int
+	// Err is the error of the last attempt, nil when it succeeded.
+	Err error
+}
+
+// Stop ends sampling and reports what was seen.
+func (o *Owners) Stop() Sampled {
 	close(o.stop)
 	<-o.done
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return o.samples, o.violations, o.most, o.err
+	return Sampled{o.samples, o.failed, o.gap, o.violations, o.most, o.err}
 }
 
 // Backends lists the backend pids of every server connection of sources

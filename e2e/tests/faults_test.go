@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"shardpool.dev/e2e/fault"
@@ -31,10 +32,15 @@ type faultsEnv struct {
 	ns       string
 	routerIP string
 	opsPW    string
-	wh       *pgx.Conn
+	whDSN    string
 	owners   *fault.Owners
 	bh       *fault.Proxy
 	table    []string
+}
+
+// warehouse opens a direct connection to the warehouse as its admin role.
+func (e *faultsEnv) warehouse(ctx context.Context) (*pgx.Conn, error) {
+	return pgx.Connect(ctx, e.whDSN)
 }
 
 func (e *faultsEnv) connect(ctx context.Context, db string) (*pgx.Conn, error) {
@@ -67,14 +73,21 @@ func (e *faultsEnv) backends(t *testing.T) map[string][]int {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	m, err := fault.Backends(ctx, e.wh, "shardpool/"+e.ns+"/")
+	wh, err := e.warehouse(ctx)
+	if err != nil {
+		t.Fatalf("warehouse: %v", err)
+	}
+	defer wh.Close(context.Background())
+	m, err := fault.Backends(ctx, wh, "shardpool/"+e.ns+"/")
 	if err != nil {
 		t.Fatalf("pg_stat_activity: %v", err)
 	}
 	return m
 }
 
-// holder returns the shard pod serving `source` and its process group.
+// holder returns the Lease holder (a pod name) of the shard serving
+// `source`, and the pid of its container, 0 when the pod object is gone (an
+// orphaned process keeps its Lease until it expires).
 func (e *faultsEnv) holder(t *testing.T, source string) (string, int) {
 	t.Helper()
 	ctx := context.Background()
@@ -87,7 +100,10 @@ func (e *faultsEnv) holder(t *testing.T, source string) (string, int) {
 		t.Fatalf("lease of shard %s: %v", out, err)
 	}
 	pod, err := e.h.Kube.CoreV1().Pods(systemNS).Get(ctx, *lease.Spec.HolderIdentity, metav1.GetOptions{})
-	if err != nil {
+	switch {
+	case apierrors.IsNotFound(err):
+		return *lease.Spec.HolderIdentity, 0
+	case err != nil:
 		t.Fatal(err)
 	}
 	return pod.Name, containerPid(pod)
@@ -111,10 +127,31 @@ func (e *faultsEnv) settle(t *testing.T) {
 	})
 }
 
+// answering waits until a query through the router succeeds on each of
+// `sources` (a status can say Ready while its shard's Lease is still held
+// by a process that a previous row ended).
+func (e *faultsEnv) answering(t *testing.T, sources []string) {
+	t.Helper()
+	for _, src := range sources {
+		eventually(t, 90*time.Second, src+" answers through the router", func() (bool, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			conn, err := e.connect(ctx, e.ns+"."+src)
+			if err != nil {
+				return false, err
+			}
+			defer conn.Close(context.Background())
+			_, err = conn.Exec(ctx, "SELECT 1")
+			return err == nil, err
+		})
+	}
+}
+
 // row runs one fault under load on `sources` and records its figures.
 func (e *faultsEnv) row(t *testing.T, name string, sources []string, inject func(t *testing.T) string, check func(t *testing.T, r fault.Report)) {
 	t.Run(name, func(t *testing.T) {
 		e.settle(t)
+		e.answering(t, sources)
 		l := e.load(sources...)
 		time.Sleep(3 * time.Second)
 		extra := inject(t)
@@ -167,11 +204,8 @@ func TestFaults(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = e.bh.Delete() })
 	ctx := context.Background()
-	if e.wh, err = pgx.Connect(ctx, fmt.Sprintf("host=%s port=%s user=%s password=%s dbname=postgres sslmode=disable",
-		os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"), os.Getenv("WAREHOUSE_PGUSER"), os.Getenv("WAREHOUSE_PGPASSWORD"))); err != nil {
-		t.Fatal(err)
-	}
-	defer e.wh.Close(ctx)
+	e.whDSN = fmt.Sprintf("host=%s port=%s user=%s password=%s dbname=postgres sslmode=disable connect_timeout=5",
+		os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"), os.Getenv("WAREHOUSE_PGUSER"), os.Getenv("WAREHOUSE_PGPASSWORD"))
 
 	var b strings.Builder
 	fmt.Fprintf(&b, "apiVersion: v1\nkind: Secret\nmetadata: {name: wh, namespace: %s}\nstringData: {password: %q}\n", e.ns, os.Getenv("WAREHOUSE_PGPASSWORD"))
@@ -193,25 +227,24 @@ func TestFaults(t *testing.T) {
 		t.Fatalf("apply: %v\n%s", err, stderr)
 	}
 	e.owners = &fault.Owners{Prefix: "shardpool/" + e.ns + "/"}
-	ownersConn, err := pgx.Connect(ctx, e.wh.Config().ConnString())
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.owners.Start(ownersConn)
+	e.owners.Start(e.warehouse)
 	defer func() {
-		samples, violations, most, err := e.owners.Stop()
-		_ = ownersConn.Close(ctx)
-		t.Logf("pg_stat_activity sampled %d times every 50 ms; most connections per source %v", samples, most)
-		if err != nil {
-			t.Errorf("sampling pg_stat_activity: %v", err)
+		s := e.owners.Stop()
+		t.Logf("pg_stat_activity sampled %d times every 50 ms (%d attempts failed, longest gap %s); most connections per source %v", s.Samples, s.Failed, s.Gap.Round(time.Millisecond), s.Most)
+		if s.Err != nil {
+			t.Errorf("sampling pg_stat_activity: %v", s.Err)
 		}
-		if len(violations) > 0 {
-			t.Errorf("%d samples showed a source with two owners, e.g. %v", len(violations), violations[:min(len(violations), 5)])
+		// The warehouse restart row stops it for 3 s; no other gap is allowed.
+		if s.Gap > 8*time.Second {
+			t.Errorf("pg_stat_activity went unsampled for %s", s.Gap)
 		}
-		if samples < 100 {
-			t.Errorf("only %d samples of pg_stat_activity", samples)
+		if len(s.Violations) > 0 {
+			t.Errorf("%d samples showed a source with two owners, e.g. %v", len(s.Violations), s.Violations[:min(len(s.Violations), 5)])
 		}
-		for src, n := range most {
+		if s.Samples < 100 {
+			t.Errorf("only %d samples of pg_stat_activity", s.Samples)
+		}
+		for src, n := range s.Most {
 			if n > 6 {
 				t.Errorf("%s had %d server connections, above its maxSize 6", src, n)
 			}
@@ -238,7 +271,11 @@ func TestFaults(t *testing.T) {
 		}
 		time.Sleep(3 * time.Second)
 		sameBackends(t, before, e.backends(t))
-		return fmt.Sprintf("same %d backends before and after", count(before))
+		caught, err := h.WaitControllersCaughtUp(e.ns, 3*time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("same %d backends before and after; the cluster started a new pod again %s after the resume", count(before), (caught + 3*time.Second).Round(time.Second))
 	}, func(t *testing.T, r fault.Report) {
 		if n := len(r.Failed()); n > 0 {
 			t.Errorf("%d queries failed", n)
@@ -262,7 +299,11 @@ func TestFaults(t *testing.T) {
 		up := time.Since(t0)
 		time.Sleep(3 * time.Second)
 		sameBackends(t, before, e.backends(t))
-		return fmt.Sprintf("same %d backends; apiserver ready %s after its start", count(before), up.Round(time.Millisecond))
+		caught, err := h.WaitControllersCaughtUp(e.ns, 3*time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("same %d backends; apiserver ready %s after its start; the cluster started a new pod again %s after it", count(before), up.Round(time.Millisecond), (up + 3*time.Second + caught).Round(time.Second))
 	}, func(t *testing.T, r fault.Report) {
 		if n := len(r.Failed()); n > 0 {
 			t.Errorf("%d queries failed", n)
@@ -333,7 +374,12 @@ func TestFaults(t *testing.T) {
 
 	var frozenAt time.Time
 	e.row(t, "shard frozen (SIGSTOP) 30 s, then resumed", []string{"f0"}, func(t *testing.T) string {
-		pod, pid := e.holder(t, "f0")
+		var pod string
+		var pid int
+		eventually(t, 60*time.Second, "f0 served by a pod that exists", func() (bool, error) {
+			pod, pid = e.holder(t, "f0")
+			return pid != 0, fmt.Errorf("the Lease holder %s has no pod", pod)
+		})
 		resume, err := fault.Freeze(pid)
 		if err != nil {
 			t.Fatal(err)
@@ -499,6 +545,7 @@ func TestFaults(t *testing.T) {
 	})
 	var longTx struct {
 		code    string
+		err     string
 		ended   time.Duration
 		release time.Time
 		lastOld time.Time
@@ -509,6 +556,7 @@ func TestFaults(t *testing.T) {
 		if len(owners) != 1 {
 			t.Fatalf("f0 owned by %v", owners)
 		}
+		shard := strings.SplitN(owners[0], "/", 2)[0]
 		tx, err := e.connect(ctx, e.ns+".f0")
 		if err != nil {
 			t.Fatal(err)
@@ -517,32 +565,40 @@ func TestFaults(t *testing.T) {
 		if _, err := tx.Exec(ctx, "BEGIN"); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
-			t.Fatal(err)
-		}
-		lease, err := c.CoordinationV1().Leases(systemNS).Get(ctx, "shardpool-shard-"+strings.SplitN(owners[0], "/", 2)[0], metav1.GetOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		// A report query that outlives the 10 s grace period (drain deadline 5 s).
+		long := make(chan error, 1)
+		go func() {
+			_, err := tx.Exec(ctx, "SELECT pg_sleep(60)")
+			long <- err
+		}()
+		time.Sleep(500 * time.Millisecond)
 		deleted := time.Now()
 		if err := c.CoreV1().Pods(systemNS).Delete(ctx, pod, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		// Watch the Lease: when does it leave the draining pod?
+		var holder string
 		eventually(t, 30*time.Second, "the draining shard released its Lease", func() (bool, error) {
-			l, err := c.CoordinationV1().Leases(systemNS).Get(ctx, lease.Name, metav1.GetOptions{})
+			l, err := c.CoordinationV1().Leases(systemNS).Get(ctx, "shardpool-shard-"+shard, metav1.GetOptions{})
 			if err != nil {
 				return false, err
 			}
 			if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != pod {
 				longTx.release = time.Now()
+				if l.Spec.HolderIdentity != nil {
+					holder = *l.Spec.HolderIdentity
+				}
 				return true, nil
 			}
 			return false, nil
 		})
-		// The long transaction was ended by the shard.
-		_, err = tx.Exec(ctx, "SELECT 2")
-		longTx.code = sqlstate(err)
+		// The shard ended the long transaction.
+		select {
+		case err := <-long:
+			longTx.code, longTx.err = sqlstate(err), fmt.Sprint(err)
+		case <-time.After(10 * time.Second):
+			longTx.err = "no answer 10 s after the Lease was released"
+		}
 		longTx.lastOld = e.owners.LastSeen(e.ns+"/f0", owners[0])
 		var events string
 		eventually(t, 30*time.Second, "an Event says the drain ended a transaction", func() (bool, error) {
@@ -551,10 +607,15 @@ func TestFaults(t *testing.T) {
 			return strings.Contains(out, "ended 1 server connection"), err
 		})
 		longTx.ended = longTx.release.Sub(deleted)
-		return fmt.Sprintf("transaction ended with %s; Lease released %s after SIGTERM; Event: %q", longTx.code, longTx.ended.Round(time.Millisecond), events)
+		t.Logf("%s (shard %s) deleted at %s; Lease holder %q at %s; old owner %s last seen at %s; query: %s",
+			pod, shard, deleted.Format("15:04:05.000"), holder, longTx.release.Format("15:04:05.000"), owners[0], longTx.lastOld.Format("15:04:05.000"), longTx.err)
+		return fmt.Sprintf("the query in the transaction ended with %s; Lease released %s after SIGTERM; Event: %q", longTx.code, longTx.ended.Round(time.Millisecond), events)
 	}, func(t *testing.T, r fault.Report) {
 		if longTx.code != "57P01" {
-			t.Errorf("the transaction past the deadline ended with %q, want 57P01", longTx.code)
+			t.Errorf("the transaction past the deadline ended with %q (%s), want 57P01", longTx.code, longTx.err)
+		}
+		if longTx.ended < 5*time.Second {
+			t.Errorf("the Lease left the draining pod %s after SIGTERM, before the 5 s drain deadline", longTx.ended)
 		}
 		if longTx.lastOld.IsZero() || !longTx.lastOld.Before(longTx.release) {
 			t.Errorf("the old shard's connection was seen at %s, after its Lease was released (%s)", longTx.lastOld.Format("15:04:05.000"), longTx.release.Format("15:04:05.000"))

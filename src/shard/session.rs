@@ -356,11 +356,11 @@ pub async fn run(
     }
     // The client is gone. A connection left mid-transaction or mid-query
     // has unknown state: discard it rather than hand it to someone else.
+    // Out of the pool at once (maintenance opens a replacement), with a
+    // cancel first: a backend busy with a query reads no Terminate.
     if let Some(h) = held.take() {
         if h.pending > 0 || h.status != b'I' {
-            // Out of the pool at once; maintenance opens a replacement.
-            let conn = deadpool::managed::Object::take(h.conn);
-            tokio::spawn(conn.terminate());
+            discard(&source, h.conn);
         }
     }
 }

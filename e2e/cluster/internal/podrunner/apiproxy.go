@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
 
 	"shardpool.dev/e2e/fault"
@@ -66,6 +67,28 @@ func (w *podWorker) orphan() {
 	w.keepIP = true
 }
 
+// orphaned reports whether the pod was ever seen with the orphan
+// annotation (sticky: a deletion seen through a relist carries an older
+// copy of the pod).
 func (w *podWorker) orphaned() bool {
-	return w.current().Annotations[fault.OrphanAnnotation] == "true"
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.armed
+}
+
+// arm records the orphan annotation once it is seen, and tells the
+// harness so through OrphanArmedFile. Called with the new pod object.
+func (w *podWorker) arm(p *corev1.Pod) {
+	if p.Annotations[fault.OrphanAnnotation] != "true" {
+		return
+	}
+	w.mu.Lock()
+	was := w.armed
+	w.armed = true
+	w.mu.Unlock()
+	if !was {
+		if err := os.WriteFile(fault.OrphanArmedFile(w.r.cfg.StateDir, w.ns, w.name), nil, 0o644); err != nil {
+			w.logf("recording the orphan annotation: %v", err)
+		}
+	}
 }

@@ -158,6 +158,9 @@ func (r *Runner) run(ctx context.Context) {
 				w := r.workers[p.UID]
 				r.mu.Unlock()
 				if w != nil {
+					// The final state first: an annotation set just before
+					// the deletion (an orphaning) may not have arrived yet.
+					w.update(p)
 					w.gone()
 				}
 			}

@@ -37,6 +37,9 @@ type podWorker struct {
 	// apiHost and apiPort are where this pod reaches the API server (its
 	// own toxiproxy listener when the runner has a toxiproxy).
 	apiHost, apiPort string
+	// armed is set (under mu) once the pod was seen with the orphan
+	// annotation: its deletion then leaves its processes running.
+	armed bool
 	// keepIP is set when the pod was orphaned: its process still uses the
 	// IP, so it is not handed to another pod.
 	keepIP bool
@@ -76,6 +79,7 @@ func (w *podWorker) update(p *corev1.Pod) {
 	w.mu.Lock()
 	w.pod = p
 	w.mu.Unlock()
+	w.arm(p)
 	w.wake()
 }
 
