@@ -454,18 +454,68 @@ func TestFaults(t *testing.T) {
 		})
 	})
 
+	// A spec change rebuilds the pool on the same shard: the old pool
+	// drains (57P01 to the router for what it has not run) and the router
+	// re-attaches to the same shard, which still owns the source.
+	var specIdle struct {
+		took time.Duration
+		err  error
+	}
+	e.row(t, "DataSource spec changed (pool rebuilt on its shard)", []string{"f1"}, func(t *testing.T) string {
+		idle, err := e.connect(ctx, e.ns+".f1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer idle.Close(ctx)
+		if _, err := idle.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+		before := e.backends(t)[e.ns+"/f1"]
+		if _, stderr, err := kubectl(t, "", "-n", e.ns, "patch", "datasource", "f1", "--type=merge", "-p", `{"spec":{"pool":{"idleTimeout":"9m"}}}`); err != nil {
+			t.Fatalf("patch: %v\n%s", err, stderr)
+		}
+		eventually(t, 30*time.Second, "f1's pool rebuilt (none of its old backends left)", func() (bool, error) {
+			now := e.backends(t)[e.ns+"/f1"]
+			for _, p := range now {
+				for _, b := range before {
+					if p == b {
+						return false, fmt.Errorf("old backend %d still there", p)
+					}
+				}
+			}
+			return len(now) > 0, nil
+		})
+		t0 := time.Now()
+		qctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		defer cancel()
+		_, specIdle.err = idle.Exec(qctx, "SELECT 2")
+		specIdle.took = time.Since(t0)
+		return fmt.Sprintf("backends %v replaced; a client idle through the change answered in %s", before, specIdle.took.Round(time.Millisecond))
+	}, func(t *testing.T, r fault.Report) {
+		if specIdle.err != nil || specIdle.took > 2*time.Second {
+			t.Errorf("a client idle through the spec change: %v after %s", specIdle.err, specIdle.took)
+		}
+		if n := len(r.Failed()); n > 0 {
+			t.Errorf("%d queries failed during the rebuild", n)
+		}
+		if l := r.Longest(); l.End.Sub(l.Start) > 2*time.Second {
+			t.Errorf("a query took %s during the rebuild", l.End.Sub(l.Start))
+		}
+	})
+
 	var healedAt time.Time
 	e.row(t, "warehouse blackholed 20 s", []string{"bh"}, func(t *testing.T) string {
 		if err := e.bh.Blackhole(); err != nil {
 			t.Fatal(err)
 		}
+		blackholed := time.Now()
 		var degraded string
 		eventually(t, 19*time.Second, "bh Degraded with a lastError", func() (bool, error) {
 			out, _, err := kubectl(t, "", "-n", e.ns, "get", "datasource", "bh", "-o", "jsonpath={.status.phase}|{.status.lastError}")
 			degraded = out
 			return strings.HasPrefix(out, "Degraded|") && len(out) > len("Degraded|"), err
 		})
-		time.Sleep(20*time.Second - 0)
+		time.Sleep(time.Until(blackholed.Add(20 * time.Second)))
 		if err := e.bh.Heal(); err != nil {
 			t.Fatal(err)
 		}

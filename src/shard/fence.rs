@@ -97,8 +97,23 @@ pub enum FenceError {
     Io(String),
 }
 
+/// The application_name of a process's first connection while it fences:
+/// `shardpool-fencing/...`, which no source's pattern (and so no other
+/// fencer, and no check for two owners) matches. PostgreSQL truncates it
+/// to 63 bytes, which is harmless: it is set to the pool's name afterwards.
+pub fn fencing_name(application_name: &str) -> String {
+    let rest = application_name
+        .strip_prefix("shardpool/")
+        .unwrap_or(application_name);
+    let mut name = format!("shardpool-fencing/{rest}");
+    while name.len() > MAX_APPLICATION_NAME {
+        name.pop();
+    }
+    name
+}
+
 /// Quotes a string as an SQL literal (standard_conforming_strings).
-fn literal(s: &str) -> String {
+pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -221,5 +236,16 @@ mod tests {
         let f = others(&id);
         assert!(f.contains("'shardpool/t/o''brien/'"), "{f}");
         assert!(f.contains("pid <> pg_backend_pid()"));
+    }
+
+    #[test]
+    fn the_fencing_name_matches_no_source_pattern() {
+        let id = identity("tenants", "acme", 3, "k2x9aa");
+        let f = fencing_name(&id.application_name);
+        assert_eq!(f, "shardpool-fencing/tenants/acme/3/k2x9aa");
+        assert!(!f.starts_with(&id.prefix));
+        let long = identity(&"n".repeat(60), "x", 1, "abcdef");
+        let f = fencing_name(&long.application_name);
+        assert!(f.len() <= MAX_APPLICATION_NAME && !f.starts_with("shardpool/"));
     }
 }

@@ -237,6 +237,11 @@ impl Manager {
 
     /// Connects (bounded by connectTimeout, under the shard-wide limit).
     async fn connect(&self) -> Result<ServerConn, ConnectError> {
+        self.connect_with(&self.params).await
+    }
+
+    /// Connects with `params` (the source's, or the fencing name's).
+    async fn connect_with(&self, params: &ConnectParams) -> Result<ServerConn, ConnectError> {
         let _permit = self
             .connect_limit
             .acquire()
@@ -245,12 +250,42 @@ impl Manager {
         let password = self.password.read().map(|p| p.clone()).unwrap_or_default();
         match tokio::time::timeout(
             self.settings.connect_timeout,
-            ServerConn::connect(&self.params, &password),
+            ServerConn::connect(params, &password),
         )
         .await
         {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Timeout),
+        }
+    }
+
+    /// The first connection of this process: opened under a name outside
+    /// every source's application_name pattern, it ends the predecessors'
+    /// backends, and takes the pool's name only once they are gone, so no
+    /// moment shows the source's backends under two owners.
+    async fn connect_and_fence(&self) -> Result<ServerConn, ConnectError> {
+        let mut params = self.params.clone();
+        params.application_name = fence::fencing_name(&self.params.application_name);
+        let mut conn = self.connect_with(&params).await?;
+        let named = match self.fence(&mut conn).await {
+            Ok(()) => {
+                let sql = format!(
+                    "SET application_name = {}",
+                    fence::literal(&self.params.application_name)
+                );
+                tokio::time::timeout(self.settings.connect_timeout, conn.query(&sql))
+                    .await
+                    .map_err(|_| ConnectError::Timeout)
+                    .and_then(|r| r.map_err(|e| ConnectError::Protocol(e.to_string())))
+            }
+            Err(e) => Err(e),
+        };
+        match named {
+            Ok(_) => Ok(conn),
+            Err(e) => {
+                tokio::spawn(conn.terminate());
+                Err(e)
+            }
         }
     }
 
@@ -317,15 +352,9 @@ impl managed::Manager for Manager {
             let guard = self.fence_lock.lock().await;
             (!self.fenced.load(Ordering::Acquire)).then_some(guard)
         };
-        let result = match self.connect().await {
-            Ok(mut conn) if fencer.is_some() => match self.fence(&mut conn).await {
-                Ok(()) => Ok(conn),
-                Err(e) => {
-                    tokio::spawn(conn.terminate());
-                    Err(e)
-                }
-            },
-            other => other,
+        let result = match fencer {
+            None => self.connect().await,
+            Some(_) => self.connect_and_fence().await,
         };
         drop(fencer);
         // The claim may have lapsed while connecting: open nothing then.

@@ -435,6 +435,16 @@ impl ServerConn {
                             message: pg::error_field(body, b'M').unwrap_or("").to_string(),
                         })
                     }
+                    b'S' => {
+                        // A setting changed (SET application_name): keep
+                        // what clients are told on open current.
+                        if let Some((name, value)) = parameter_status(body) {
+                            match self.params.iter_mut().find(|(k, _)| *k == name) {
+                                Some(p) => p.1 = value,
+                                None => self.params.push((name, value)),
+                            }
+                        }
+                    }
                     b'D' => rows.push(data_row(body).ok_or_else(|| {
                         QueryError::Io(std::io::Error::new(
                             std::io::ErrorKind::InvalidData,
@@ -538,6 +548,14 @@ pub async fn cancel(host: &str, port: u16, pid: i32, secret: i32) -> std::io::Re
     let mut sink = [0u8; 1];
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut sink)).await;
     Ok(())
+}
+
+/// Name and value of a ParameterStatus body (two C strings).
+fn parameter_status(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = body.split(|b| *b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name.to_owned(), value.to_owned()))
 }
 
 fn proto(e: std::io::Error) -> ConnectError {
