@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -241,6 +242,15 @@ func (r Report) FirstAnswerAfter(t time.Time) map[string]time.Duration {
 func (r Report) Summary() string {
 	silence, src := r.LongestSilence()
 	longest := r.Longest()
-	return fmt.Sprintf("%d queries, %d failed %v, longest query %s, longest stretch without an answer %s (%s)",
-		r.Queries(), len(r.Failed()), r.Codes(), longest.End.Sub(longest.Start).Round(time.Millisecond), silence.Round(time.Millisecond), src)
+	failed := fmt.Sprintf("%d failed", len(r.Failed()))
+	if codes := r.Codes(); len(codes) > 0 {
+		var parts []string
+		for code, n := range codes {
+			parts = append(parts, fmt.Sprintf("%s: %d", code, n))
+		}
+		sort.Strings(parts)
+		failed += " (" + strings.Join(parts, ", ") + ")"
+	}
+	return fmt.Sprintf("%d queries, %s, longest query %s, longest stretch without an answer %s (%s)",
+		r.Queries(), failed, longest.End.Sub(longest.Start).Round(time.Millisecond), silence.Round(time.Millisecond), src)
 }

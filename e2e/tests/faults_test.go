@@ -530,7 +530,7 @@ func TestFaults(t *testing.T) {
 			t.Errorf("Ready %s after the network healed (at most 5 s)", readyIn)
 		}
 		time.Sleep(2 * time.Second)
-		return fmt.Sprintf("status during: %q; Ready %s after healing", degraded, readyIn.Round(time.Millisecond))
+		return fmt.Sprintf("status during: %q; Ready %s after healing", strings.Replace(degraded, "|", ": ", 1), readyIn.Round(time.Millisecond))
 	}, func(t *testing.T, r fault.Report) {
 		for _, f := range r.Failed() {
 			if !strings.HasPrefix(f.Code, "08") && f.Code != "57014" {
