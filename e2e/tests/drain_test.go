@@ -83,7 +83,7 @@ func TestShardSIGTERMUnderLoad(t *testing.T) {
 	if err != nil {
 		t.Fatalf("shard log: %v", err)
 	}
-	if !regexp.MustCompile(`drained; exiting.*unfinished=0`).Match(logb) {
+	if !regexp.MustCompile(`drained; exiting.*ended=0`).Match(logb) {
 		t.Errorf("the shard did not report finishing every transaction before exiting (log %s)", logf)
 	}
 	if !strings.Contains(string(logb), "lease released") {

@@ -8,6 +8,9 @@ pub const HEADER: usize = 9;
 /// Largest payload accepted; a peer sending more is cut off.
 pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 
+/// The most [`Frame::decode`] reserves ahead of the bytes it has.
+const RESERVE_STEP: usize = 256 * 1024;
+
 /// What a frame means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -111,7 +114,9 @@ impl Frame {
             return Err(FrameError::TooLarge(len));
         }
         if buf.len() < HEADER + len {
-            buf.reserve(HEADER + len - buf.len());
+            // Room for what is likely to arrive next, not for what the
+            // header claims: a peer must send the bytes to make us hold them.
+            buf.reserve((HEADER + len - buf.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         let session = buf.get_u32();
@@ -161,5 +166,19 @@ mod tests {
             Frame::decode(&mut buf),
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn a_header_alone_does_not_reserve_its_claimed_length() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(1);
+        buf.put_u8(b'M');
+        buf.put_u32(u32::try_from(MAX_PAYLOAD).unwrap_or(u32::MAX));
+        assert_eq!(Frame::decode(&mut buf), Ok(None));
+        assert!(
+            buf.capacity() <= 2 * RESERVE_STEP,
+            "reserved {}",
+            buf.capacity()
+        );
     }
 }
