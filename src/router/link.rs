@@ -39,7 +39,7 @@ pub struct Link {
     out: Arc<Outbox>,
     /// session id -> its inbox.
     sessions: Mutex<HashMap<u32, mpsc::Sender<Frame>>>,
-    /// Next session id.
+    /// Next session id to try (see [`free_id`]; taken under `sessions`).
     next_id: AtomicU32,
     /// Set when the connection failed; a new one is made on next use.
     dead: AtomicBool,
@@ -179,9 +179,15 @@ impl Link {
     /// Opens a session on `source` (`namespace/name`); its frames arrive on
     /// the returned inbox, which closes if the link dies.
     pub async fn open(self: &Arc<Self>, source: &str) -> Option<(u32, mpsc::Receiver<Frame>)> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        self.sessions.lock().ok()?.insert(id, tx);
+        let id = {
+            let mut sessions = self.sessions.lock().ok()?;
+            let id = free_id(&self.next_id, sessions.len(), |id| {
+                sessions.contains_key(&id)
+            })?;
+            sessions.insert(id, tx);
+            id
+        };
         self.send(Frame::new(
             id,
             Kind::Open,
@@ -231,5 +237,34 @@ impl Links {
             m.insert(addr, link.clone());
         }
         Ok(link)
+    }
+}
+
+/// The next session id for a link with `in_use` open sessions: never 0
+/// (the link's own frames, such as pings), and never one an open session
+/// holds, also after the counter wraps. None only if every id is taken.
+fn free_id(next: &AtomicU32, in_use: usize, taken: impl Fn(u32) -> bool) -> Option<u32> {
+    (0..=in_use.saturating_add(1))
+        .map(|_| next.fetch_add(1, Ordering::Relaxed))
+        .find(|&id| id != 0 && !taken(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_skip_zero_and_ids_in_use_after_wrapping() {
+        let next = AtomicU32::new(u32::MAX);
+        let taken = [1u32, 2];
+        let free = |id: u32| taken.contains(&id);
+        assert_eq!(free_id(&next, taken.len(), free), Some(u32::MAX));
+        assert_eq!(free_id(&next, taken.len(), free), Some(3));
+    }
+
+    #[test]
+    fn no_id_when_every_candidate_is_taken() {
+        let next = AtomicU32::new(5);
+        assert_eq!(free_id(&next, 3, |_| true), None);
     }
 }
