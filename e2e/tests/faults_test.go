@@ -181,6 +181,18 @@ func sameBackends(t *testing.T, before, after map[string][]int) {
 	}
 }
 
+// untouched is the check of a fault the data path must not notice: no
+// failed query and no stretch over 1 s without an answer.
+func untouched(t *testing.T, r fault.Report) {
+	t.Helper()
+	if n := len(r.Failed()); n > 0 {
+		t.Errorf("%d queries failed", n)
+	}
+	if s, src := r.LongestSilence(); s > time.Second {
+		t.Errorf("%s went %s without an answer", src, s)
+	}
+}
+
 func onlyRetryable(t *testing.T, r fault.Report) {
 	t.Helper()
 	for code, n := range r.Codes() {
@@ -276,14 +288,7 @@ func TestFaults(t *testing.T) {
 			t.Fatal(err)
 		}
 		return fmt.Sprintf("same %d backends before and after; the cluster started a new pod again %s after the resume", count(before), (caught + 3*time.Second).Round(time.Second))
-	}, func(t *testing.T, r fault.Report) {
-		if n := len(r.Failed()); n > 0 {
-			t.Errorf("%d queries failed", n)
-		}
-		if s, src := r.LongestSilence(); s > time.Second {
-			t.Errorf("%s went %s without an answer", src, s)
-		}
-	})
+	}, untouched)
 
 	e.row(t, "kube-apiserver stopped 45 s, then started", steady, func(t *testing.T) string {
 		before := e.backends(t)
@@ -304,14 +309,7 @@ func TestFaults(t *testing.T) {
 			t.Fatal(err)
 		}
 		return fmt.Sprintf("same %d backends; apiserver ready %s after its start; the cluster started a new pod again %s after it", count(before), up.Round(time.Millisecond), (up + 3*time.Second + caught).Round(time.Second))
-	}, func(t *testing.T, r fault.Report) {
-		if n := len(r.Failed()); n > 0 {
-			t.Errorf("%d queries failed", n)
-		}
-		if s, src := r.LongestSilence(); s > time.Second {
-			t.Errorf("%s went %s without an answer", src, s)
-		}
-	})
+	}, untouched)
 
 	e.row(t, "one shard cut from the kube-apiserver 45 s", []string{"f0"}, func(t *testing.T) string {
 		pod, _ := e.holder(t, "f0")
