@@ -362,12 +362,38 @@ pub async fn apply_status(
     field_manager: &str,
     status: serde_json::Value,
 ) -> Result<(), kube::Error> {
+    apply_status_at(client, namespace, name, field_manager, status, None).await
+}
+
+/// [`apply_status`], applied only to the object's version `resource_version`
+/// when one is given: the API server answers 409 Conflict when the object
+/// changed since (see [`is_conflict`]). A writer whose decision rests on
+/// what it saw (a shard reporting a source as its own) passes the version
+/// it saw, so a write that was overtaken by a reassignment cannot land on
+/// the newer object.
+pub async fn apply_status_at(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    field_manager: &str,
+    status: serde_json::Value,
+    resource_version: Option<&str>,
+) -> Result<(), kube::Error> {
     let api: kube::Api<DataSource> = kube::Api::namespaced(client.clone(), namespace);
-    let patch = serde_json::json!({"apiVersion": "shardpool.dev/v1alpha1", "kind": "DataSource", "status": status});
+    let mut patch = serde_json::json!({"apiVersion": "shardpool.dev/v1alpha1", "kind": "DataSource", "status": status});
+    if let Some(rv) = resource_version {
+        patch["metadata"] = serde_json::json!({"name": name, "resourceVersion": rv});
+    }
     let pp = kube::api::PatchParams::apply(field_manager).force();
     api.patch_status(name, &pp, &kube::api::Patch::Apply(patch))
         .await?;
     Ok(())
+}
+
+/// Whether an API error is 409 Conflict: the object changed since the
+/// version a conditional write named.
+pub fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
 /// The CustomResourceDefinition as YAML, exactly as `crds/datasource.yaml`.

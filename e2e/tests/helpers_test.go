@@ -92,6 +92,29 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() (b
 	}
 }
 
+// shardLogLines returns the last max lines that mention key (a source's
+// namespace/name) across every shard pod's log, each prefixed with its pod.
+func shardLogLines(key string, max int) string {
+	files, _ := filepath.Glob(filepath.Join(stateDir(), "logs", systemNS+"_shardpool-shard-*.log"))
+	var lines []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		pod := strings.TrimSuffix(strings.TrimPrefix(filepath.Base(f), systemNS+"_"), ".log")
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, key) {
+				lines = append(lines, pod+": "+l)
+			}
+		}
+	}
+	if len(lines) > max {
+		lines = lines[len(lines)-max:]
+	}
+	return strings.Join(lines, "\n")
+}
+
 // kubectl runs kubectl with the test's KUBECONFIG and returns stdout, stderr.
 func kubectl(t *testing.T, stdin string, args ...string) (string, string, error) {
 	t.Helper()

@@ -49,18 +49,28 @@ func assignments(t *testing.T, ns string) map[string][3]string {
 }
 
 // settledAt waits until every source is Ready and served by its assigned shard.
+// On timeout it prints what the shards logged about the first source that
+// was not settled.
 func settledAt(t *testing.T, ns string, n int) map[string]string {
 	t.Helper()
 	var shards map[string]string
+	var unsettled string
+	t.Cleanup(func() {
+		if t.Failed() && unsettled != "" {
+			t.Logf("shard log lines about %s/%s:\n%s", ns, unsettled, shardLogLines(ns+"/"+unsettled, 40))
+		}
+	})
 	eventually(t, 120*time.Second, "every source Ready on its assigned shard", func() (bool, error) {
 		a := assignments(t, ns)
 		shards = map[string]string{}
 		for name, v := range a {
 			if v[1] != "Ready" || v[0] != v[2] {
-				return false, fmt.Errorf("%s: %v", name, v)
+				unsettled = name
+				return false, fmt.Errorf("%s: [shard phase servingShard] %v", name, v)
 			}
 			shards[name] = v[0]
 		}
+		unsettled = ""
 		return len(shards) == n, nil
 	})
 	return shards

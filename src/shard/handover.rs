@@ -130,7 +130,11 @@ pub fn step(
     }
 }
 
-/// Claims the source for `shard` before its pool opens.
+/// Claims the source for `shard` before its pool opens, on exactly the
+/// version of the DataSource the decision was made on: when the object
+/// changed since (a release or a reassignment the watch has not delivered
+/// yet), the API server answers 409 and nothing is written; the next sync
+/// decides again from the newer object.
 pub async fn claim(
     client: &Client,
     ds: &DataSource,
@@ -138,12 +142,13 @@ pub async fn claim(
     pod: &str,
 ) -> Result<(), kube::Error> {
     let status = json!({"servingShard": shard, "servedBy": pod, "phase": "Connecting"});
-    crate::crd::apply_status(
+    crate::crd::apply_status_at(
         client,
         &ds.namespace().unwrap_or_default(),
         &ds.name_any(),
         FIELD_MANAGER,
         status,
+        ds.metadata.resource_version.as_deref(),
     )
     .await
 }

@@ -199,19 +199,26 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
     }
     // Claim and build concurrently (API round trips dominate at scale);
     // connection attempts are bounded separately by `connect_limit`.
-    let results: Vec<(String, i64, Result<Source, String>)> = futures::stream::iter(to_open)
+    let results: Vec<(String, i64, Result<Option<Source>, String>)> = futures::stream::iter(to_open)
         .map(|(k, ds, step)| async move {
             let generation = ds.metadata.generation.unwrap_or(0);
             if step == Step::ClaimAndOpen {
-                if let Err(e) = handover::claim(cx.client, &ds, shard, cx.pod).await {
-                    return (k, generation, Err(format!("cannot claim the source: {e}")));
+                match handover::claim(cx.client, &ds, shard, cx.pod).await {
+                    Ok(()) => {}
+                    Err(e) if crate::crd::is_conflict(&e) => {
+                        tracing::debug!(source = %k, "not claimed: the DataSource changed since it was read; deciding again");
+                        return (k, generation, Ok(None));
+                    }
+                    Err(e) => {
+                        return (k, generation, Err(format!("cannot claim the source: {e}")));
+                    }
                 }
                 cx.metrics
                     .handovers
                     .get_or_create(&Direction { direction: "in" })
                     .inc();
             }
-            let r = build(cx, &ds).await;
+            let r = build(cx, &ds).await.map(Some);
             (k, generation, r)
         })
         .buffer_unordered(16)
@@ -219,7 +226,8 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
         .await;
     for (k, generation, r) in results {
         match r {
-            Ok(source) => {
+            Ok(None) => {}
+            Ok(Some(source)) => {
                 if let Ok(mut f) = failures.lock() {
                     f.remove(&k);
                 }

@@ -1,6 +1,8 @@
 //! Writes each served source's phase, connection counts and last error to
 //! its DataSource status with server-side apply (field manager
-//! `shardpool-shard`), only when they changed, at most once per pass.
+//! `shardpool-shard`), only when they changed, at most once per pass, and
+//! each only onto the version of the DataSource that showed the source
+//! assigned to this shard (a conditional apply; 409 means "decide again").
 
 use std::collections::HashMap;
 
@@ -108,6 +110,13 @@ pub async fn write(
         .map(|(ds, key, obs)| async move {
             match apply(client, &ds, shard, pod, &obs).await {
                 Ok(()) => Some((key, obs)),
+                Err(e) if crate::crd::is_conflict(&e) => {
+                    // Changed since this pass read it (perhaps reassigned and
+                    // already claimed by another shard): decided again on
+                    // the next pass, from the newer object.
+                    tracing::debug!(source = %key, "status not written: the DataSource changed since it was read");
+                    None
+                }
                 Err(e) => {
                     tracing::warn!(source = %key, error = %e, "status write failed");
                     None
@@ -170,12 +179,16 @@ async fn apply(
                 "lastTransitionTime": since,
             }],
     });
-    crate::crd::apply_status(
+    // Only onto the version this pass saw assigned to this shard: a write
+    // still in flight when the source was reassigned, released and claimed
+    // by its next shard must not name this shard as serving it again.
+    crate::crd::apply_status_at(
         client,
         &ds.namespace().unwrap_or_default(),
         &ds.name_any(),
         FIELD_MANAGER,
         status,
+        ds.metadata.resource_version.as_deref(),
     )
     .await?;
     Ok(())

@@ -22,7 +22,8 @@ fn source(shard: Option<i32>, serving: Option<i32>, paused: bool, generation: i6
     serde_json::from_value(json!({
         "apiVersion": "shardpool.dev/v1alpha1",
         "kind": "DataSource",
-        "metadata": {"name": "acme", "namespace": "tenants", "generation": generation},
+        "metadata": {"name": "acme", "namespace": "tenants", "generation": generation,
+                     "resourceVersion": "41"},
         "spec": {"host": "db", "database": "acme", "user": "bi", "paused": paused,
                  "passwordSecretRef": {"name": "pw", "key": "password"}},
         "status": status,
@@ -168,6 +169,23 @@ async fn a_claim_applies_serving_shard_under_the_shard_field_manager() {
     assert_eq!(c.body["status"]["servingShard"], json!(1));
     assert_eq!(c.body["status"]["servedBy"], json!("shard-1-pod"));
     assert_eq!(c.body["status"]["phase"], json!("Connecting"));
+    // Conditional on the version the decision was made on.
+    assert_eq!(c.body["metadata"]["resourceVersion"], json!("41"));
+}
+
+#[tokio::test]
+async fn a_claim_on_an_object_that_changed_since_is_a_conflict_not_a_failure() {
+    let (client, _) = fake(409);
+    let ds = source(Some(1), None, false, 1);
+    let e = claim(&client, &ds, 1, "shard-1-pod")
+        .await
+        .expect_err("409 is an error");
+    assert!(crate::crd::is_conflict(&e), "{e}");
+    let (client, _) = fake(500);
+    let e = claim(&client, &ds, 1, "shard-1-pod")
+        .await
+        .expect_err("500 is an error");
+    assert!(!crate::crd::is_conflict(&e), "{e}");
 }
 
 #[tokio::test]
