@@ -68,6 +68,9 @@ export PGHOST="$WAREHOUSE_PGHOST" PGPORT="$WAREHOUSE_PGPORT" PGUSER="$WAREHOUSE_
 PW="$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 20)"
 psql -q -d postgres -v ON_ERROR_STOP=1 -c "CREATE ROLE bench_many LOGIN PASSWORD '$PW'" -c "CREATE DATABASE bench_many OWNER bench_many"
 kc create namespace "$NS" >/dev/null
+# Onboard the namespace: shards may read Secrets only where this is bound.
+kc -n "$NS" create rolebinding shardpool-shard-secrets --clusterrole=shardpool-shard-secrets \
+  --serviceaccount="$SYS:shardpool-shard" >/dev/null
 kc -n "$NS" create secret generic warehouse --from-literal=password="$PW" >/dev/null
 last=$((N - 1)); W=${#last}
 MANIFEST="$BENCH/.work/sources.yaml"

@@ -60,6 +60,26 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    stoppable(api, cfg, changed).0
+}
+
+/// [`store`], with a handle that stops the watch (for caches that live only
+/// while something needs them, such as one namespace's Secrets).
+pub fn stoppable<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    changed: Option<Arc<Changed>>,
+) -> (reflector::Store<K>, tokio::task::AbortHandle)
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (store, writer) = reflector::store();
     let slim = watcher(api, cfg).modify(|o| {
         let meta = o.meta_mut();
@@ -68,7 +88,7 @@ where
             a.remove("kubectl.kubernetes.io/last-applied-configuration");
         }
     });
-    tokio::spawn(reflector::reflector(writer, slim).default_backoff().touched_objects().for_each(
+    let task = tokio::spawn(reflector::reflector(writer, slim).default_backoff().touched_objects().for_each(
         move |r| {
             if let Err(e) = r {
                 tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch error");
@@ -79,5 +99,5 @@ where
             futures::future::ready(())
         },
     ));
-    store
+    (store, task.abort_handle())
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -71,7 +72,23 @@ func tempNamespace(t *testing.T, c kubernetes.Interface, prefix string) string {
 	t.Cleanup(func() {
 		_ = c.CoreV1().Namespaces().Delete(context.Background(), ns.Name, metav1.DeleteOptions{})
 	})
+	grantTenantNamespace(t, c, ns.Name)
 	return ns.Name
+}
+
+// grantTenantNamespace does what the platform team does to onboard a tenant
+// namespace without a helm upgrade: it binds the shards' secrets
+// ClusterRole there, so shards may read the DataSources' Secrets in it.
+func grantTenantNamespace(t *testing.T, c kubernetes.Interface, ns string) {
+	t.Helper()
+	_, err := c.RbacV1().RoleBindings(ns).Create(context.Background(), &rbacv1.RoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "shardpool-shard-secrets"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "shardpool-shard-secrets"},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: "shardpool-shard", Namespace: systemNS}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("bind the shards' secrets role in %s: %v", ns, err)
+	}
 }
 
 // eventually polls cond every interval until it returns true or timeout.

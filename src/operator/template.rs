@@ -67,6 +67,10 @@ pub struct ShardTemplate {
     /// How fast an unresponsive (frozen, wedged) shard process is restarted.
     #[serde(default)]
     pub liveness: Option<Liveness>,
+    /// Shards may read Secrets in every namespace (the chart granted it):
+    /// they watch Secret metadata with one cluster-wide watch.
+    #[serde(default)]
+    pub secrets_cluster_wide: bool,
 }
 
 /// The shard container's liveness probe. A shard that stops answering holds
@@ -246,6 +250,10 @@ pub fn deployment(
             .chain(
                 t.worker_threads
                     .map(|n| env("SHARDPOOL_WORKER_THREADS", n.to_string())),
+            )
+            .chain(
+                t.secrets_cluster_wide
+                    .then(|| env("SHARDPOOL_SECRETS_CLUSTER_WIDE", "true")),
             )
             .chain(owner.into_iter().flat_map(|o| {
                 // The shard's Lease gets the same owner as its Deployment.
@@ -443,5 +451,23 @@ mod tests {
         let h = t.hash();
         t.worker_threads = Some(1);
         assert_ne!(h, t.hash(), "a change rolls the shards");
+    }
+
+    #[test]
+    fn the_cluster_wide_secrets_opt_in_reaches_the_shard_process_only_when_set() {
+        let env_of = |t: &ShardTemplate| {
+            let d = deployment(t, "sp", "ns", 0, None);
+            d.spec
+                .and_then(|s| s.template.spec)
+                .and_then(|p| p.containers[0].env.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .find(|e| e.name == "SHARDPOOL_SECRETS_CLUSTER_WIDE")
+                .and_then(|e| e.value)
+        };
+        let mut t = template();
+        assert_eq!(env_of(&t), None, "off by default: per-namespace watches");
+        t.secrets_cluster_wide = true;
+        assert_eq!(env_of(&t).as_deref(), Some("true"));
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pool;
 pub mod prepared;
 pub mod registry;
+pub mod secrets;
 pub mod serve;
 pub mod server;
 pub mod session;
@@ -79,6 +80,11 @@ pub struct ShardConfig {
     /// UID of that Deployment.
     #[arg(long, env = "SHARDPOOL_OWNER_UID")]
     pub owner_uid: Option<String>,
+    /// Watch Secret metadata in every namespace with one watch (the chart's
+    /// `shard.secretsClusterWide` opt-in, which grants cluster-wide Secret
+    /// read); otherwise one watch per namespace the shard serves.
+    #[arg(long, env = "SHARDPOOL_SECRETS_CLUSTER_WIDE", default_value_t = false)]
+    pub secrets_cluster_wide: bool,
 }
 
 impl ShardConfig {
@@ -185,17 +191,11 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     );
     // Secret metadata only (no values in memory): a changed resourceVersion
     // of a referenced Secret triggers one read of that Secret.
-    let secret_store = crate::watch::store(
-        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(
-            clients.watches.clone(),
-        ),
-        watcher::Config::default(),
-        None,
-    );
+    let secrets = secrets::SecretWatch::new(clients.watches.clone(), cfg.secrets_cluster_wide);
     let _ = tokio::join!(
         store.wait_until_ready(),
         lease_store.wait_until_ready(),
-        secret_store.wait_until_ready()
+        secrets.ready()
     );
     let recorder = Recorder::new(
         client.clone(),
@@ -226,7 +226,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     tokio::spawn(report(
         client.clone(),
         store.clone(),
-        secret_store,
+        secrets,
         cfg.index,
         cfg.pod_name.clone(),
         registry.clone(),
@@ -331,7 +331,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
 async fn report(
     client: Client,
     store: Store<DataSource>,
-    secrets: Store<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>,
+    secrets: secrets::SecretWatch,
     shard: u32,
     pod: String,
     registry: Arc<registry::Registry>,

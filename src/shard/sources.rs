@@ -13,7 +13,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -25,6 +24,7 @@ use super::handover::{self, Step};
 use super::metrics::{Direction, ShardMetrics};
 use super::pool::{self, Manager, PoolSettings};
 use super::registry::{Registry, Source};
+use super::secrets::SecretWatch;
 use super::server::ConnectParams;
 use super::status::BuildFailures;
 use super::tls::TlsSettings;
@@ -76,10 +76,12 @@ pub async fn read_secret(
     key: &str,
 ) -> Result<(String, String), String> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret = api
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("reading secret {ns}/{name}: {e}"))?;
+    let secret = api.get_opt(name).await.map_err(|e| match e {
+        kube::Error::Api(s) if s.code == 403 => format!(
+            "the shard may not read secret {ns}/{name}: namespace {ns} is not one of the chart's shard.tenantNamespaces (add it, or bind the shard's secrets ClusterRole there)"
+        ),
+        e => format!("reading secret {ns}/{name}: {e}"),
+    })?;
     let secret = secret.ok_or_else(|| format!("secret {ns}/{name} not found"))?;
     let value = secret
         .data
@@ -97,14 +99,11 @@ pub async fn read_secret(
 /// Picks up rotated passwords: for each served source whose Secret changed
 /// (by resourceVersion, from the metadata watch), the new password is used
 /// for connections opened from now on; open ones carry on.
-pub async fn refresh_passwords(
-    client: &Client,
-    secrets: &Store<PartialObjectMeta<Secret>>,
-    registry: &Registry,
-) {
-    for s in registry.all() {
+pub async fn refresh_passwords(client: &Client, secrets: &SecretWatch, registry: &Registry) {
+    let sources = registry.all();
+    for s in &sources {
         let (ns, name, key) = &s.secret;
-        let Some(meta) = secrets.get(&ObjectRef::new(name).within(ns)) else {
+        let Some(meta) = secrets.get(ns, name) else {
             continue;
         };
         let rv = meta.metadata.resource_version.clone().unwrap_or_default();
@@ -127,6 +126,8 @@ pub async fn refresh_passwords(
             Err(e) => tracing::warn!(source = %s.key, error = %e, "cannot read the rotated secret"),
         }
     }
+    let needed: HashSet<&str> = sources.iter().map(|s| s.secret.0.as_str()).collect();
+    secrets.retain(&needed);
 }
 
 /// What [`sync`] needs besides the registry.
