@@ -71,6 +71,7 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!self.allowLegacyPasswordAuth || self.tls.mode != 'disable'").message("allowLegacyPasswordAuth needs TLS (tls.mode must not be disable): the password would cross the network in the clear").field_path(".allowLegacyPasswordAuth"))]
 pub struct DataSourceSpec {
     /// Host name or IP address of the warehouse.
     #[schemars(length(min = 1, max = 253), regex(pattern = HOST_PATTERN))]
@@ -119,6 +120,16 @@ pub struct DataSourceSpec {
     /// may then keep its connections beside its successor's).
     #[serde(default)]
     pub fencing: Fencing,
+
+    /// Whether a shard answers a warehouse that asks for the password in
+    /// cleartext or as an MD5 hash (older servers, some managed services).
+    /// False: only SCRAM-SHA-256 is used, and a connection whose server asks
+    /// for anything weaker fails with nothing sent (a man in the middle
+    /// cannot downgrade the exchange to capture the password). True: such
+    /// requests are answered on TLS connections only; not allowed with
+    /// tls.mode disable.
+    #[serde(default)]
+    pub allow_legacy_password_auth: bool,
 }
 
 /// Fencing by the database before a shard opens a source.

@@ -52,6 +52,7 @@ fn owner(
         application_name: id.application_name,
         statement_timeout: None,
         tls: Default::default(),
+        legacy_password_auth: false,
     };
     let m = Manager::new(
         params,

@@ -23,6 +23,7 @@ fn params(pg: &TestPg, app: &str) -> ConnectParams {
         application_name: app.into(),
         statement_timeout: Some("2s".into()),
         tls: Default::default(),
+        legacy_password_auth: false,
     }
 }
 

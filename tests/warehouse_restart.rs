@@ -25,6 +25,7 @@ fn pool(pg: &TestPg, max_size: usize) -> Pool {
         application_name: "shardpool/tenants/restart/0/aaaaaa".into(),
         statement_timeout: None,
         tls: Default::default(),
+        legacy_password_auth: false,
     };
     let settings = PoolSettings {
         min_idle: 2,

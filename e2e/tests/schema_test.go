@@ -76,6 +76,8 @@ func TestDataSourceSchemaRejectsBadResources(t *testing.T) {
 		{"duration-days", withPool("{" + okPool + ", maxLifetime: 1d}"), []string{"spec.pool.maxLifetime", "should match"}},
 		{"unknown-tls-mode", withField("tls", "tls: {mode: verify-ca}"), []string{"spec.tls.mode", "Unsupported value", "verify-full"}},
 		{"verify-full-without-ca", withField("tls", "tls: {mode: verify-full}"), []string{"spec.tls.caSecretRef", "verify-full needs caSecretRef"}},
+		{"legacy-auth-without-tls", withField("tls", "tls: {mode: disable}") + "  allowLegacyPasswordAuth: true\n", []string{"spec.allowLegacyPasswordAuth", "needs TLS"}},
+		{"legacy-auth-not-bool", goodSpec + "  allowLegacyPasswordAuth: sometimes\n", []string{"spec.allowLegacyPasswordAuth", "boolean"}},
 		{"empty-secret-key", withField("passwordSecretRef", "passwordSecretRef: {name: sales-db, key: \"\"}"), []string{"spec.passwordSecretRef.key", "at least 1"}},
 		{"secret-name-uppercase", withField("passwordSecretRef", "passwordSecretRef: {name: Sales_DB, key: password}"), []string{"spec.passwordSecretRef.name", "should match"}},
 		{"missing-password-secret-ref", withField("passwordSecretRef", ""), []string{"spec.passwordSecretRef", "Required"}},
@@ -119,6 +121,7 @@ func TestDataSourceSchemaAcceptsGoodResources(t *testing.T) {
 		"verify-full": "  host: db.internal\n  database: x\n  user: reporter\n  passwordSecretRef: {name: s, key: k}\n" +
 			"  tls: {mode: verify-full, caSecretRef: {name: ca, key: ca.crt}}\n  pool: {minIdle: 0, maxSize: 1000}\n  paused: true\n",
 		"database-63-bytes": withField("database", "database: "+strings.Repeat("é", 31)+"x"),
+		"legacy-auth-tls":   withField("tls", "tls: {mode: require}") + "  allowLegacyPasswordAuth: true\n",
 	}
 	for name, spec := range good {
 		if _, stderr, err := kubectl(t, dataSource(ns, name, spec), "apply", "-f", "-"); err != nil {

@@ -1,7 +1,16 @@
 //! One server connection to a warehouse, spoken to in raw PostgreSQL
 //! protocol so that client messages pass through unchanged. Connecting does
-//! the startup and authentication (cleartext, MD5 or SCRAM-SHA-256 through
-//! postgres-protocol) and records the server's parameters and cancel key.
+//! the startup and authentication and records the server's parameters and
+//! cancel key.
+//!
+//! Authentication is SCRAM-SHA-256 (postgres-protocol), with channel
+//! binding (SCRAM-SHA-256-PLUS, `tls-server-end-point`) whenever the
+//! connection is TLS and the server offers it, so that a man in the middle
+//! that terminates TLS cannot relay the exchange. A server that asks for
+//! the password in cleartext or as an MD5 hash gets nothing unless the
+//! source allows it (`spec.allowLegacyPasswordAuth`) and the connection is
+//! encrypted: a downgrade by a man in the middle is refused before a byte
+//! of the password leaves.
 
 use std::time::Instant;
 
@@ -32,6 +41,24 @@ pub struct ConnectParams {
     pub statement_timeout: Option<String>,
     /// TLS mode and configuration.
     pub tls: TlsSettings,
+    /// Answer a cleartext or MD5 password request (on TLS connections
+    /// only); refused otherwise.
+    pub legacy_password_auth: bool,
+}
+
+/// How a connection authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// The server asked for nothing (trust).
+    None,
+    /// The password in cleartext (allowed by the source, over TLS).
+    Cleartext,
+    /// An MD5 hash of the password (allowed by the source, over TLS).
+    Md5,
+    /// SCRAM-SHA-256 without channel binding.
+    Scram,
+    /// SCRAM-SHA-256-PLUS: bound to the TLS connection.
+    ScramPlus,
 }
 
 /// Why a connection could not be opened. Messages never hold the password.
@@ -79,6 +106,10 @@ pub enum ConnectError {
     /// Earlier owners' connections could not be ended first.
     #[error("fencing: {0}")]
     Fence(super::fence::FenceError),
+    /// The server asked for the password in a form this source does not
+    /// allow; nothing was sent.
+    #[error("{0}")]
+    InsecureAuth(String),
 }
 
 impl ConnectError {
@@ -95,6 +126,7 @@ impl ConnectError {
             ConnectError::Unsupported(_) | ConnectError::Fence(_) => "08004",
             ConnectError::Protocol(_) => "08P01",
             ConnectError::NoLease | ConnectError::Closed => "57P01",
+            ConnectError::InsecureAuth(_) => "28000",
         }
     }
 }
@@ -137,6 +169,8 @@ pub struct ServerConn {
     pub broken: bool,
     /// Server-side names of the statements prepared on it.
     pub prepared: std::collections::HashSet<bytes::Bytes>,
+    /// How it authenticated.
+    pub auth: AuthMethod,
 }
 
 impl ServerConn {
@@ -175,6 +209,7 @@ impl ServerConn {
             created: Instant::now(),
             broken: false,
             prepared: Default::default(),
+            auth: AuthMethod::None,
         };
         let mut out = BytesMut::new();
         let mut startup: Vec<(&str, &str)> = vec![
@@ -190,7 +225,7 @@ impl ServerConn {
         }
         frontend::startup_message(startup, &mut out).map_err(io)?;
         conn.stream.write_all(&out).await.map_err(io)?;
-        conn.authenticate(&p.user, password)
+        conn.authenticate(&p.user, password, p.legacy_password_auth)
             .await
             .map_err(|e| match e {
                 ConnectError::Io { source, .. } => io(source),
@@ -232,40 +267,90 @@ impl ServerConn {
             })
     }
 
-    async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), ConnectError> {
+    /// Refuses a cleartext or MD5 request unless the source allows it and
+    /// the connection is encrypted.
+    fn legacy_allowed(&self, what: &str, allowed: bool) -> Result<(), ConnectError> {
+        if !allowed {
+            return Err(ConnectError::InsecureAuth(format!(
+                "the warehouse asked for the password {what}; refused, nothing was sent (only SCRAM-SHA-256 is used unless spec.allowLegacyPasswordAuth is true)"
+            )));
+        }
+        if !self.is_tls() {
+            return Err(ConnectError::InsecureAuth(format!(
+                "the warehouse asked for the password {what} on a connection without TLS; refused, nothing was sent (spec.allowLegacyPasswordAuth needs TLS: set tls.mode to require or verify-full)"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: &str,
+        legacy: bool,
+    ) -> Result<(), ConnectError> {
         let mut scram: Option<sasl::ScramSha256> = None;
         loop {
             let mut out = BytesMut::new();
             match self.read_backend().await? {
                 backend::Message::AuthenticationOk => {}
                 backend::Message::AuthenticationCleartextPassword => {
+                    self.legacy_allowed("in cleartext", legacy)?;
                     frontend::password_message(password.as_bytes(), &mut out).map_err(proto)?;
                     self.send(&out).await?;
+                    self.auth = AuthMethod::Cleartext;
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
+                    self.legacy_allowed("as an MD5 hash", legacy)?;
                     let hash = md5_hash(user.as_bytes(), password.as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut out).map_err(proto)?;
                     self.send(&out).await?;
+                    self.auth = AuthMethod::Md5;
                 }
                 backend::Message::AuthenticationSasl(body) => {
                     let mut mechs = body.mechanisms();
-                    let mut has_scram = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = fallible_next(&mut mechs)? {
-                        has_scram |= m == sasl::SCRAM_SHA_256;
+                        plain |= m == sasl::SCRAM_SHA_256;
+                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
-                    if !has_scram {
-                        return Err(ConnectError::Unsupported(
-                            "server offers no SCRAM-SHA-256".into(),
-                        ));
-                    }
-                    let s = sasl::ScramSha256::new(
-                        password.as_bytes(),
-                        sasl::ChannelBinding::unsupported(),
-                    );
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)
+                    // Bind to the TLS connection whenever the server offers
+                    // it. On TLS without an offer, say "I could bind" ('y'):
+                    // a server that did offer it (and a man in the middle
+                    // removed the offer) then fails the exchange.
+                    let end_point = if plus {
+                        tls::server_end_point(&self.stream)
+                    } else {
+                        None
+                    };
+                    let (mechanism, binding, method) = match end_point {
+                        Some(hash) => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            sasl::ChannelBinding::tls_server_end_point(hash),
+                            AuthMethod::ScramPlus,
+                        ),
+                        None if !plain => {
+                            return Err(ConnectError::Unsupported(
+                                "server offers no SCRAM-SHA-256 this client can use".into(),
+                            ));
+                        }
+                        None if self.is_tls() && !plus => (
+                            sasl::SCRAM_SHA_256,
+                            sasl::ChannelBinding::unrequested(),
+                            AuthMethod::Scram,
+                        ),
+                        None => (
+                            sasl::SCRAM_SHA_256,
+                            sasl::ChannelBinding::unsupported(),
+                            AuthMethod::Scram,
+                        ),
+                    };
+                    let s = sasl::ScramSha256::new(password.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut out)
                         .map_err(proto)?;
                     self.send(&out).await?;
                     scram = Some(s);
+                    self.auth = method;
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
                     let mut s = scram

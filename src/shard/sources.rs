@@ -54,6 +54,7 @@ pub fn settings(
         application_name: fence::identity(&ns, &ds.name_any(), shard, token).application_name,
         statement_timeout: p.statement_timeout.clone(),
         tls,
+        legacy_password_auth: ds.spec.allow_legacy_password_auth,
     };
     let settings = PoolSettings {
         min_idle: usize::try_from(p.min_idle).unwrap_or(0),

@@ -186,6 +186,40 @@ pub async fn negotiate(
     Ok(MaybeTls::Tls(Box::new(tls)))
 }
 
+/// The `tls-server-end-point` channel binding data (RFC 5929, section
+/// 4.1) of a TLS connection, for SCRAM-SHA-256-PLUS: a hash of the
+/// server's certificate, made with the hash function of the certificate's
+/// signature algorithm (SHA-256 when that is MD5 or SHA-1). None on plain
+/// TCP, and for signature algorithms with no single hash function (Ed25519,
+/// RSASSA-PSS).
+pub fn server_end_point(s: &ServerStream) -> Option<Vec<u8>> {
+    let MaybeTls::Tls(tls) = s else {
+        return None;
+    };
+    let cert = tls.get_ref().1.peer_certificates()?.first()?;
+    end_point_hash(cert.as_ref())
+}
+
+/// [`server_end_point`] of a DER certificate.
+pub fn end_point_hash(der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    match cert.signature_algorithm.oid.to_string().as_str() {
+        // md5, sha1, sha256 WithRSAEncryption; ecdsa-with-SHA1, -SHA256.
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10045.4.3.2" => Some(sha2::Sha256::digest(der).to_vec()),
+        // sha384WithRSAEncryption, ecdsa-with-SHA384.
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Some(sha2::Sha384::digest(der).to_vec()),
+        // sha512WithRSAEncryption, ecdsa-with-SHA512.
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Some(sha2::Sha512::digest(der).to_vec()),
+        _ => None,
+    }
+}
+
 /// `prefer` and `require`: encryption without authentication of the
 /// server, as libpq does. Handshake signatures are still checked.
 #[derive(Debug)]

@@ -291,6 +291,16 @@ impl TestPg {
         self.wait_ready();
     }
 
+    /// Puts `line` first in pg_hba.conf and reloads the configuration.
+    pub fn hba_first(&self, line: &str) {
+        let path = self.dir.join("data").join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).expect("read pg_hba.conf");
+        std::fs::write(&path, format!("{line}\n{old}")).expect("write pg_hba.conf");
+        assert_eq!(self.psql("postgres", "SELECT pg_reload_conf()"), "t");
+        // The postmaster rereads the file on SIGHUP, asynchronously.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     /// Runs SQL as the superuser through psql; returns trimmed output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new("psql")
