@@ -30,6 +30,12 @@ pub enum Kind {
     Ping,
     /// Shard (session 0): the answer to a Ping.
     Pong,
+    /// Either way (protocol version 3): the receiver holds more than its
+    /// bound of this session's frames; stop sending the session's frames
+    /// (stop reading its client, or its server connection) until `Resume`.
+    Pause,
+    /// Either way (protocol version 3): send the session's frames again.
+    Resume,
 }
 
 impl Kind {
@@ -43,6 +49,8 @@ impl Kind {
             Kind::Closed => b'c',
             Kind::Ping => b'P',
             Kind::Pong => b'p',
+            Kind::Pause => b'H',
+            Kind::Resume => b'R',
         }
     }
 
@@ -56,6 +64,8 @@ impl Kind {
             b'c' => Kind::Closed,
             b'P' => Kind::Ping,
             b'p' => Kind::Pong,
+            b'H' => Kind::Pause,
+            b'R' => Kind::Resume,
             _ => return None,
         })
     }

@@ -22,7 +22,14 @@
 //! [`liveness::PING_EVERY`], the shard answers `Pong`; either side that
 //! hears nothing from the other for its silence limit closes the connection
 //! (see [`liveness`]).
+//!
+//! Version 3 adds per-session flow control: a side that holds more than
+//! [`flow::HIGH_WATER`] bytes of one session's frames sends `Pause` for
+//! that session, and `Resume` once it is below [`flow::LOW_WATER`]; the
+//! other side stops producing that session's frames meanwhile. Readers
+//! never wait for one session, so a slow client holds back only itself.
 
+pub mod flow;
 pub mod frame;
 pub mod liveness;
 pub mod outbox;
@@ -32,6 +39,9 @@ pub mod stream;
 /// First bytes of every router-to-shard connection, in both directions:
 /// version 2 (with liveness pings).
 pub const HELLO: &[u8; 8] = b"SHPOOL02";
+
+/// Version 3 of the greeting: version 2 with per-session flow control.
+pub const HELLO_V3: &[u8; 8] = b"SHPOOL03";
 
 /// Version 1 of the greeting (no pings), still accepted by shards and
 /// spoken by routers to shards that do not know version 2.

@@ -78,6 +78,33 @@ impl Outbox {
         }
     }
 
+    /// Queues a control frame (a pong, a pause or a resume) without waiting
+    /// for room. Readers use it: a reader that waited for its own
+    /// connection's outbox could deadlock with the peer's reader doing the
+    /// same. Control frames are few and small, so this stays bounded.
+    pub fn push(&self, f: Frame) -> Result<(), Closed> {
+        let mut buf = self.pending.lock().map_err(|_| Closed)?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Closed);
+        }
+        let was_empty = buf.is_empty();
+        f.encode(&mut buf);
+        drop(buf);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves what is queued into `into` (tests of code that queues frames).
+    #[cfg(test)]
+    pub(crate) fn take_pending(&self, into: &mut BytesMut) {
+        if let Ok(mut b) = self.pending.lock() {
+            into.extend_from_slice(&b);
+            b.clear();
+        }
+    }
+
     /// Refuses further frames; what is queued is still written.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);

@@ -21,15 +21,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
+use crate::proto::flow::{self, Inbox, Intake};
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
-use crate::proto::{HELLO, HELLO_V1};
-
-/// Frames queued towards one session.
-const SESSION_QUEUE: usize = 256;
+use crate::proto::{HELLO, HELLO_V1, HELLO_V3};
 
 /// One connection to one shard pod.
 pub struct Link {
@@ -37,8 +35,10 @@ pub struct Link {
     pub addr: SocketAddr,
     /// Frames to write (shared buffer and its flusher task).
     out: Arc<Outbox>,
-    /// session id -> its inbox.
-    sessions: Mutex<HashMap<u32, mpsc::Sender<Frame>>>,
+    /// session id -> its intake (see [`flow`]).
+    sessions: Mutex<HashMap<u32, Intake>>,
+    /// Whether the shard speaks protocol version 3 (per-session flow control).
+    flow: bool,
     /// Next session id to try (see [`free_id`]; taken under `sessions`).
     next_id: AtomicU32,
     /// Set when the connection failed; a new one is made on next use.
@@ -82,21 +82,28 @@ async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
 }
 
 impl Link {
-    /// Connects and greets a shard (version 2, with liveness pings; version
-    /// 1 for shards of older releases).
+    /// Connects and greets a shard: version 3 (liveness pings, per-session
+    /// flow control), else 2 (pings), else 1, for shards of older releases.
     async fn connect(addr: SocketAddr) -> std::io::Result<Arc<Link>> {
-        let mut stream = dial(addr).await?;
-        let mut pings = true;
-        if !greet(&mut stream, HELLO).await? {
-            stream = dial(addr).await?;
-            if !greet(&mut stream, HELLO_V1).await? {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "peer is not a shardpool shard",
-                ));
+        let mut version = 0;
+        let mut stream = None;
+        for (v, hello) in [(3, HELLO_V3), (2, HELLO), (1, HELLO_V1)] {
+            let mut s = dial(addr).await?;
+            if greet(&mut s, hello).await? {
+                version = v;
+                stream = Some(s);
+                break;
             }
-            pings = false;
-            tracing::info!(shard = %addr, "shard speaks protocol version 1: no liveness checks on this link");
+        }
+        let Some(stream) = stream else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "peer is not a shardpool shard",
+            ));
+        };
+        let (pings, flow) = (version >= 2, version >= 3);
+        if version < 3 {
+            tracing::info!(shard = %addr, version, "shard speaks an older link protocol: no per-session flow control{}", if pings { "" } else { ", no liveness checks" });
         }
         let socket = socket2::SockRef::from(&stream).try_clone()?;
         let watch_socket = socket.try_clone()?;
@@ -106,6 +113,7 @@ impl Link {
             addr,
             out: out.clone(),
             sessions: Mutex::default(),
+            flow,
             next_id: AtomicU32::new(1),
             dead: AtomicBool::new(false),
             socket,
@@ -138,14 +146,24 @@ impl Link {
                 loop {
                     match Frame::decode(&mut buf) {
                         Ok(Some(f)) if f.kind == Kind::Pong => {}
+                        Ok(Some(f)) if matches!(f.kind, Kind::Pause | Kind::Resume) => {
+                            if let Ok(s) = reader_link.sessions.lock() {
+                                if let Some(intake) = s.get(&f.session) {
+                                    intake.hold(f.kind == Kind::Pause);
+                                }
+                            }
+                        }
                         Ok(Some(f)) => {
-                            let inbox = reader_link
+                            // Never waits on a version 3 link (a session
+                            // that falls behind is paused), so one slow
+                            // client holds back no other session here.
+                            let intake = reader_link
                                 .sessions
                                 .lock()
                                 .ok()
                                 .and_then(|s| s.get(&f.session).cloned());
-                            if let Some(inbox) = inbox {
-                                let _ = inbox.send(f).await;
+                            if let Some(intake) = intake {
+                                let _ = intake.deliver(f).await;
                             }
                         }
                         Ok(None) => break,
@@ -177,16 +195,20 @@ impl Link {
     }
 
     /// Opens a session on `source` (`namespace/name`); its frames arrive on
-    /// the returned inbox, which closes if the link dies.
-    pub async fn open(self: &Arc<Self>, source: &str) -> Option<(u32, mpsc::Receiver<Frame>)> {
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let id = {
+    /// the returned inbox, which closes if the link dies. The watch is true
+    /// while the shard holds the session paused.
+    pub async fn open(
+        self: &Arc<Self>,
+        source: &str,
+    ) -> Option<(u32, Inbox, watch::Receiver<bool>)> {
+        let (id, inbox, paused) = {
             let mut sessions = self.sessions.lock().ok()?;
             let id = free_id(&self.next_id, sessions.len(), |id| {
                 sessions.contains_key(&id)
             })?;
-            sessions.insert(id, tx);
-            id
+            let (intake, inbox, paused) = flow::session(id, self.out.clone(), self.flow);
+            sessions.insert(id, intake);
+            (id, inbox, paused)
         };
         self.send(Frame::new(
             id,
@@ -194,7 +216,7 @@ impl Link {
             Bytes::copy_from_slice(source.as_bytes()),
         ))
         .await
-        .then_some((id, rx))
+        .then_some((id, inbox, paused))
     }
 
     /// Queues a frame; false if the link is gone.

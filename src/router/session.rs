@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tracing::Instrument;
 
 use super::Router;
@@ -25,6 +25,7 @@ use super::pgwire::codec::{self, PgError};
 use super::pgwire::startup::{self, Handshake, StartupError};
 use super::routes::RouteError;
 use super::tls;
+use crate::proto::flow::Inbox;
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::pg;
 use crate::proto::stream::MaybeTls;
@@ -34,7 +35,10 @@ use crate::shard::session::{DRAINING, sync_points};
 pub(crate) struct Attached {
     pub(crate) link: Arc<Link>,
     pub(crate) id: u32,
-    pub(crate) inbox: mpsc::Receiver<Frame>,
+    pub(crate) inbox: Inbox,
+    /// True while the shard holds this session paused (it has more of the
+    /// client's messages queued than its bound): the client is not read.
+    pub(crate) paused: watch::Receiver<bool>,
 }
 
 /// A client-visible failure: an ErrorResponse, then the connection ends.
@@ -153,7 +157,7 @@ pub(crate) async fn attach(
         let attempt: Result<(), Option<Fatal>> = match router.routes.resolve(ns, name) {
             Ok((_, addr)) => match router.links.get(addr).await {
                 Ok(link) => match link.open(&key).await {
-                    Some((id, mut inbox)) => {
+                    Some((id, mut inbox, paused)) => {
                         // Bounded by the hold deadline too: a shard that
                         // cannot open the session in time (its pool still
                         // connecting) costs the client no more than
@@ -162,7 +166,15 @@ pub(crate) async fn attach(
                             deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
                         match tokio::time::timeout_at(wait_until, inbox.recv()).await {
                             Ok(Some(f)) if f.kind == Kind::Opened => {
-                                return Ok((Attached { link, id, inbox }, f.payload));
+                                return Ok((
+                                    Attached {
+                                        link,
+                                        id,
+                                        inbox,
+                                        paused,
+                                    },
+                                    f.payload,
+                                ));
                             }
                             Ok(Some(f))
                                 if f.kind == Kind::Closed
@@ -290,7 +302,20 @@ where
     let mut attached = true;
     loop {
         tokio::select! {
-            r = rd.read_buf(&mut inbuf) => {
+            // Not while the shard holds the session paused: the client's
+            // bytes wait in its socket, and TCP holds the client back.
+            r = at.paused.changed(), if attached => {
+                // The sender lives as long as the inbox (both share the
+                // session's flow state), so this does not fail while
+                // attached; were it to, treat it as a lost link.
+                if r.is_err() {
+                    if pending > 0 || status != b'I' {
+                        return Err(fatal("08006", "connection to the pool shard was lost during a transaction; the transaction's outcome is unknown, retry it"));
+                    }
+                    attached = false;
+                }
+            }
+            r = rd.read_buf(&mut inbuf), if !(attached && *at.paused.borrow()) => {
                 match r {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}

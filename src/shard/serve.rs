@@ -10,20 +10,18 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::metrics::ShardMetrics;
 use super::registry::Registry;
 use super::session;
+use crate::proto::flow::{self, Intake};
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::pg;
-use crate::proto::{HELLO, HELLO_V1};
-
-/// Frames queued per session before the reader waits (backpressure).
-const SESSION_QUEUE: usize = 64;
+use crate::proto::{HELLO, HELLO_V1, HELLO_V3};
 
 /// Serves routers on `listener` until `stop` flips to true.
 pub async fn serve(
@@ -70,8 +68,10 @@ async fn connection(
     )
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
-    // Version 2 routers ping; version 1 routers (older releases) do not.
-    let pinged = &hello == HELLO;
+    // Version 3 routers ping and pause sessions; version 2 routers ping;
+    // version 1 routers (older releases) do neither.
+    let flow = &hello == HELLO_V3;
+    let pinged = flow || &hello == HELLO;
     if !pinged && &hello != HELLO_V1 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -79,7 +79,7 @@ async fn connection(
         ));
     }
     wr.write_all(&hello).await?;
-    tracing::debug!(%peer, pinged, "router connected");
+    tracing::debug!(%peer, pinged, flow, "router connected");
 
     let outbox = Arc::new(Outbox::default());
     let writer = tokio::spawn({
@@ -100,7 +100,7 @@ async fn connection(
         });
     }
 
-    let mut sessions: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();
+    let mut sessions: HashMap<u32, Intake> = HashMap::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     'read: loop {
         if rd.read_buf(&mut buf).await? == 0 {
@@ -119,7 +119,12 @@ async fn connection(
             let id = frame.session;
             match frame.kind {
                 Kind::Ping => {
-                    let _ = outbox.send(liveness::pong()).await;
+                    let _ = outbox.push(liveness::pong());
+                }
+                Kind::Pause | Kind::Resume if flow => {
+                    if let Some(intake) = sessions.get(&id) {
+                        intake.hold(frame.kind == Kind::Pause);
+                    }
                 }
                 Kind::Open => {
                     let key = String::from_utf8_lossy(&frame.payload).into_owned();
@@ -143,8 +148,8 @@ async fn connection(
                         let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
                         continue;
                     };
-                    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-                    sessions.insert(id, tx);
+                    let (intake, inbox, paused) = flow::session(id, outbox.clone(), flow);
+                    sessions.insert(id, intake);
                     // The span wraps the future: entered on every poll, never
                     // held across an await.
                     let span = tracing::debug_span!("session", id, source = %key);
@@ -152,7 +157,8 @@ async fn connection(
                         session::run(
                             id,
                             source,
-                            rx,
+                            inbox,
+                            paused,
                             outbox.clone(),
                             draining.clone(),
                             metrics.clone(),
@@ -161,27 +167,29 @@ async fn connection(
                     );
                 }
                 Kind::Close => {
-                    if let Some(tx) = sessions.remove(&id) {
-                        let _ = tx.send(frame).await;
+                    if let Some(intake) = sessions.remove(&id) {
+                        let _ = intake.deliver(frame).await;
                     }
                 }
                 Kind::Messages | Kind::Cancel => {
+                    // Never waits on a version 3 link: a session that falls
+                    // behind is paused, the others carry on.
                     let gone = match sessions.get(&id) {
-                        Some(tx) => tx.send(frame).await.is_err(),
+                        Some(intake) => !intake.deliver(frame).await,
                         None => false,
                     };
                     if gone {
                         sessions.remove(&id);
                     }
                 }
-                Kind::Opened | Kind::Closed | Kind::Pong => {
+                Kind::Opened | Kind::Closed | Kind::Pong | Kind::Pause | Kind::Resume => {
                     tracing::warn!(%peer, "router sent a shard-side frame; closing");
                     break 'read;
                 }
             }
         }
         // Sessions that ended on their own.
-        sessions.retain(|_, tx| !tx.is_closed());
+        sessions.retain(|_, intake| !intake.is_closed());
     }
     // Sessions see their inboxes close; what they queued is still written.
     drop(sessions);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use std::collections::VecDeque;
 
@@ -25,6 +25,7 @@ use super::pool::Conn;
 use super::prepared::{self, Expect, Statements};
 use super::registry::Source;
 use super::server;
+use crate::proto::flow::Inbox;
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::outbox::Outbox;
 use crate::proto::pg;
@@ -176,7 +177,8 @@ fn discard(source: &Source, conn: Conn) {
 pub async fn run(
     id: u32,
     source: Arc<Source>,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: Inbox,
+    mut paused: watch::Receiver<bool>,
     outbox: Arc<Outbox>,
     draining: watch::Receiver<bool>,
     metrics: Arc<ShardMetrics>,
@@ -235,7 +237,14 @@ pub async fn run(
             Some(h) => {
                 tokio::select! {
                     f = rx.recv() => match f { Some(f) => f, None => break },
-                    r = h.conn.read_messages() => {
+                    // The router paused this session (its client reads
+                    // slowly): leave the server's answer in the socket
+                    // until it resumes. TCP holds the warehouse back.
+                    r = paused.changed() => {
+                        if r.is_err() { break }
+                        continue;
+                    }
+                    r = h.conn.read_messages(), if !*paused.borrow() => {
                         match r {
                             Ok((chunk, ready)) => {
                                 h.heard = Instant::now();
