@@ -34,7 +34,7 @@ enum Role {
     /// Hold the pools of the sources assigned to shard K while holding its Lease.
     Shard(shardpool::shard::ShardConfig),
     /// Accept PostgreSQL-protocol and HTTP clients and forward to the owning shard.
-    Router(shardpool::router::RouterConfig),
+    Router(Box<shardpool::router::RouterConfig>),
 }
 
 fn main() -> ExitCode {
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         },
         Role::Shard(cfg) => run(cli.worker_threads, shardpool::shard::run(cfg)),
         Role::Operator(cfg) => run(cli.worker_threads, shardpool::operator::run(cfg)),
-        Role::Router(cfg) => run(cli.worker_threads, shardpool::router::run(cfg)),
+        Role::Router(cfg) => run(cli.worker_threads, shardpool::router::run(*cfg)),
     }
 }
 

@@ -119,10 +119,15 @@ func TestLeastPrivilegeRBAC(t *testing.T) {
 		{operator, "tenants", "get", "datasources.shardpool.dev", status, false},
 		{operator, "tenants", "update", "datasources.shardpool.dev", nil, false},
 		{operator, "tenants", "create", "events", nil, false},
-		// Routers: read-only caches of DataSources, shard Leases and pods.
+		// Routers: read-only caches of DataSources, shard Leases and pods,
+		// and their own auth Secret by name.
 		{router, "", "list", "datasources.shardpool.dev", nil, true},
 		{router, systemNS, "watch", "leases.coordination.k8s.io", nil, true},
 		{router, systemNS, "list", "pods", nil, true},
+		{router, systemNS, "get", "secrets/shardpool-router-auth", nil, true},
+		{router, systemNS, "watch", "secrets/shardpool-router-auth", nil, true},
+		{router, systemNS, "get", "secrets/shardpool-router-tls", nil, false},
+		{router, systemNS, "list", "secrets", nil, false},
 		{router, "", "get", "secrets", nil, false},
 		{router, systemNS, "get", "secrets", nil, false},
 		{router, "tenants", "get", "datasources.shardpool.dev", nil, false},

@@ -78,6 +78,23 @@ pub fn put_error_fields(
     });
 }
 
+/// Appends a NoticeResponse with severity (NOTICE, WARNING, ...),
+/// SQLSTATE and message: the client shows it and carries on.
+pub fn put_notice(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    put_message(buf, b'N', |b| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 /// Appends an ErrorResponse with severity, SQLSTATE and message.
 pub fn put_error(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
     put_error_fields(buf, severity, code, message, None, None);

@@ -86,10 +86,6 @@ impl Tokens {
 pub struct Http {
     /// The router (routing table, links).
     pub router: Arc<Router>,
-    /// Accepted static bearer tokens.
-    pub tokens: Tokens,
-    /// Verifier of signed short-lived tokens, when a key is configured.
-    pub jwt: Option<super::jwt::JwtVerifier>,
     /// Largest result (bytes of row data) answered as one JSON document;
     /// larger ones are refused (54000) and should be streamed as NDJSON.
     pub max_result: usize,
@@ -608,7 +604,8 @@ async fn query(
     let Some(token) = bearer(&headers) else {
         return error(StatusCode::UNAUTHORIZED, "28000", "missing bearer token");
     };
-    let allowed: Vec<String> = match (http.tokens.namespaces(token), &http.jwt) {
+    let creds = http.router.auth.current();
+    let allowed: Vec<String> = match (creds.tokens.namespaces(token), &creds.jwt) {
         (Some(ns), _) => ns.clone(),
         (None, Some(jwt)) if token.matches('.').count() == 2 => match jwt.verify(token) {
             Ok(ns) => ns,

@@ -4,11 +4,13 @@
 //! and passes the session through a multiplexed link to that pod. It keeps
 //! no state of its own: everything is rebuilt from watches on restart.
 
+pub mod auth;
 pub mod http;
 pub mod jwt;
 pub mod link;
 pub mod metrics;
 pub mod pgwire;
+pub mod replay;
 pub mod routes;
 pub mod session;
 pub mod tls;
@@ -29,7 +31,6 @@ use crate::health::{self, Ready};
 use crate::proto::frame::{Frame, Kind};
 use link::{Link, Links};
 use pgwire::startup::Limits;
-use pgwire::users::Users;
 use routes::Routes;
 
 /// Router settings, from flags and the environment.
@@ -78,6 +79,11 @@ pub struct RouterConfig {
     /// Longest lifetime (exp - now) accepted for a JWT.
     #[arg(long, env = "SHARDPOOL_JWT_MAX_TTL", default_value = "1h")]
     pub jwt_max_ttl: String,
+    /// Name of the auth Secret (in the router's namespace) to watch: its
+    /// changed users, tokens and JWT key apply without a restart. Unset:
+    /// the values from the environment stay for the process's life.
+    #[arg(long, env = "SHARDPOOL_AUTH_SECRET")]
+    pub auth_secret: Option<String>,
     /// PEM certificate chain offered to PostgreSQL clients asking for TLS.
     #[arg(long, env = "SHARDPOOL_TLS_CERT", hide_env_values = true)]
     pub tls_cert: Option<String>,
@@ -122,8 +128,9 @@ struct CancelTarget {
 
 /// State shared by every client connection.
 pub struct Router {
-    /// Who may log in, and to which namespaces.
-    pub users: Users,
+    /// Who may log in, and to which namespaces (users, HTTP tokens, JWT
+    /// key), kept current from the auth Secret.
+    pub auth: Arc<auth::Auth>,
     /// Startup limits.
     pub limits: Limits,
     /// The routing table.
@@ -199,8 +206,15 @@ impl Router {
 
 /// Runs the router until SIGTERM; returns the exit code.
 pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
-    let users = Users::parse(&cfg.users)?;
-    let tokens = http::Tokens::parse(&cfg.http_tokens).map_err(anyhow::Error::msg)?;
+    let jwt_max_ttl = parse_duration(&cfg.jwt_max_ttl)?;
+    let credentials = auth::Credentials::parse(
+        &cfg.users,
+        &cfg.http_tokens,
+        cfg.jwt_key.as_deref(),
+        jwt_max_ttl,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let auth = Arc::new(auth::Auth::new(credentials, jwt_max_ttl));
     let handover_timeout = parse_duration(&cfg.handover_timeout)?;
     let limits = Limits {
         startup_timeout: parse_duration(&cfg.startup_timeout)?,
@@ -257,8 +271,16 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         routes.leases.wait_until_ready(),
         routes.pods.wait_until_ready()
     );
+    if let Some(name) = cfg.auth_secret.clone().filter(|n| !n.is_empty()) {
+        tokio::spawn(auth::follow(
+            clients.watches.clone(),
+            cfg.namespace.clone(),
+            name,
+            auth.clone(),
+        ));
+    }
     let router = Arc::new(Router {
-        users,
+        auth,
         limits,
         routes,
         links: Links::default(),
@@ -270,17 +292,8 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     });
     let listener = tokio::net::TcpListener::bind(cfg.pg_listen).await?;
     let http_listener = tokio::net::TcpListener::bind(cfg.http_listen).await?;
-    let jwt = match cfg.jwt_key.as_deref().filter(|k| !k.is_empty()) {
-        Some(k) => Some(
-            jwt::JwtVerifier::new(k.as_bytes(), parse_duration(&cfg.jwt_max_ttl)?)
-                .map_err(anyhow::Error::msg)?,
-        ),
-        None => None,
-    };
     let app = http::app(Arc::new(http::Http {
         router: router.clone(),
-        tokens,
-        jwt,
         max_result: cfg.max_result_bytes,
     }));
     tokio::spawn(async move {

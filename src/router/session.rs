@@ -23,6 +23,7 @@ use super::link::Link;
 use super::metrics::{Frontend, SourceFrontend};
 use super::pgwire::codec::{self, PgError};
 use super::pgwire::startup::{self, Handshake, StartupError};
+use super::replay::{MAX_REPLAY_BYTES, Pushed, Replay};
 use super::routes::RouteError;
 use super::tls;
 use crate::proto::flow::Inbox;
@@ -80,7 +81,8 @@ pub async fn serve(
                 return;
             }
         };
-    let hs = match startup::handshake(&mut stream, &router.users, &router.limits).await {
+    let creds = router.auth.current();
+    let hs = match startup::handshake(&mut stream, &creds.users, &router.limits).await {
         Ok(h) => h,
         Err(e) => {
             if matches!(e, StartupError::Auth { .. }) {
@@ -255,7 +257,7 @@ where
         ));
     };
     // Denied and unknown look the same to the client.
-    if !router.users.may_access(user, ns) {
+    if !router.auth.current().users.may_access(user, ns) {
         return Err(fatal(
             "3D000",
             format!("database \"{database}\" does not exist"),
@@ -297,7 +299,7 @@ where
     // need not end at a Sync (the client's bytes arrive as TCP delivers
     // them), so an idle point only retires batches up to the last one that
     // held a sync point; later ones stay until theirs is answered.
-    let mut replay: Vec<(Bytes, usize)> = Vec::new();
+    let mut replay = Replay::new(MAX_REPLAY_BYTES);
     let mut replayable = true;
     let mut attached = true;
     loop {
@@ -370,7 +372,10 @@ where
                         attached = true;
                         // Unanswered batches (no Sync yet) died with the old
                         // link: the new shard needs them before this one.
-                        for (b, _) in &replay {
+                        if replay.lost() {
+                            return Err(fatal("08006", "lost the pool shard while this session's unanswered messages were past the replay bound; retry"));
+                        }
+                        for b in replay.batches() {
                             if !at.link.send(Frame::new(at.id, Kind::Messages, b.clone())).await {
                                 return Err(fatal("08006", "lost the pool shard; retry"));
                             }
@@ -381,7 +386,13 @@ where
                     if pending > 0 && sent_at.is_none() {
                         sent_at = Some(Instant::now());
                     }
-                    replay.push((batch.clone(), syncs));
+                    if replay.push(batch.clone(), syncs) == Pushed::Overflowed {
+                        let mut notice = BytesMut::new();
+                        pg::put_notice(&mut notice, "NOTICE", "01000", &format!(
+                            "shardpool: more than {} MiB of this transaction's messages are unanswered; if its pool shard hands the source over before the transaction ends, it fails instead of moving with it",
+                            MAX_REPLAY_BYTES >> 20));
+                        wr.write_all(&notice).await.map_err(|_| fatal("08006", "client gone"))?;
+                    }
                     if !at.link.send(Frame::new(at.id, Kind::Messages, batch)).await {
                         attached = false;
                     }
@@ -413,7 +424,7 @@ where
                         }
                         wr.write_all(&f.payload).await.map_err(|_| fatal("08006", "client gone"))?;
                         if pending == 0 && status == b'I' {
-                            retire_answered(&mut replay);
+                            replay.idle();
                             replayable = true;
                         }
                     }
@@ -424,7 +435,7 @@ where
                     }
                     Some(f) if f.kind == Kind::Closed => {
                         let body = f.payload.get(5..).unwrap_or_default();
-                        if pg::error_code(body) == Some(DRAINING) && replayable {
+                        if pg::error_code(body) == Some(DRAINING) && replayable && !replay.lost() {
                             // Nothing ran: hand the batches to the next owner.
                             tracing::info!("shard handing over; holding the session");
                             router.metrics.replayed.inc();
@@ -432,7 +443,7 @@ where
                             let (a, _) = attach(router, ns, name).await?;
                             router.retarget(pid, a.link.clone(), a.id);
                             at = a;
-                            for (b, _) in &replay {
+                            for b in replay.batches() {
                                 if !at.link.send(Frame::new(at.id, Kind::Messages, b.clone())).await {
                                     return Err(fatal("08006", "lost the shard during handover; retry"));
                                 }
@@ -474,15 +485,6 @@ mod guard {
     }
 }
 
-/// At an idle point (every sync point answered): drops the batches up to
-/// and including the last one that held a sync point. Batches after it have
-/// no Sync yet, so nothing of them was answered and a successor needs them.
-fn retire_answered(replay: &mut Vec<(Bytes, usize)>) {
-    if let Some(last) = replay.iter().rposition(|(_, syncs)| *syncs > 0) {
-        replay.drain(..=last);
-    }
-}
-
 /// Unregisters a cancel key when the session ends.
 struct Unregister<'a>(&'a Router, u32);
 
@@ -498,26 +500,7 @@ fn scopeguard(router: &Router, pid: u32) -> Unregister<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{retire_answered, source_name};
-    use bytes::Bytes;
-
-    #[test]
-    fn an_idle_point_keeps_batches_after_the_last_sync() {
-        let b = |s: &'static str, syncs| (Bytes::from_static(s.as_bytes()), syncs);
-        // Parse/Bind/Execute arrived without their Sync, then the Sync alone:
-        // answered together, both retire.
-        let mut r = vec![b("PBDE", 0), b("S", 1)];
-        retire_answered(&mut r);
-        assert!(r.is_empty());
-        // A statement answered, the next one's Parse/Bind already sent: those
-        // stay for a successor.
-        let mut r = vec![b("PBDES", 1), b("PB", 0)];
-        retire_answered(&mut r);
-        assert_eq!(r, vec![b("PB", 0)]);
-        let mut r = vec![b("PB", 0)];
-        retire_answered(&mut r);
-        assert_eq!(r, vec![b("PB", 0)], "nothing answered, nothing retired");
-    }
+    use super::source_name;
 
     #[test]
     fn database_names() {
