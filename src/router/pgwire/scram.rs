@@ -184,28 +184,17 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// Hi() of RFC 5802, i.e. PBKDF2-HMAC-SHA-256 with one output block.
+/// Hi() of RFC 5802: PBKDF2-HMAC-SHA-256 with one output block (the
+/// pbkdf2 crate).
 fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let keyed = hmac_keyed(password);
-    let mut mac = keyed.clone();
-    mac.update(salt);
-    mac.update(&1u32.to_be_bytes());
-    let mut prev: [u8; 32] = mac.finalize().into_bytes().into();
-    let mut out = prev;
-    for _ in 1..iterations {
-        let mut mac = keyed.clone();
-        mac.update(&prev);
-        prev = mac.finalize().into_bytes().into();
-        for (o, p) in out.iter_mut().zip(prev) {
-            *o ^= p;
-        }
-    }
+    let mut out = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
     out
 }
 
+/// Equality that takes the same time wherever the inputs differ (subtle).
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+    subtle::ConstantTimeEq::ct_eq(&a[..], &b[..]).into()
 }
 
 /// Per-process material for the mock verifier of unknown users.
