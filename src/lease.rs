@@ -450,3 +450,9 @@ impl Drop for Keeper {
 
 #[cfg(test)]
 mod tests;
+
+/// Name of shard K's Lease (and of its Deployment): every role finds shard
+/// K's holder by it.
+pub fn shard_lease_name(index: u32) -> String {
+    format!("shardpool-shard-{index}")
+}

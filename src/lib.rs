@@ -14,5 +14,6 @@ pub mod operator;
 pub mod proto;
 pub mod router;
 pub mod shard;
+pub mod shutdown;
 pub mod telemetry;
 pub mod watch;

@@ -13,15 +13,15 @@ use shardpool::proto::frame::Frame;
 use shardpool::proto::pg;
 use shardpool::router::http::{Outcome, absorb};
 use shardpool::shard::prepared::{self, Expect, Statements};
-use shardpool::shard::session::sync_points;
 
 fuzz_target!(|data: &[u8]| {
     // Client side: framing, then the shard's rewrite of the batch.
-    let mut rest = data;
-    while let Ok(Some((_, n))) = pg::next_message(rest) {
-        rest = &rest[n..];
+    let mut walk = pg::messages(data);
+    for m in walk.by_ref() {
+        let _ = m.body();
     }
-    let _ = sync_points(data);
+    assert!(walk.consumed() + walk.rest().len() == data.len());
+    let _ = pg::sync_points(data);
     if prepared::needs_rewrite(data) {
         let mut stmts = Statements::default();
         let r = prepared::rewrite(data, &mut stmts, &HashSet::new());

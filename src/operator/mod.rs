@@ -31,7 +31,7 @@ use crate::lease::{self, LeaseConfig};
 
 /// Name of shard K's Deployment and Lease.
 pub fn shard_name(index: u32) -> String {
-    crate::shard::lease_name(index)
+    crate::lease::shard_lease_name(index)
 }
 
 /// Operator settings, from flags and the pod's environment.
@@ -77,7 +77,7 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         prom,
         std::future::pending(),
     ));
-    let term = crate::shard::shutdown_signal();
+    let term = crate::shutdown::signal();
     tokio::pin!(term);
 
     // The operator's own Deployment owns the shard workloads and every

@@ -23,8 +23,111 @@ pub fn next_message(buf: &[u8]) -> Result<Option<(u8, usize)>, BadLength> {
     }
 }
 
+/// One complete typed message in a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    /// Type byte.
+    pub tag: u8,
+    /// The whole message: type byte, length and body.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Message<'a> {
+    /// The body, after the type byte and the length.
+    pub fn body(&self) -> &'a [u8] {
+        self.bytes.get(5..).unwrap_or_default()
+    }
+
+    /// Total length, type byte included.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Never true: a message has at least its type and length.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// The complete typed messages at the front of a buffer, in order: the one
+/// walk over PostgreSQL messages that every part of shardpool uses. It
+/// stops at the first incomplete message, or at an invalid length (then
+/// [`Messages::bad`] says so); [`Messages::consumed`] is how many bytes the
+/// messages it yielded take.
+#[derive(Debug, Clone)]
+pub struct Messages<'a> {
+    /// What is left.
+    rest: &'a [u8],
+    /// Bytes yielded so far.
+    consumed: usize,
+    /// Set when it stopped at an invalid length.
+    bad: Option<BadLength>,
+}
+
+/// Iterates over the complete messages at the front of `buf`.
+pub fn messages(buf: &[u8]) -> Messages<'_> {
+    Messages {
+        rest: buf,
+        consumed: 0,
+        bad: None,
+    }
+}
+
+impl<'a> Messages<'a> {
+    /// Bytes of the messages yielded so far.
+    pub fn consumed(&self) -> usize {
+        self.consumed
+    }
+
+    /// The invalid length it stopped at, if any.
+    pub fn bad(&self) -> Option<&BadLength> {
+        self.bad.as_ref()
+    }
+
+    /// The bytes after the messages yielded so far.
+    pub fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+}
+
+impl<'a> Iterator for Messages<'a> {
+    type Item = Message<'a>;
+
+    fn next(&mut self) -> Option<Message<'a>> {
+        if self.bad.is_some() {
+            return None;
+        }
+        match next_message(self.rest) {
+            Ok(Some((tag, n))) => {
+                let (bytes, rest) = self.rest.split_at(n);
+                self.rest = rest;
+                self.consumed += n;
+                Some(Message { tag, bytes })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.bad = Some(e);
+                None
+            }
+        }
+    }
+}
+
+/// SQLSTATE of a shard's `Closed` frame when nothing of the session ran
+/// there (the shard is handing the source over, or does not serve it): the
+/// router may send the session to the next owner.
+pub const DRAINING: &str = "57P01";
+
+/// Number of sync points (Query, Sync) in a batch of client messages:
+/// each one is answered by exactly one ReadyForQuery.
+pub fn sync_points(batch: &[u8]) -> usize {
+    messages(batch)
+        .filter(|m| m.tag == b'Q' || m.tag == b'S')
+        .count()
+}
+
 /// A message length field below 4.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 #[error("message length {0} is invalid")]
 pub struct BadLength(pub usize);
 
@@ -170,5 +273,31 @@ mod tests {
         assert_eq!((t2, n2), (b'Z', 6));
         assert_eq!(next_message(&b[..3]), Ok(None));
         assert_eq!(next_message(&[b'Z', 0, 0, 0, 1]), Err(BadLength(1)));
+    }
+
+    #[test]
+    fn the_message_walk_stops_at_an_incomplete_or_invalid_message() {
+        let mut b = BytesMut::new();
+        put_error(&mut b, "ERROR", "42P01", "no");
+        put_ready(&mut b, b'T');
+        let whole = b.len();
+        b.extend_from_slice(&[b'D', 0, 0, 0, 9, 1]); // incomplete
+        let mut walk = messages(&b);
+        let got: Vec<(u8, usize)> = walk.by_ref().map(|m| (m.tag, m.len())).collect();
+        assert_eq!(got[1], (b'Z', 6));
+        assert_eq!(got.len(), 2);
+        assert_eq!(walk.consumed(), whole);
+        assert_eq!(walk.rest(), &[b'D', 0, 0, 0, 9, 1]);
+        assert!(walk.bad().is_none());
+        let ready = messages(&b).nth(1).expect("ReadyForQuery");
+        assert_eq!(ready.body(), b"T");
+        let mut bad = messages(&[b'Z', 0, 0, 0, 5, b'I', b'Z', 0, 0, 0, 2]);
+        assert_eq!(bad.by_ref().count(), 1);
+        assert_eq!(bad.bad(), Some(&BadLength(2)));
+        assert_eq!(bad.next(), None, "stays stopped");
+        assert_eq!(
+            sync_points(&[b'Q', 0, 0, 0, 4, b'S', 0, 0, 0, 4, b'H', 0, 0, 0, 4]),
+            2
+        );
     }
 }

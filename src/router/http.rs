@@ -278,11 +278,9 @@ fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
 
 /// Folds a chunk of backend messages into the outcome.
 pub fn absorb(out: &mut Outcome, chunk: &[u8]) -> Result<(), &'static str> {
-    let mut rest = chunk;
-    while let Ok(Some((t, n))) = pg::next_message(rest) {
-        let body = &rest[5..n];
-        rest = &rest[n..];
-        match t {
+    for m in pg::messages(chunk) {
+        let body = m.body();
+        match m.tag {
             b'T' => {
                 let count = u16::from_be_bytes([
                     *body.first().ok_or("short")?,

@@ -303,7 +303,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     });
     tracing::info!(pg = %cfg.pg_listen, http = %cfg.http_listen, "router serving");
     ready.set(true);
-    let term = crate::shard::shutdown_signal();
+    let term = crate::shutdown::signal();
     tokio::pin!(term);
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_clients.max(1)));
     loop {

@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::crd::{DataSource, Phase};
-use crate::shard::lease_name;
+use crate::lease::shard_lease_name as lease_name;
 
 /// Why a source cannot be reached now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -29,8 +29,8 @@ use super::tls;
 use crate::proto::flow::Inbox;
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::pg;
+use crate::proto::pg::{DRAINING, sync_points};
 use crate::proto::stream::MaybeTls;
-use crate::shard::session::{DRAINING, sync_points};
 
 /// Where a session currently runs.
 pub(crate) struct Attached {
@@ -325,25 +325,22 @@ where
                 // Every complete message goes out in one frame.
                 let mut end = 0;
                 let mut terminate = false;
-                loop {
-                    match pg::next_message(&inbuf[end..]) {
-                        Ok(Some((t, n))) => {
-                            if n > router.limits.max_message {
-                                return Err(fatal("08P01", "message too large"));
-                            }
-                            if t == b'X' { terminate = true; break; }
-                            end += n;
-                        }
-                        Ok(None) => {
-                            if inbuf.len() - end >= 5 {
-                                let len = u32::from_be_bytes([inbuf[end + 1], inbuf[end + 2], inbuf[end + 3], inbuf[end + 4]]) as usize;
-                                if len + 1 > router.limits.max_message {
-                                    return Err(fatal("08P01", "message too large"));
-                                }
-                            }
-                            break;
-                        }
-                        Err(_) => return Err(fatal("08P01", "invalid message length")),
+                let mut walk = pg::messages(&inbuf);
+                for m in walk.by_ref() {
+                    if m.len() > router.limits.max_message {
+                        return Err(fatal("08P01", "message too large"));
+                    }
+                    if m.tag == b'X' { terminate = true; break; }
+                    end += m.len();
+                }
+                if walk.bad().is_some() {
+                    return Err(fatal("08P01", "invalid message length"));
+                }
+                // An incomplete message that already says it is too large.
+                if let Some(head) = inbuf.get(end..end + 5).filter(|_| !terminate) {
+                    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                    if len + 1 > router.limits.max_message {
+                        return Err(fatal("08P01", "message too large"));
                     }
                 }
                 if end > 0 {
@@ -403,11 +400,10 @@ where
                 match f {
                     Some(f) if f.kind == Kind::Messages => {
                         replayable = false;
-                        let mut rest = &f.payload[..];
-                        while let Ok(Some((t, n))) = pg::next_message(rest) {
-                            if t == b'Z' {
+                        for m in pg::messages(&f.payload) {
+                            if m.tag == b'Z' {
                                 pending = pending.saturating_sub(1);
-                                status = rest.get(5).copied().unwrap_or(b'I');
+                                status = m.body().first().copied().unwrap_or(b'I');
                                 queries.inc();
                                 if let Some(t0) = sent_at.take() {
                                     latency.observe(t0.elapsed().as_secs_f64());
@@ -415,12 +411,11 @@ where
                                         sent_at = Some(Instant::now());
                                     }
                                 }
-                            } else if t == b'E' {
-                                if let Some(code) = pg::error_code(rest.get(5..n).unwrap_or_default()) {
+                            } else if m.tag == b'E' {
+                                if let Some(code) = pg::error_code(m.body()) {
                                     router.metrics.error("pg", ns, name, true, code);
                                 }
                             }
-                            rest = &rest[n..];
                         }
                         wr.write_all(&f.payload).await.map_err(|_| fatal("08006", "client gone"))?;
                         if pending == 0 && status == b'I' {

@@ -51,7 +51,7 @@ impl CheckoutError {
         match self {
             CheckoutError::Exhausted(_) => "53300",
             CheckoutError::Connect { error, .. } => error.sqlstate(),
-            CheckoutError::Handover(_) => super::session::DRAINING,
+            CheckoutError::Handover(_) => crate::proto::pg::DRAINING,
         }
     }
 }

@@ -28,8 +28,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use super::lease_name;
 use crate::crd::DataSource;
+use crate::lease::shard_lease_name as lease_name;
 
 /// Field manager of the shards' status writes.
 pub const FIELD_MANAGER: &str = "shardpool-shard";

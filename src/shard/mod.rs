@@ -106,18 +106,13 @@ impl ShardConfig {
     }
 }
 
-/// Name of shard K's Lease (and Deployment).
-pub fn lease_name(index: u32) -> String {
-    format!("shardpool-shard-{index}")
-}
-
 /// Runs the shard until SIGTERM; returns the process exit code.
 pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let clients = crate::apiclient::connect().await?;
     let client = clients.requests.clone();
     let ready = Ready::default();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let term = shutdown_signal();
+    let term = crate::shutdown::signal();
     tokio::pin!(term);
 
     // Probes: a standby is ready (a rollout may proceed past it).
@@ -134,7 +129,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let duration = Duration::from_secs(cfg.lease_seconds.max(1));
     let (renew_every, retry_every, request_timeout) = LeaseConfig::timings(duration);
     let lease_cfg = LeaseConfig {
-        name: lease_name(cfg.index),
+        name: crate::lease::shard_lease_name(cfg.index),
         holder: cfg.pod_name.clone(),
         duration,
         renew_every,
@@ -357,28 +352,5 @@ async fn report(
             &mut written,
         )
         .await;
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -78,12 +78,11 @@ pub fn rewrite(batch: &[u8], stmts: &mut Statements, prepared: &HashSet<Bytes>) 
     let mut out = BytesMut::with_capacity(batch.len() + 64);
     let mut expect = Vec::new();
     let mut prepares: Vec<Bytes> = Vec::new();
-    let mut rest = batch;
     let has =
         |name: &Bytes, prepares: &Vec<Bytes>| prepared.contains(name) || prepares.contains(name);
-    while let Ok(Some((t, n))) = pg::next_message(rest) {
-        let (msg, body) = (&rest[..n], &rest[5..n]);
-        rest = &rest[n..];
+    let mut walk = pg::messages(batch);
+    for m in walk.by_ref() {
+        let (t, msg, body) = (m.tag, m.bytes, m.body());
         match t {
             b'P' => {
                 let Some((name, tail)) = cstr(body) else {
@@ -198,7 +197,7 @@ pub fn rewrite(batch: &[u8], stmts: &mut Statements, prepared: &HashSet<Bytes>) 
         }
     }
     // Anything after the last complete message (there should be nothing).
-    out.put_slice(rest);
+    out.put_slice(walk.rest());
     Rewritten {
         bytes: out.freeze(),
         expect,
@@ -211,9 +210,12 @@ pub fn rewrite(batch: &[u8], stmts: &mut Statements, prepared: &HashSet<Bytes>) 
 /// the client (the input itself when nothing was dropped).
 pub fn filter(chunk: Bytes, owed: &mut VecDeque<Expect>) -> Bytes {
     let mut drop_ranges: Vec<(usize, usize)> = Vec::new();
-    let mut pos = 0;
-    while let Ok(Some((t, n))) = pg::next_message(&chunk[pos..]) {
-        match t {
+    let mut walk = pg::messages(&chunk);
+    loop {
+        let pos = walk.consumed();
+        let Some(m) = walk.next() else { break };
+        let n = m.len();
+        match m.tag {
             b'1' => {
                 // Pop up to the Parse this answers.
                 while let Some(e) = owed.pop_front() {
@@ -247,7 +249,6 @@ pub fn filter(chunk: Bytes, owed: &mut VecDeque<Expect>) -> Bytes {
             }
             _ => {}
         }
-        pos += n;
     }
     if drop_ranges.is_empty() {
         return chunk;
@@ -265,14 +266,7 @@ pub fn filter(chunk: Bytes, owed: &mut VecDeque<Expect>) -> Bytes {
 /// Whether a batch touches statements at all (else it passes unchanged and
 /// only its sync points are owed).
 pub fn needs_rewrite(batch: &[u8]) -> bool {
-    let mut rest = batch;
-    while let Ok(Some((t, n))) = pg::next_message(rest) {
-        if matches!(t, b'P' | b'B' | b'D' | b'C') {
-            return true;
-        }
-        rest = &rest[n..];
-    }
-    false
+    pg::messages(batch).any(|m| matches!(m.tag, b'P' | b'B' | b'D' | b'C'))
 }
 
 #[cfg(test)]
@@ -294,13 +288,7 @@ mod tests {
     }
 
     fn types(bytes: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut rest = bytes;
-        while let Ok(Some((t, n))) = pg::next_message(rest) {
-            out.push(t);
-            rest = &rest[n..];
-        }
-        out
+        pg::messages(bytes).map(|m| m.tag).collect()
     }
 
     #[test]

@@ -133,7 +133,7 @@ async fn connection(
                         // the session and tries again (the next owner).
                         let msg = pg::error(
                             "FATAL",
-                            session::DRAINING,
+                            pg::DRAINING,
                             "shard is handing over; retry on its successor",
                         );
                         let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
@@ -142,7 +142,7 @@ async fn connection(
                     let Some(source) = registry.get(&key) else {
                         let msg = pg::error(
                             "FATAL",
-                            session::DRAINING,
+                            pg::DRAINING,
                             &format!("source {key} is not served by this shard"),
                         );
                         let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;

@@ -433,26 +433,25 @@ impl ServerConn {
     /// Hot path (once per answer): no allocation beyond the buffer's own.
     pub async fn read_messages(&mut self) -> std::io::Result<(BytesMut, Ready)> {
         loop {
-            let mut end = 0;
             let mut ready = Ready::default();
-            loop {
-                match pg::next_message(&self.rbuf[end..]) {
-                    Ok(Some((t, n))) => {
-                        if t == b'Z' {
-                            ready.count += 1;
-                            ready.last_status = self.rbuf.get(end + 5).copied().unwrap_or(b'I');
-                        } else if t == b'E' && pg::is_fatal(&self.rbuf[end + 5..end + n]) {
-                            // The server ends the connection after a FATAL.
-                            self.broken = true;
-                        }
-                        end += n;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.broken = true;
-                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
-                    }
+            let mut walk = pg::messages(&self.rbuf);
+            let mut fatal = false;
+            for m in walk.by_ref() {
+                if m.tag == b'Z' {
+                    ready.count += 1;
+                    ready.last_status = m.body().first().copied().unwrap_or(b'I');
+                } else if m.tag == b'E' && pg::is_fatal(m.body()) {
+                    // The server ends the connection after a FATAL.
+                    fatal = true;
                 }
+            }
+            let (end, bad) = (walk.consumed(), walk.bad().copied());
+            if fatal {
+                self.broken = true;
+            }
+            if let Some(e) = bad {
+                self.broken = true;
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
             }
             if end > 0 {
                 return Ok((self.rbuf.split_to(end), ready));
@@ -483,12 +482,10 @@ impl ServerConn {
         let mut failed = None;
         loop {
             let (chunk, ready) = self.read_messages().await?;
-            let mut rest = &chunk[..];
-            while let Ok(Some((t, n))) = pg::next_message(rest) {
-                if t == b'E' {
-                    failed = pg::error_field(&rest[5..n], b'M').map(str::to_owned);
+            for m in pg::messages(&chunk) {
+                if m.tag == b'E' {
+                    failed = pg::error_field(m.body(), b'M').map(str::to_owned);
                 }
-                rest = &rest[n..];
             }
             if ready.count > 0 {
                 return match failed {
@@ -510,10 +507,9 @@ impl ServerConn {
         let mut failed = None;
         loop {
             let (chunk, ready) = self.read_messages().await?;
-            let mut rest = &chunk[..];
-            while let Ok(Some((t, n))) = pg::next_message(rest) {
-                let body = &rest[5..n];
-                match t {
+            for m in pg::messages(&chunk) {
+                let body = m.body();
+                match m.tag {
                     b'E' => {
                         failed = Some(QueryError::Server {
                             code: pg::error_code(body).unwrap_or("XX000").to_string(),
@@ -538,7 +534,6 @@ impl ServerConn {
                     })?),
                     _ => {}
                 }
-                rest = &rest[n..];
             }
             if ready.count > 0 {
                 return match failed {

@@ -30,22 +30,7 @@ use crate::proto::frame::{Frame, Kind};
 use crate::proto::outbox::Outbox;
 use crate::proto::pg;
 
-/// SQLSTATE sent with `Closed` when the shard drains: nothing ran, retry elsewhere.
-pub const DRAINING: &str = "57P01";
-
-/// Number of sync points (Query, Sync) in a batch of client messages:
-/// each one is answered by exactly one ReadyForQuery.
-pub fn sync_points(batch: &[u8]) -> usize {
-    let mut n = 0;
-    let mut rest = batch;
-    while let Ok(Some((t, len))) = pg::next_message(rest) {
-        if t == b'Q' || t == b'S' {
-            n += 1;
-        }
-        rest = &rest[len..];
-    }
-    n
-}
+use crate::proto::pg::{DRAINING, sync_points};
 
 /// Marks a source busy for as long as it lives: from before a session asks
 /// the pool for a connection until the connection is given back, so a drain
