@@ -9,6 +9,7 @@ pub mod apiclient;
 pub mod crd;
 pub mod health;
 pub mod lease;
+pub mod linkcerts;
 pub mod metrics;
 pub mod operator;
 pub mod proto;

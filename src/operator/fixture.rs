@@ -302,6 +302,10 @@ pub fn context(client: Client, max_moves: usize) -> Context {
             metrics_port: 0,
             epsilon: 0.25,
             max_moves,
+            link_tls: true,
+            max_shards: 16,
+            link_ca_lifetime: "8760h".into(),
+            link_cert_lifetime: "720h".into(),
         },
         owner: None,
         recorder: Recorder::new(

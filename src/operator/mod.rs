@@ -11,7 +11,9 @@
 pub mod assign;
 #[cfg(test)]
 mod fixture;
+pub mod links;
 pub mod metrics;
+pub mod pki;
 pub mod reconcile;
 pub mod template;
 
@@ -61,6 +63,19 @@ pub struct OperatorConfig {
     /// Most sources between shards at once (moves beyond wait for a later pass).
     #[arg(long, env = "SHARDPOOL_MAX_MOVES", default_value_t = 100)]
     pub max_moves: usize,
+    /// Mutual TLS on the router-to-shard links: the operator keeps the
+    /// link CA and every link certificate in Secrets (see [`links`]).
+    #[arg(long, env = "SHARDPOOL_LINK_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub link_tls: bool,
+    /// Most shards that may exist: link certificates are kept for 0..N.
+    #[arg(long, env = "SHARDPOOL_MAX_SHARDS", default_value_t = 16)]
+    pub max_shards: u32,
+    /// Lifetime of the link CA (renewed in its last third).
+    #[arg(long, env = "SHARDPOOL_LINK_CA_LIFETIME", default_value = "8760h")]
+    pub link_ca_lifetime: String,
+    /// Lifetime of a link certificate (renewed in its last third).
+    #[arg(long, env = "SHARDPOOL_LINK_CERT_LIFETIME", default_value = "720h")]
+    pub link_cert_lifetime: String,
 }
 
 /// Runs the operator until SIGTERM; returns the exit code.
@@ -177,6 +192,21 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
         ),
         metrics: metrics.clone(),
     };
+    let link_pki = if cfg.link_tls {
+        Some(links::LinkPki {
+            release: cfg.release.clone(),
+            namespace: cfg.namespace.clone(),
+            shards: cfg.max_shards,
+            ca_lifetime: crate::crd::parse_duration(&cfg.link_ca_lifetime)?,
+            cert_lifetime: crate::crd::parse_duration(&cfg.link_cert_lifetime)?,
+            owner: ctx.owner.clone(),
+        })
+    } else {
+        None
+    };
+    // The link PKI is checked before the first pass (a shard needs its
+    // certificate before it can serve) and then every half minute.
+    let mut pki_checked: Option<std::time::Instant> = None;
     let mut periodic = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -197,6 +227,14 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
             // once the claim is renewed (or exit when it is lost).
             tracing::debug!("leadership claim lapsed; not reconciling");
             continue;
+        }
+        if let Some(p) = &link_pki {
+            if pki_checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                match links::ensure(&client, p).await {
+                    Ok(_) => pki_checked = Some(std::time::Instant::now()),
+                    Err(e) => tracing::warn!(error = %e, "link PKI not kept; retrying"),
+                }
+            }
         }
         let started = std::time::Instant::now();
         let result = reconcile::reconcile(&ctx, &stores).await;

@@ -71,6 +71,10 @@ pub struct ShardTemplate {
     /// they watch Secret metadata with one cluster-wide watch.
     #[serde(default)]
     pub secrets_cluster_wide: bool,
+    /// Mutual TLS on router links (the chart's links.mutualTLS); unset
+    /// means on.
+    #[serde(default, rename = "linkTLS")]
+    pub link_tls: Option<bool>,
 }
 
 /// The shard container's liveness probe. A shard that stops answering holds
@@ -255,6 +259,7 @@ pub fn deployment(
                 t.secrets_cluster_wide
                     .then(|| env("SHARDPOOL_SECRETS_CLUSTER_WIDE", "true")),
             )
+            .chain((t.link_tls == Some(false)).then(|| env("SHARDPOOL_LINK_TLS", "false")))
             .chain(owner.into_iter().flat_map(|o| {
                 // The shard's Lease gets the same owner as its Deployment.
                 [

@@ -31,6 +31,7 @@
 
 pub mod flow;
 pub mod frame;
+pub mod linktls;
 pub mod liveness;
 pub mod outbox;
 pub mod pg;

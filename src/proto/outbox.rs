@@ -149,6 +149,8 @@ impl Outbox {
             self.room.notify_waiters();
             if !out.is_empty() {
                 wr.write_all(&out).await?;
+                // A TLS stream may hold the last record until flushed.
+                wr.flush().await?;
                 out.clear();
                 if out.capacity() > KEEP_CAPACITY {
                     out = BytesMut::with_capacity(64 * 1024);

@@ -19,14 +19,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
 
 use crate::proto::flow::{self, Inbox, Intake};
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
+use crate::proto::stream::MaybeTls;
 use crate::proto::{HELLO, HELLO_V1, HELLO_V3};
 
 /// One connection to one shard pod.
@@ -48,10 +51,26 @@ pub struct Link {
     socket: socket2::Socket,
 }
 
+/// A link's byte stream: mutual TLS over TCP, or plain TCP when the
+/// release turned mutual TLS off.
+type LinkStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Mutual TLS towards shards: the router's client configuration (None until
+/// its certificate is known) and what a shard's certificate must say.
+pub struct LinkTls {
+    /// Current configuration, renewed with the router's Secret.
+    pub config: watch::Receiver<Option<Arc<rustls::ClientConfig>>>,
+    /// Release name (in the shards' certificate names).
+    pub release: String,
+    /// Release namespace (likewise).
+    pub namespace: String,
+}
+
 /// Greets a shard with `hello`; Ok(false) if it does not speak that
 /// version (it closed the connection or answered otherwise).
-async fn greet(stream: &mut TcpStream, hello: &[u8; 8]) -> std::io::Result<bool> {
+async fn greet(stream: &mut LinkStream, hello: &[u8; 8]) -> std::io::Result<bool> {
     stream.write_all(hello).await?;
+    stream.flush().await?;
     let mut answer = [0u8; 8];
     match tokio::time::timeout(HELLO_TIMEOUT, stream.read_exact(&mut answer)).await {
         Err(_) => Err(std::io::Error::new(
@@ -71,31 +90,68 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// connections in the kernel but never answers).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 
-async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
+/// Connects to shard `shard` at `addr`, with mutual TLS when configured:
+/// the shard must present the certificate of exactly that shard. Returns
+/// the stream and a second handle on its socket.
+async fn dial(
+    addr: SocketAddr,
+    shard: u32,
+    tls: Option<&LinkTls>,
+) -> std::io::Result<(LinkStream, socket2::Socket)> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "connect to shard timed out")
         })??;
     stream.set_nodelay(true)?;
-    Ok(stream)
+    let socket = socket2::SockRef::from(&stream).try_clone()?;
+    let Some(tls) = tls else {
+        return Ok((MaybeTls::Plain(stream), socket));
+    };
+    let config = tls
+        .config
+        .borrow()
+        .clone()
+        .ok_or_else(|| std::io::Error::other("no link certificate yet"))?;
+    let name = ServerName::try_from(crate::proto::linktls::shard_server_name(
+        &tls.release,
+        &tls.namespace,
+        shard,
+    ))
+    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TlsConnector::from(config).connect(name, stream),
+    )
+    .await
+    .map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "TLS handshake with shard timed out",
+        )
+    })??;
+    Ok((MaybeTls::Tls(Box::new(tls)), socket))
 }
 
 impl Link {
     /// Connects and greets a shard: version 3 (liveness pings, per-session
     /// flow control), else 2 (pings), else 1, for shards of older releases.
-    async fn connect(addr: SocketAddr) -> std::io::Result<Arc<Link>> {
+    async fn connect(
+        addr: SocketAddr,
+        shard: u32,
+        tls: Option<&LinkTls>,
+    ) -> std::io::Result<Arc<Link>> {
         let mut version = 0;
         let mut stream = None;
         for (v, hello) in [(3, HELLO_V3), (2, HELLO), (1, HELLO_V1)] {
-            let mut s = dial(addr).await?;
+            let (mut s, socket) = dial(addr, shard, tls).await?;
             if greet(&mut s, hello).await? {
                 version = v;
-                stream = Some(s);
+                stream = Some((s, socket));
                 break;
             }
         }
-        let Some(stream) = stream else {
+        let Some((stream, socket)) = stream else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "peer is not a shardpool shard",
@@ -105,9 +161,8 @@ impl Link {
         if version < 3 {
             tracing::info!(shard = %addr, version, "shard speaks an older link protocol: no per-session flow control{}", if pings { "" } else { ", no liveness checks" });
         }
-        let socket = socket2::SockRef::from(&stream).try_clone()?;
         let watch_socket = socket.try_clone()?;
-        let (mut rd, wr) = stream.into_split();
+        let (mut rd, wr) = tokio::io::split(stream);
         let out = Arc::new(Outbox::default());
         let link = Arc::new(Link {
             addr,
@@ -238,17 +293,27 @@ impl Link {
 pub struct Links {
     /// addr -> link; see the module's lock discipline.
     links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
+    /// Mutual TLS settings; None when the release turned it off.
+    tls: Option<LinkTls>,
 }
 
 impl Links {
-    /// A live link to `addr`, reusing the existing one.
-    pub async fn get(&self, addr: SocketAddr) -> std::io::Result<Arc<Link>> {
+    /// Links made with `tls` (None: plain TCP).
+    pub fn new(tls: Option<LinkTls>) -> Links {
+        Links {
+            links: Mutex::default(),
+            tls,
+        }
+    }
+
+    /// A live link to shard `shard` at `addr`, reusing the existing one.
+    pub async fn get(&self, addr: SocketAddr, shard: u32) -> std::io::Result<Arc<Link>> {
         if let Some(l) = self.links.lock().ok().and_then(|m| m.get(&addr).cloned()) {
             if l.alive() {
                 return Ok(l);
             }
         }
-        let link = Link::connect(addr).await?;
+        let link = Link::connect(addr, shard, self.tls.as_ref()).await?;
         if let Ok(mut m) = self.links.lock() {
             // Another session may have connected meanwhile; keep one.
             if let Some(existing) = m.get(&addr) {

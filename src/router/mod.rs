@@ -79,6 +79,13 @@ pub struct RouterConfig {
     /// Longest lifetime (exp - now) accepted for a JWT.
     #[arg(long, env = "SHARDPOOL_JWT_MAX_TTL", default_value = "1h")]
     pub jwt_max_ttl: String,
+    /// Release name (in the shards' link certificate names).
+    #[arg(long, env = "SHARDPOOL_RELEASE", default_value = "shardpool")]
+    pub release: String,
+    /// Mutual TLS on the links to shards (certificate from the Secret
+    /// `shardpool-link-router`); false only when the release turned it off.
+    #[arg(long, env = "SHARDPOOL_LINK_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub link_tls: bool,
     /// Name of the auth Secret (in the router's namespace) to watch: its
     /// changed users, tokens and JWT key apply without a restart. Unset:
     /// the values from the environment stay for the process's life.
@@ -271,6 +278,24 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         routes.leases.wait_until_ready(),
         routes.pods.wait_until_ready()
     );
+    let link_tls = cfg.link_tls.then(|| link::LinkTls {
+        config: crate::linkcerts::follow_client(
+            clients.watches.clone(),
+            cfg.namespace.clone(),
+            crate::proto::linktls::ROUTER_SECRET.to_string(),
+        ),
+        release: cfg.release.clone(),
+        namespace: cfg.namespace.clone(),
+    });
+    if let Some(t) = &link_tls {
+        let mut rx = t.config.clone();
+        if tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            tracing::warn!("no link certificate yet; links to shards fail until it arrives");
+        }
+    }
     if let Some(name) = cfg.auth_secret.clone().filter(|n| !n.is_empty()) {
         tokio::spawn(auth::follow(
             clients.watches.clone(),
@@ -283,7 +308,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         auth,
         limits,
         routes,
-        links: Links::default(),
+        links: Links::new(link_tls),
         handover_timeout,
         default_namespace: cfg.default_namespace.clone(),
         tls,

@@ -157,7 +157,7 @@ pub(crate) async fn attach(
     let mut counted = false;
     loop {
         let attempt: Result<(), Option<Fatal>> = match router.routes.resolve(ns, name) {
-            Ok((_, addr)) => match router.links.get(addr).await {
+            Ok((shard, addr)) => match router.links.get(addr, shard).await {
                 Ok(link) => match link.open(&key).await {
                     Some((id, mut inbox, paused)) => {
                         // Bounded by the hold deadline too: a shard that

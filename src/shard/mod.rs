@@ -85,6 +85,11 @@ pub struct ShardConfig {
     /// read); otherwise one watch per namespace the shard serves.
     #[arg(long, env = "SHARDPOOL_SECRETS_CLUSTER_WIDE", default_value_t = false)]
     pub secrets_cluster_wide: bool,
+    /// Mutual TLS on the router links (certificate from the Secret
+    /// `shardpool-link-shard-K`); false only when the release turned it off
+    /// (links.mutualTLS), which lets anything that reaches the port in.
+    #[arg(long, env = "SHARDPOOL_LINK_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub link_tls: bool,
 }
 
 impl ShardConfig {
@@ -165,8 +170,30 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     metrics.lease_held.set(1);
     let (draining_tx, draining_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(cfg.pod_ip, cfg.port)).await?;
+    let mut link_tls = cfg.link_tls.then(|| {
+        crate::linkcerts::follow_server(
+            clients.watches.clone(),
+            cfg.namespace.clone(),
+            crate::proto::linktls::shard_secret(cfg.index),
+        )
+    });
+    if let Some(rx) = link_tls.as_mut() {
+        // Routers are refused until the certificate is known; the operator
+        // issues it before it creates the shard.
+        if tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            tracing::warn!(secret = %crate::proto::linktls::shard_secret(cfg.index), "no link certificate yet; refusing routers until it arrives");
+        }
+    } else {
+        tracing::warn!(
+            "mutual TLS on router links is off (links.mutualTLS=false): anything that reaches this port can use the pools"
+        );
+    }
     tokio::spawn(serve::serve(
         listener,
+        link_tls,
         registry.clone(),
         metrics.clone(),
         draining_rx,

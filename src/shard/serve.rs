@@ -2,15 +2,22 @@
 //! connections, demultiplexes frames into sessions, and writes every
 //! session's answers back through the connection's [`Outbox`], whose
 //! flusher writes a scheduler turn's worth at once (few syscalls under load).
+//!
+//! With mutual TLS (the default) a connection is a router only once its
+//! TLS handshake succeeded with a client certificate from the link CA (see
+//! [`crate::proto::linktls`]); anything else is closed before a single
+//! frame, or even the greeting, is read.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::metrics::ShardMetrics;
@@ -21,11 +28,21 @@ use crate::proto::frame::{Frame, Kind};
 use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::pg;
+use crate::proto::stream::MaybeTls;
 use crate::proto::{HELLO, HELLO_V1, HELLO_V3};
+
+/// Bound on a router's TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The link's TLS: the current server configuration (None until the
+/// shard's certificate is known: connections are refused meanwhile), or no
+/// TLS at all when the release turned mutual TLS off.
+pub type LinkTls = Option<watch::Receiver<Option<Arc<ServerConfig>>>>;
 
 /// Serves routers on `listener` until `stop` flips to true.
 pub async fn serve(
     listener: TcpListener,
+    tls: LinkTls,
     registry: Arc<Registry>,
     metrics: Arc<ShardMetrics>,
     draining: watch::Receiver<bool>,
@@ -38,8 +55,36 @@ pub async fn serve(
                     let registry = registry.clone();
                     let draining = draining.clone();
                     let metrics = metrics.clone();
+                    let config = tls.as_ref().map(|rx| rx.borrow().clone());
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, peer, registry, metrics, draining).await {
+                        let r: std::io::Result<()> = async {
+                            stream.set_nodelay(true)?;
+                            let socket = socket2::SockRef::from(&stream).try_clone()?;
+                            let stream = match config {
+                                None => MaybeTls::Plain(stream),
+                                Some(None) => {
+                                    return Err(std::io::Error::other("no link certificate yet; refusing"));
+                                }
+                                Some(Some(config)) => {
+                                    let accepted = tokio::time::timeout(
+                                        HANDSHAKE_TIMEOUT,
+                                        TlsAcceptor::from(config).accept(stream),
+                                    )
+                                    .await
+                                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake"))?;
+                                    match accepted {
+                                        Ok(s) => MaybeTls::Tls(Box::new(s)),
+                                        Err(e) => {
+                                            tracing::warn!(%peer, error = %e, "link handshake refused (not a router of this release)");
+                                            return Ok(());
+                                        }
+                                    }
+                                }
+                            };
+                            connection(stream, socket, peer, registry, metrics, draining).await
+                        }
+                        .await;
+                        if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "router connection ended");
                         }
                     });
@@ -51,16 +96,18 @@ pub async fn serve(
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+async fn connection<S>(
+    stream: S,
+    socket: socket2::Socket,
     peer: SocketAddr,
     registry: Arc<Registry>,
     metrics: Arc<ShardMetrics>,
     draining: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let socket = socket2::SockRef::from(&stream).try_clone()?;
-    let (mut rd, mut wr) = stream.into_split();
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut hello = [0u8; 8];
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -79,6 +126,7 @@ async fn connection(
         ));
     }
     wr.write_all(&hello).await?;
+    wr.flush().await?;
     tracing::debug!(%peer, pinged, flow, "router connected");
 
     let outbox = Arc::new(Outbox::default());

@@ -53,3 +53,14 @@ capabilities:
 - name: POD_IP
   valueFrom: {fieldRef: {fieldPath: status.podIP}}
 {{- end -}}
+
+{{/* The most shards that may exist: the fixed count, or the autoscaler's
+maximum when it is higher. Leases and link certificates are named for
+0..N-1. */}}
+{{- define "shardpool.maxShards" -}}
+{{- $n := int .Values.shard.count -}}
+{{- if .Values.shard.autoscale.enabled -}}
+{{- $n = int (max $n (int .Values.shard.autoscale.max)) -}}
+{{- end -}}
+{{- $n -}}
+{{- end -}}
