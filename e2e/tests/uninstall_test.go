@@ -76,6 +76,18 @@ func TestHelmUninstallLeavesNothing(t *testing.T) {
 			return false, err
 		}
 		left = append(left, strings.Fields(cluster)...)
+		// The link PKI the operator made (owned by its Deployment: GC), and
+		// the shards' RoleBindings in the tenant namespaces.
+		pki, _, err := kubectl(t, "", "-n", systemNS, "get", "secrets", "-l", "app.kubernetes.io/component=link-pki", "-o", "name")
+		if err != nil {
+			return false, err
+		}
+		left = append(left, strings.Fields(pki)...)
+		tenantRB, _, err := kubectl(t, "", "-n", "tenants", "get", "rolebindings", "-l", "app.kubernetes.io/name=shardpool", "-o", "name")
+		if err != nil {
+			return false, err
+		}
+		left = append(left, strings.Fields(tenantRB)...)
 		for _, pid := range pids {
 			if processAlive(pid) {
 				left = append(left, fmt.Sprintf("process %d", pid))
