@@ -92,6 +92,7 @@ func TestLeastPrivilegeRBAC(t *testing.T) {
 		{shard, systemNS, "get", "pods", nil, false},
 		{shard, systemNS, "list", "configmaps", nil, false},
 		{shard, systemNS, "patch", "deployments.apps", nil, false},
+		{shard, "kube-system", "update", "leases.coordination.k8s.io/shardpool-shard-0", nil, false},
 		// The operator: shard Deployments, its own Lease, status of
 		// DataSources; no Secrets, Services, budgets or shard Leases.
 		{operator, "", "list", "datasources.shardpool.dev", nil, true},
@@ -108,6 +109,8 @@ func TestLeastPrivilegeRBAC(t *testing.T) {
 		{operator, systemNS, "patch", "leases.coordination.k8s.io/shardpool-operator", nil, false},
 		{operator, systemNS, "delete", "leases.coordination.k8s.io/shardpool-shard-0", nil, false},
 		{operator, systemNS, "update", "deployments.apps", nil, false},
+		{operator, "kube-system", "create", "deployments.apps", nil, false},
+		{operator, "tenants", "delete", "datasources.shardpool.dev", nil, false},
 		{operator, systemNS, "create", "services", nil, false},
 		{operator, systemNS, "update", "services", nil, false},
 		{operator, systemNS, "delete", "services", nil, false},
@@ -149,6 +152,7 @@ func TestLeastPrivilegeRBAC(t *testing.T) {
 		{router, systemNS, "get", "leases.coordination.k8s.io", nil, false},
 		{router, systemNS, "update", "leases.coordination.k8s.io/shardpool-shard-0", nil, false},
 		{router, systemNS, "get", "pods", nil, false},
+		{router, systemNS, "create", "pods", nil, false},
 		{router, "tenants", "create", "events.events.k8s.io", nil, false},
 	}
 	for _, c := range checks {
