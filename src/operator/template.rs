@@ -437,18 +437,21 @@ mod tests {
         );
     }
 
+    /// The value of the shard container's environment variable `name`.
+    fn shard_env(t: &ShardTemplate, name: &str) -> Option<String> {
+        let d = deployment(t, "sp", "ns", 0, None);
+        d.spec
+            .and_then(|s| s.template.spec)
+            .and_then(|p| p.containers[0].env.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value)
+    }
+
     #[test]
     fn worker_threads_reach_the_shard_process() {
-        let env_of = |t: &ShardTemplate| {
-            let d = deployment(t, "sp", "ns", 0, None);
-            d.spec
-                .and_then(|s| s.template.spec)
-                .and_then(|p| p.containers[0].env.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .find(|e| e.name == "SHARDPOOL_WORKER_THREADS")
-                .and_then(|e| e.value)
-        };
+        let env_of = |t: &ShardTemplate| shard_env(t, "SHARDPOOL_WORKER_THREADS");
         let mut t = template();
         assert_eq!(env_of(&t), None, "unset: the binary's default");
         t.worker_threads = Some(0);
@@ -460,16 +463,7 @@ mod tests {
 
     #[test]
     fn the_cluster_wide_secrets_opt_in_reaches_the_shard_process_only_when_set() {
-        let env_of = |t: &ShardTemplate| {
-            let d = deployment(t, "sp", "ns", 0, None);
-            d.spec
-                .and_then(|s| s.template.spec)
-                .and_then(|p| p.containers[0].env.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .find(|e| e.name == "SHARDPOOL_SECRETS_CLUSTER_WIDE")
-                .and_then(|e| e.value)
-        };
+        let env_of = |t: &ShardTemplate| shard_env(t, "SHARDPOOL_SECRETS_CLUSTER_WIDE");
         let mut t = template();
         assert_eq!(env_of(&t), None, "off by default: per-namespace watches");
         t.secrets_cluster_wide = true;
