@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
@@ -57,33 +57,13 @@ pub async fn serve(
                     let metrics = metrics.clone();
                     let config = tls.as_ref().map(|rx| rx.borrow().clone());
                     tokio::spawn(async move {
-                        let r: std::io::Result<()> = async {
-                            stream.set_nodelay(true)?;
-                            let socket = socket2::SockRef::from(&stream).try_clone()?;
-                            let stream = match config {
-                                None => MaybeTls::Plain(stream),
-                                Some(None) => {
-                                    return Err(std::io::Error::other("no link certificate yet; refusing"));
-                                }
-                                Some(Some(config)) => {
-                                    let accepted = tokio::time::timeout(
-                                        HANDSHAKE_TIMEOUT,
-                                        TlsAcceptor::from(config).accept(stream),
-                                    )
-                                    .await
-                                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake"))?;
-                                    match accepted {
-                                        Ok(s) => MaybeTls::Tls(Box::new(s)),
-                                        Err(e) => {
-                                            tracing::warn!(%peer, error = %e, "link handshake refused (not a router of this release)");
-                                            return Ok(());
-                                        }
-                                    }
-                                }
-                            };
-                            connection(stream, socket, peer, registry, metrics, draining).await
-                        }
-                        .await;
+                        let r = match admit(stream, peer, config).await {
+                            Ok(Some((stream, socket))) => {
+                                connection(stream, socket, peer, registry, metrics, draining).await
+                            }
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(e),
+                        };
                         if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "router connection ended");
                         }
@@ -92,6 +72,38 @@ pub async fn serve(
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
             _ = stop.changed() => if *stop.borrow() { return },
+        }
+    }
+}
+
+/// A link's byte stream on the shard side.
+type LinkStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// Admits a router connection: plain TCP when the release turned mutual TLS
+/// off (`config` None), else only after a TLS handshake in which the client
+/// proved a router certificate. Ok(None): refused (logged); nothing of the
+/// protocol was read. Also returns a second handle on the socket.
+async fn admit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Option<Option<Arc<ServerConfig>>>,
+) -> std::io::Result<Option<(LinkStream, socket2::Socket)>> {
+    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(&stream).try_clone()?;
+    let config = match config {
+        None => return Ok(Some((MaybeTls::Plain(stream), socket))),
+        Some(None) => return Err(std::io::Error::other("no link certificate yet; refusing")),
+        Some(Some(config)) => config,
+    };
+    let accepted =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake"))?;
+    match accepted {
+        Ok(s) => Ok(Some((MaybeTls::Tls(Box::new(s)), socket))),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "link handshake refused (not a router of this release)");
+            Ok(None)
         }
     }
 }
