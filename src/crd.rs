@@ -373,7 +373,9 @@ pub async fn apply_status(
     field_manager: &str,
     status: serde_json::Value,
 ) -> Result<(), kube::Error> {
-    apply_status_at(client, namespace, name, field_manager, status, None).await
+    apply_status_at(client, namespace, name, field_manager, status, None)
+        .await
+        .map(|_| ())
 }
 
 /// [`apply_status`], applied only to the object's version `resource_version`
@@ -381,7 +383,8 @@ pub async fn apply_status(
 /// changed since (see [`is_conflict`]). A writer whose decision rests on
 /// what it saw (a shard reporting a source as its own) passes the version
 /// it saw, so a write that was overtaken by a reassignment cannot land on
-/// the newer object.
+/// the newer object. Returns the object's resourceVersion after the write
+/// (unchanged when the write changed nothing).
 pub async fn apply_status_at(
     client: &kube::Client,
     namespace: &str,
@@ -389,16 +392,17 @@ pub async fn apply_status_at(
     field_manager: &str,
     status: serde_json::Value,
     resource_version: Option<&str>,
-) -> Result<(), kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let api: kube::Api<DataSource> = kube::Api::namespaced(client.clone(), namespace);
     let mut patch = serde_json::json!({"apiVersion": "shardpool.dev/v1alpha1", "kind": "DataSource", "status": status});
     if let Some(rv) = resource_version {
         patch["metadata"] = serde_json::json!({"name": name, "resourceVersion": rv});
     }
     let pp = kube::api::PatchParams::apply(field_manager).force();
-    api.patch_status(name, &pp, &kube::api::Patch::Apply(patch))
+    let written = api
+        .patch_status(name, &pp, &kube::api::Patch::Apply(patch))
         .await?;
-    Ok(())
+    Ok(written.metadata.resource_version)
 }
 
 /// Whether an API error is 409 Conflict: the object changed since the

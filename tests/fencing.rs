@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use shardpool::crd::Fencing;
 use shardpool::lease::{Claim, Validity};
+use shardpool::shard::connect_limit::ConnectLimit;
 use shardpool::shard::fence::{self, FenceError};
 use shardpool::shard::pool::{self, Manager, Pool, PoolSettings};
 use shardpool::shard::server::{ConnectError, ConnectParams};
 use support::TestPg;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 fn settings(min_idle: usize, max_size: usize) -> PoolSettings {
@@ -58,7 +58,7 @@ fn owner(
         params,
         settings(3, 5),
         password.into(),
-        Arc::new(Semaphore::new(8)),
+        Arc::new(ConnectLimit::new(8)),
     )
     .with_validity(validity)
     .with_fencing(fencing, id.prefix);

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardpool::crd::TlsMode;
+use shardpool::shard::connect_limit::ConnectLimit;
 use shardpool::shard::pool::{self, Manager, PoolSettings};
 use shardpool::shard::server::{ConnectError, ConnectParams, ServerConn};
 use shardpool::shard::tls::TlsSettings;
 use support::TestPg;
-use tokio::sync::Semaphore;
 
 fn params(pg: &TestPg, app: &str) -> ConnectParams {
     ConnectParams {
@@ -88,17 +88,23 @@ async fn wrong_password_is_a_clear_secret_free_error() {
 #[tokio::test]
 async fn pool_warms_to_exactly_min_idle() {
     let pg = TestPg::start("warm");
-    let limit = Arc::new(Semaphore::new(2));
+    let limit = Arc::new(ConnectLimit::new(2));
     let pool = pool::build(Manager::new(
         params(&pg, "shardpool/t/warm/0"),
         settings(5, 8),
         pg.password.clone(),
-        limit,
+        limit.clone(),
     ))
     .expect("pool");
     for _ in 0..3 {
         pool::maintain(&pool).await;
     }
+    assert!(
+        (1..=2).contains(&limit.peak()),
+        "connects at once: {} (limit 2)",
+        limit.peak()
+    );
+    assert_eq!(limit.connecting(), 0);
     let seen = pg.psql(
         "postgres",
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardpool/t/warm/0'",
@@ -112,6 +118,50 @@ async fn pool_warms_to_exactly_min_idle() {
     }
     pool::maintain(&pool).await;
     assert_eq!(pool::counts(&pool).0, 5);
+}
+
+#[tokio::test]
+async fn queries_during_warm_up_use_the_warming_connections_instead_of_opening_more() {
+    let pg = TestPg::start("warmcap");
+    let pool = pool::build(Manager::new(
+        params(&pg, "shardpool/t/warmcap/0"),
+        settings(4, 8),
+        pg.password.clone(),
+        Arc::new(ConnectLimit::new(8)),
+    ))
+    .expect("pool");
+    // Three queries arrive while the pool warms (a handover under load).
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let p = pool.clone();
+            tokio::spawn(async move {
+                let c = p.get().await.expect("get");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(c);
+            })
+        })
+        .collect();
+    pool::maintain(&pool).await;
+    for c in clients {
+        c.await.expect("client");
+    }
+    pool::maintain(&pool).await;
+    let seen = pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardpool/t/warmcap/0'",
+    );
+    assert_eq!(
+        seen, "4",
+        "minIdle connections, not minIdle plus the queries"
+    );
+    // Once warm, demand above minIdle grows the pool, up to maxSize.
+    let held: Vec<_> = futures::future::join_all((0..6).map(|_| pool.get()))
+        .await
+        .into_iter()
+        .map(|r| r.expect("get"))
+        .collect();
+    assert_eq!(pool::counts(&pool).0, 6);
+    drop(held);
 }
 
 /// Whether the server sees the connection named `app` as TLS.
@@ -228,10 +278,11 @@ async fn light_load_after_a_burst_trims_to_what_is_used() {
         params(&pg, app),
         s,
         pg.password.clone(),
-        Arc::new(Semaphore::new(4)),
+        Arc::new(ConnectLimit::new(4)),
     ))
     .expect("pool");
-    // A burst: four at once.
+    // Warm (as the shard's maintenance does first), then a burst: four at once.
+    pool::maintain(&pool).await;
     {
         let mut held = Vec::new();
         for _ in 0..4 {

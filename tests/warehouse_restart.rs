@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardpool::shard::checkout::{self, CheckoutError};
+use shardpool::shard::connect_limit::ConnectLimit;
 use shardpool::shard::pool::{self, Manager, Pool, PoolSettings};
 use shardpool::shard::server::ConnectParams;
 use support::TestPg;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 fn pool(pg: &TestPg, max_size: usize) -> Pool {
@@ -40,7 +40,7 @@ fn pool(pg: &TestPg, max_size: usize) -> Pool {
         params,
         settings,
         pg.password.clone(),
-        Arc::new(Semaphore::new(8)),
+        Arc::new(ConnectLimit::new(8)),
     );
     pool::build(m).expect("pool")
 }

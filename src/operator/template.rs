@@ -49,6 +49,10 @@ pub struct ShardTemplate {
     /// thread, 0 one per core; unset = the binary's default, 1).
     #[serde(default)]
     pub worker_threads: Option<u32>,
+    /// Server connections a shard process opens at the same moment, at
+    /// most (SHARDPOOL_CONNECT_CONCURRENCY; unset = the binary's default).
+    #[serde(default)]
+    pub connect_limit: Option<u32>,
     /// Resources of the shard container.
     #[serde(default)]
     pub resources: Option<ResourceRequirements>,
@@ -256,6 +260,10 @@ pub fn deployment(
                     .map(|n| env("SHARDPOOL_WORKER_THREADS", n.to_string())),
             )
             .chain(
+                t.connect_limit
+                    .map(|n| env("SHARDPOOL_CONNECT_CONCURRENCY", n.to_string())),
+            )
+            .chain(
                 t.secrets_cluster_wide
                     .then(|| env("SHARDPOOL_SECRETS_CLUSTER_WIDE", "true")),
             )
@@ -459,6 +467,15 @@ mod tests {
         let h = t.hash();
         t.worker_threads = Some(1);
         assert_ne!(h, t.hash(), "a change rolls the shards");
+    }
+
+    #[test]
+    fn the_connect_limit_reaches_the_shard_process() {
+        let env_of = |t: &ShardTemplate| shard_env(t, "SHARDPOOL_CONNECT_CONCURRENCY");
+        let mut t = template();
+        assert_eq!(env_of(&t), None, "unset: the binary's default");
+        t.connect_limit = Some(64);
+        assert_eq!(env_of(&t).as_deref(), Some("64"));
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct Link {
 
 /// A link's byte stream: mutual TLS over TCP, or plain TCP when the
 /// release turned mutual TLS off.
-type LinkStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+type LinkStream = MaybeTls<tokio_rustls::client::TlsStream<crate::proto::linktls::LinkIo>>;
 
 /// Mutual TLS towards shards: the router's client configuration (None until
 /// its certificate is known) and what a shard's certificate must say.
@@ -121,7 +121,7 @@ async fn dial(
     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let tls = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        TlsConnector::from(config).connect(name, stream),
+        TlsConnector::from(config).connect(name, crate::proto::linktls::link_io(stream)),
     )
     .await
     .map_err(|_| {

@@ -64,6 +64,7 @@ pub async fn get(pool: &Pool, wait: Duration) -> Result<Conn, CheckoutError> {
     let create = pool.manager().settings().connect_timeout + Duration::from_secs(1);
     let mut last: Option<ConnectError> = None;
     loop {
+        super::pool::lift_cap_when_warm(pool);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let timeouts = Timeouts {
             wait: Some(remaining),

@@ -151,6 +151,7 @@ pub async fn claim(
         ds.metadata.resource_version.as_deref(),
     )
     .await
+    .map(|_| ())
 }
 
 /// Acknowledges that `shard` closed the source's pool: clears

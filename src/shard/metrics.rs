@@ -24,6 +24,13 @@ pub struct Direction {
     pub direction: &'static str,
 }
 
+/// Which conditional write the API server refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refused {
+    /// `claim` (taking a source over) or `status` (reporting it).
+    pub write: &'static str,
+}
+
 /// Shard-wide metrics; cheap to clone (every handle is an `Arc`).
 #[derive(Debug, Clone)]
 pub struct ShardMetrics {
@@ -40,6 +47,9 @@ pub struct ShardMetrics {
     pub lease_valid: Gauge,
     /// 1 while draining after SIGTERM.
     pub draining: Gauge,
+    /// Conditional DataSource writes refused because the object changed
+    /// since this shard read it (409), by write.
+    pub conflicts: Family<Refused, Counter>,
 }
 
 impl ShardMetrics {
@@ -55,7 +65,13 @@ impl ShardMetrics {
             lease_held: Gauge::default(),
             lease_valid: Gauge::default(),
             draining: Gauge::default(),
+            conflicts: Family::default(),
         };
+        reg.register(
+            "shardpool_shard_write_conflicts",
+            "Conditional DataSource writes refused because the object changed since it was read",
+            m.conflicts.clone(),
+        );
         reg.register(
             "shardpool_shard_checkout_wait_seconds",
             "Time a transaction waited for a server connection",

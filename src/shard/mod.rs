@@ -14,6 +14,7 @@
 //! predecessor's connections before opening its own ([`fence`]).
 
 pub mod checkout;
+pub mod connect_limit;
 pub mod fence;
 pub mod handover;
 pub mod metrics;
@@ -37,7 +38,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::crd::DataSource;
 use crate::health::{self, Ready};
@@ -125,6 +126,8 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let registry = Arc::new(registry::Registry::default());
     let mut prom = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::ShardMetrics::register(&mut prom, registry.clone()));
+    let connect_limit = Arc::new(connect_limit::ConnectLimit::new(cfg.connect_concurrency));
+    connect_limit.register(&mut prom);
     let probe_addr = SocketAddr::new(cfg.pod_ip, cfg.metrics_port);
     let mut probe_stop = stop_rx.clone();
     tokio::spawn(health::serve(probe_addr, ready.clone(), prom, async move {
@@ -154,22 +157,9 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         ]
         .into(),
     };
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    tracing::info!(shard = cfg.index, "standby: waiting for the lease");
-    let Some(held) = lease::acquire(leases, lease_cfg, &mut term).await else {
-        tracing::info!("terminated while standby");
-        return Ok(0);
-    };
-    // Renewal on its own task: nothing here waits for the API server.
-    let keeper = lease::keep(held);
-    let validity = keeper.validity();
-    let token = fence::process_token();
-    tracing::info!(shard = cfg.index, token = %token, "serving");
-
-    // Serving.
-    metrics.lease_held.set(1);
-    let (draining_tx, draining_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cfg.pod_ip, cfg.port)).await?;
+    // The link certificate before the Lease: holding the Lease says
+    // "routers can reach me", which the operator waits for before it moves
+    // sources to a new shard.
     let mut link_tls = cfg.link_tls.then(|| {
         crate::linkcerts::follow_server(
             clients.watches.clone(),
@@ -191,15 +181,6 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
             "mutual TLS on router links is off (links.mutualTLS=false): anything that reaches this port can use the pools"
         );
     }
-    tokio::spawn(serve::serve(
-        listener,
-        link_tls,
-        registry.clone(),
-        metrics.clone(),
-        draining_rx,
-        stop_rx.clone(),
-    ));
-
     let changed = Arc::new(crate::watch::Changed::default());
     let store = crate::watch::store(
         Api::<DataSource>::all(clients.watches.clone()),
@@ -214,11 +195,47 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     // Secret metadata only (no values in memory): a changed resourceVersion
     // of a referenced Secret triggers one read of that Secret.
     let secrets = secrets::SecretWatch::new(clients.watches.clone(), cfg.secrets_cluster_wide);
-    let _ = tokio::join!(
-        store.wait_until_ready(),
-        lease_store.wait_until_ready(),
-        secrets.ready()
-    );
+    // Synced while standby: a pod that takes the Lease over (a rollout)
+    // opens its sources at once instead of listing thousands first.
+    let synced = async {
+        tokio::join!(
+            store.wait_until_ready(),
+            lease_store.wait_until_ready(),
+            secrets.ready()
+        )
+    };
+    tokio::select! {
+        _ = synced => {}
+        _ = &mut term => {
+            tracing::info!("terminated while standby");
+            return Ok(0);
+        }
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    tracing::info!(shard = cfg.index, "standby: waiting for the lease");
+    let Some(held) = lease::acquire(leases, lease_cfg, &mut term).await else {
+        tracing::info!("terminated while standby");
+        return Ok(0);
+    };
+    // Renewal on its own task: nothing here waits for the API server.
+    let keeper = lease::keep(held);
+    let validity = keeper.validity();
+    let token = fence::process_token();
+    tracing::info!(shard = cfg.index, token = %token, "serving");
+
+    // Serving.
+    metrics.lease_held.set(1);
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cfg.pod_ip, cfg.port)).await?;
+    let links = tokio::spawn(serve::serve(
+        listener,
+        link_tls,
+        registry.clone(),
+        metrics.clone(),
+        draining_rx,
+        stop_rx.clone(),
+    ));
+
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -227,7 +244,6 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         },
     );
     let drain_timeout = Duration::from_secs(cfg.drain_seconds);
-    let connect_limit = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
     let sync_cx = sources::SyncContext {
         client: &client,
         store: &store,
@@ -253,6 +269,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         cfg.pod_name.clone(),
         registry.clone(),
         failures.clone(),
+        metrics.clone(),
         stop_rx.clone(),
     ));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -344,6 +361,8 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     }
     metrics.lease_held.set(0);
     let _ = stop_tx.send(true);
+    // Every link tells its sessions to go elsewhere before it closes.
+    let _ = tokio::time::timeout(Duration::from_secs(3), links).await;
     tracing::info!(ended, "drained; exiting");
     Ok(0)
 }
@@ -358,6 +377,7 @@ async fn report(
     pod: String,
     registry: Arc<registry::Registry>,
     failures: Arc<Mutex<status::BuildFailures>>,
+    metrics: Arc<metrics::ShardMetrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut written = status::Written::new();
@@ -377,6 +397,7 @@ async fn report(
             &registry,
             &failed,
             &mut written,
+            &metrics,
         )
         .await;
     }

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use tokio::sync::Semaphore;
 
+use super::connect_limit::ConnectLimit;
 use super::fence;
 use super::server::{ConnectError, ConnectParams, ServerConn};
 use crate::crd::Fencing;
@@ -60,7 +60,7 @@ pub struct Manager {
     /// connections use it while open ones carry on.
     password: RwLock<String>,
     /// Shard-wide limit on concurrent connection attempts.
-    connect_limit: Arc<Semaphore>,
+    connect_limit: Arc<ConnectLimit>,
     /// The shard's Lease claim: no connection is opened without it.
     validity: Validity,
     /// Whether to end other shard processes' backends before the first
@@ -78,6 +78,9 @@ pub struct Manager {
     closing: AtomicBool,
     /// Connection attempts under way (a drain waits for them to end).
     opening: AtomicUsize,
+    /// Set once the pool first held minIdle connections and its size cap
+    /// was lifted to maxSize (see [`warm_up_cap`]).
+    warm: AtomicBool,
     /// Outcome of the latest attempt, for status and backoff.
     health: Mutex<Health>,
     /// Successful connection attempts (metrics).
@@ -119,7 +122,7 @@ impl Manager {
         params: ConnectParams,
         settings: PoolSettings,
         password: String,
-        connect_limit: Arc<Semaphore>,
+        connect_limit: Arc<ConnectLimit>,
     ) -> Self {
         Manager {
             params,
@@ -133,6 +136,7 @@ impl Manager {
             fence_lock: tokio::sync::Mutex::new(()),
             closing: AtomicBool::new(false),
             opening: AtomicUsize::new(0),
+            warm: AtomicBool::new(false),
             health: Mutex::default(),
             connects_ok: AtomicU64::new(0),
             connects_failed: AtomicU64::new(0),
@@ -387,11 +391,42 @@ pub type Pool = managed::Pool<Manager>;
 /// A checked-out connection; returned to the pool on drop.
 pub type Conn = managed::Object<Manager>;
 
-/// Builds a source's pool (opens nothing yet; see [`maintain`]).
+/// The size a pool is capped at until it first holds minIdle connections:
+/// queries that arrive while it warms (a handover under load) wait for the
+/// warming connections instead of opening more, so the warehouse sees at
+/// most minIdle connections of the source until its demand needs more.
+fn warm_up_cap(s: &PoolSettings) -> usize {
+    match s.min_idle {
+        0 => s.max_size,
+        n => n.min(s.max_size),
+    }
+    .max(1)
+}
+
+/// Lifts the warm-up cap once the pool holds minIdle connections: from
+/// then on demand may grow it to maxSize. Checkouts call it first (hot
+/// path: one atomic load once warm).
+pub fn lift_cap_when_warm(pool: &Pool) {
+    let m = pool.manager();
+    if m.warm.load(Ordering::Acquire) {
+        return;
+    }
+    let s = &m.settings;
+    if pool.status().size >= s.min_idle.min(s.max_size) {
+        m.warm.store(true, Ordering::Release);
+        let max = s.max_size.max(1);
+        if pool.status().max_size < max {
+            pool.resize(max);
+        }
+    }
+}
+
+/// Builds a source's pool (opens nothing yet; see [`maintain`]), capped
+/// at minIdle until warm (see [`warm_up_cap`]).
 pub fn build(manager: Manager) -> Result<Pool, managed::BuildError> {
     let s = manager.settings.clone();
     Pool::builder(manager)
-        .max_size(s.max_size.max(1))
+        .max_size(warm_up_cap(&s))
         .wait_timeout(Some(s.acquire_timeout))
         .create_timeout(Some(s.connect_timeout + Duration::from_secs(1)))
         .recycle_timeout(Some(Duration::from_secs(5)))
@@ -449,8 +484,10 @@ pub async fn maintain(pool: &Pool) -> usize {
         }
     }
     let status = pool.status();
-    let missing = s.min_idle.min(s.max_size).saturating_sub(status.size);
+    let target = s.min_idle.min(s.max_size);
+    let missing = target.saturating_sub(status.size);
     if missing == 0 {
+        lift_cap_when_warm(pool);
         return 0;
     }
     // Holding every idle object plus `missing` more at once forces the pool
@@ -459,7 +496,10 @@ pub async fn maintain(pool: &Pool) -> usize {
     let mut held = Vec::with_capacity(want);
     let gets = (0..want).map(|_| pool.get());
     held.extend(futures::future::join_all(gets).await.into_iter().flatten());
-    held.len().saturating_sub(status.available)
+    let opened = held.len().saturating_sub(status.available);
+    drop(held);
+    lift_cap_when_warm(pool);
+    opened
 }
 
 /// How long warming waits after `failures` failed attempts in a row: 250 ms

@@ -39,7 +39,13 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// TLS at all when the release turned mutual TLS off.
 pub type LinkTls = Option<watch::Receiver<Option<Arc<ServerConfig>>>>;
 
-/// Serves routers on `listener` until `stop` flips to true.
+/// Longest wait, once `stop` flips, for the links to tell their sessions
+/// to go elsewhere and close.
+const LINK_CLOSE_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves routers on `listener` until `stop` flips to true; then every
+/// link ends its sessions with "handing over" (see [`connection`]) and
+/// this returns once they have closed (bounded by [`LINK_CLOSE_BOUND`]).
 pub async fn serve(
     listener: TcpListener,
     tls: LinkTls,
@@ -48,6 +54,9 @@ pub async fn serve(
     draining: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // One task per router connection; reaped as they end.
+    let mut links = tokio::task::JoinSet::new();
+    let link_stop = stop.clone();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -55,11 +64,12 @@ pub async fn serve(
                     let registry = registry.clone();
                     let draining = draining.clone();
                     let metrics = metrics.clone();
+                    let stop = link_stop.clone();
                     let config = tls.as_ref().map(|rx| rx.borrow().clone());
-                    tokio::spawn(async move {
+                    links.spawn(async move {
                         let r = match admit(stream, peer, config).await {
                             Ok(Some((stream, socket))) => {
-                                connection(stream, socket, peer, registry, metrics, draining).await
+                                connection(stream, socket, peer, registry, metrics, draining, stop).await
                             }
                             Ok(None) => Ok(()),
                             Err(e) => Err(e),
@@ -71,13 +81,28 @@ pub async fn serve(
                 }
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
-            _ = stop.changed() => if *stop.borrow() { return },
+            Some(_) = links.join_next(), if !links.is_empty() => {}
+            r = stop.wait_for(|s| *s) => {
+                if r.is_ok() {
+                    break;
+                }
+                // The process dropped the sender: it is gone already.
+                return;
+            }
         }
+    }
+    drop(listener);
+    let closing = async { while links.join_next().await.is_some() {} };
+    if tokio::time::timeout(LINK_CLOSE_BOUND, closing)
+        .await
+        .is_err()
+    {
+        tracing::warn!(links = links.len(), "router links still closing at exit");
     }
 }
 
 /// A link's byte stream on the shard side.
-type LinkStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+type LinkStream = MaybeTls<tokio_rustls::server::TlsStream<crate::proto::linktls::LinkIo>>;
 
 /// Admits a router connection: plain TCP when the release turned mutual TLS
 /// off (`config` None), else only after a TLS handshake in which the client
@@ -95,10 +120,12 @@ async fn admit(
         Some(None) => return Err(std::io::Error::other("no link certificate yet; refusing")),
         Some(Some(config)) => config,
     };
-    let accepted =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake"))?;
+    let accepted = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(config).accept(crate::proto::linktls::link_io(stream)),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake"))?;
     match accepted {
         Ok(s) => Ok(Some((MaybeTls::Tls(Box::new(s)), socket))),
         Err(e) => {
@@ -108,6 +135,11 @@ async fn admit(
     }
 }
 
+/// One router connection. When `stop` flips (the process leaves after its
+/// drain, or lost its Lease) every session still open is ended with
+/// "handing over" (57P01) before the link closes: a query the router sent
+/// that this shard never ran is then replayed on the next owner instead of
+/// failing with "outcome unknown" when the link drops under it.
 async fn connection<S>(
     stream: S,
     socket: socket2::Socket,
@@ -115,6 +147,7 @@ async fn connection<S>(
     registry: Arc<Registry>,
     metrics: Arc<ShardMetrics>,
     draining: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -163,8 +196,21 @@ where
     let mut sessions: HashMap<u32, Intake> = HashMap::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     'read: loop {
-        if rd.read_buf(&mut buf).await? == 0 {
-            break;
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => if r? == 0 {
+                break;
+            },
+            _ = stop.wait_for(|s| *s) => {
+                for id in sessions.keys() {
+                    let msg = pg::error(
+                        "FATAL",
+                        pg::DRAINING,
+                        "shard is handing over; retry on its successor",
+                    );
+                    let _ = outbox.push(Frame::new(*id, Kind::Closed, msg));
+                }
+                break;
+            }
         }
         heard.touch();
         loop {

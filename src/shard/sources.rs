@@ -10,13 +10,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::connect_limit::ConnectLimit;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::fence;
@@ -150,7 +150,7 @@ pub struct SyncContext<'a> {
     /// The shard's Lease claim: pools open connections only under it.
     pub validity: &'a Validity,
     /// Shard-wide connection attempt limit.
-    pub connect_limit: &'a Arc<Semaphore>,
+    pub connect_limit: &'a Arc<ConnectLimit>,
     /// Handover counters.
     pub metrics: &'a ShardMetrics,
     /// Events about the sources (drains past their deadline).
@@ -208,6 +208,10 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
                 match handover::claim(cx.client, &ds, shard, cx.pod).await {
                     Ok(()) => {}
                     Err(e) if crate::crd::is_conflict(&e) => {
+                        cx.metrics
+                            .conflicts
+                            .get_or_create(&super::metrics::Refused { write: "claim" })
+                            .inc();
                         tracing::debug!(source = %k, "not claimed: the DataSource changed since it was read; deciding again");
                         return (k, generation, Ok(None));
                     }

@@ -25,7 +25,36 @@ pub type BuildFailures = HashMap<String, String>;
 const STATUS_CONCURRENCY: usize = 16;
 
 /// What was last written per source, to write only changes.
-pub type Written = HashMap<String, Observed>;
+pub type Written = HashMap<String, Entry>;
+
+/// The last status write of one source.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// What it said.
+    obs: Observed,
+    /// The resourceVersion it was made on. While the watch still shows this
+    /// version the write has not come back yet, and another write now
+    /// would be refused (409): the next one waits for it.
+    on_version: Option<String>,
+}
+
+/// Whether a status that now says `obs` is due, after `last` was written.
+///
+/// The connection counts are written with a change of phase, error or
+/// generation, never on their own: they change with every transaction and
+/// every replaced connection, and thousands of sources writing them would
+/// keep the API server busy for nothing (the live counts are metrics:
+/// `shardpool_pool_connections`). The status says what the pool held when
+/// its phase last changed.
+fn due(last: Option<&Entry>, obs: &Observed, version: Option<&str>) -> bool {
+    let Some(last) = last else { return true };
+    if last.on_version.is_some() && last.on_version.as_deref() == version {
+        return false;
+    }
+    last.obs.phase != obs.phase
+        || last.obs.last_error != obs.last_error
+        || last.obs.generation != obs.generation
+}
 
 /// The status fields a shard owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +101,7 @@ pub fn observe(s: &super::registry::Source, min_idle: usize) -> Observed {
 
 /// One pass: observe every source this shard is responsible for and apply
 /// the changed ones.
+#[allow(clippy::too_many_arguments)]
 pub async fn write(
     client: &Client,
     store: &Store<DataSource>,
@@ -80,8 +110,9 @@ pub async fn write(
     registry: &Registry,
     failures: &BuildFailures,
     written: &mut Written,
+    metrics: &super::metrics::ShardMetrics,
 ) {
-    let mut due = Vec::new();
+    let mut due_now = Vec::new();
     for ds in store.state() {
         if !handover::wanted(&ds, shard) {
             continue;
@@ -99,18 +130,44 @@ pub async fn write(
         } else {
             continue;
         };
-        if written.get(&key) == Some(&obs) {
+        if !due(
+            written.get(&key),
+            &obs,
+            ds.metadata.resource_version.as_deref(),
+        ) {
             continue;
         }
-        due.push((ds, key, obs));
+        // A source this shard holds is written only once the watch shows
+        // the claim: a write before that would be refused (409).
+        let claimed = ds.status.as_ref().and_then(|s| s.serving_shard) == Some(shard as i32);
+        if registry.get(&key).is_some() && !claimed {
+            continue;
+        }
+        due_now.push((ds, key, obs));
     }
     // Independent writes, several in flight: a shard taking over hundreds
     // of sources reports them in a few round trips' time.
-    let done: Vec<(String, Observed)> = futures::stream::iter(due)
+    let done: Vec<(String, Entry)> = futures::stream::iter(due_now)
         .map(|(ds, key, obs)| async move {
             match apply(client, &ds, shard, pod, &obs).await {
-                Ok(()) => Some((key, obs)),
+                Ok(after) => {
+                    let before = ds.metadata.resource_version.clone();
+                    // A write that changed nothing leaves the version as it
+                    // was: then there is nothing to wait for.
+                    let on_version = if after.is_some() && after != before { before } else { None };
+                    Some((
+                        key,
+                        Entry {
+                            obs,
+                            on_version,
+                        },
+                    ))
+                }
                 Err(e) if crate::crd::is_conflict(&e) => {
+                    metrics
+                        .conflicts
+                        .get_or_create(&super::metrics::Refused { write: "status" })
+                        .inc();
                     // Changed since this pass read it (perhaps reassigned and
                     // already claimed by another shard): decided again on
                     // the next pass, from the newer object.
@@ -137,7 +194,7 @@ async fn apply(
     shard: u32,
     pod: &str,
     obs: &Observed,
-) -> Result<(), kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let _ns = ds.namespace().unwrap_or_default();
     let ready = obs.phase == Phase::Ready;
     let previous = ds
@@ -190,6 +247,66 @@ async fn apply(
         status,
         ds.metadata.resource_version.as_deref(),
     )
-    .await?;
-    Ok(())
+    .await
+}
+
+#[cfg(test)]
+mod due_tests {
+    use super::*;
+
+    fn obs(phase: Phase, counts: (usize, usize, usize)) -> Observed {
+        Observed {
+            phase,
+            counts,
+            last_error: None,
+            generation: 1,
+        }
+    }
+
+    fn entry(o: Observed, on: Option<&str>, _ago: std::time::Duration) -> Entry {
+        Entry {
+            obs: o,
+            on_version: on.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_change_of_phase_is_written_once_the_last_write_came_back() {
+        let last = entry(
+            obs(Phase::Connecting, (3, 3, 0)),
+            Some("10"),
+            Default::default(),
+        );
+        let now = obs(Phase::Ready, (12, 12, 0));
+        assert!(due(None, &now, Some("10")), "nothing written yet");
+        assert!(
+            !due(Some(&last), &now, Some("10")),
+            "the watch has not shown the last write: a write now is refused"
+        );
+        assert!(due(Some(&last), &now, Some("11")));
+    }
+
+    #[test]
+    fn connection_counts_alone_are_never_written() {
+        let old = entry(
+            obs(Phase::Ready, (12, 12, 0)),
+            None,
+            std::time::Duration::from_secs(3600),
+        );
+        assert!(!due(
+            Some(&old),
+            &obs(Phase::Ready, (12, 10, 2)),
+            Some("11")
+        ));
+        assert!(!due(
+            Some(&old),
+            &obs(Phase::Ready, (14, 12, 2)),
+            Some("11")
+        ));
+        assert!(due(
+            Some(&old),
+            &obs(Phase::Degraded, (14, 12, 2)),
+            Some("11")
+        ));
+    }
 }

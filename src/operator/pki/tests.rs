@@ -57,6 +57,10 @@ async fn handshake(server: &LinkIdentity, client: &LinkIdentity, dial: &str) -> 
             .connect(name, b)
             .await
             .map_err(|e| e.to_string())?;
+        let suite = c.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+        if suite != Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256) {
+            return Err(format!("negotiated {suite:?}, not AES-128-GCM"));
+        }
         c.write_all(b"x").await.map_err(|e| e.to_string())?;
         let mut byte = [0u8; 1];
         c.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
