@@ -316,5 +316,6 @@ pub fn context(client: Client, max_moves: usize) -> Context {
             },
         ),
         metrics: OperatorMetrics::register(&mut registry),
+        unseen: Default::default(),
     }
 }

@@ -191,6 +191,7 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
             },
         ),
         metrics: metrics.clone(),
+        unseen: Default::default(),
     };
     let link_pki = if cfg.link_tls {
         Some(links::LinkPki {

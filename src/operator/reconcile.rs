@@ -39,6 +39,14 @@ pub struct Context {
     pub recorder: Recorder,
     /// Counters and gauges served at /metrics.
     pub metrics: OperatorMetrics,
+    /// Assignments written whose write the watch has not shown yet, by
+    /// source key: (shard, shard count, the resourceVersion written on).
+    /// Until the store moves past that version a pass does not write the
+    /// same assignment again (with thousands of sources and a lagging
+    /// watch, every pass would otherwise rewrite them all, and each
+    /// rewrite makes the shards' claims on the older version fail).
+    /// Lock held only to read or update, never across an await.
+    pub unseen: std::sync::Mutex<std::collections::HashMap<String, (u32, u32, String)>>,
 }
 
 /// Why a pass failed; `reason()` is the metric label and Event reason.
@@ -234,8 +242,27 @@ async fn assign_all(
     // added after this pass can attract the source later.
     let among = count;
     let mut writes = Vec::new();
+    let unseen = match ctx.unseen.lock() {
+        Ok(mut u) => {
+            // Forget writes the watch has shown (or whose source is gone).
+            let versions: std::collections::HashMap<&str, Option<&str>> = loads
+                .iter()
+                .zip(&all)
+                .map(|(l, d)| (l.key.as_str(), d.metadata.resource_version.as_deref()))
+                .collect();
+            u.retain(|k, (_, _, on)| versions.get(k.as_str()) == Some(&Some(on.as_str())));
+            u.clone()
+        }
+        Err(_) => Default::default(),
+    };
     for ((ds, load), target) in all.iter().zip(&loads).zip(&result) {
         let Some(target) = *target else { continue };
+        if let Some((t, a, on)) = unseen.get(&load.key) {
+            if *t == target && *a == among && ds.metadata.resource_version.as_deref() == Some(on) {
+                // Written already; the watch has not shown it yet.
+                continue;
+            }
+        }
         let paused_phase_missing =
             ds.spec.paused && ds.status.as_ref().and_then(|s| s.phase) != Some(Phase::Paused);
         if load.current == Some(target) && !paused_phase_missing && load.placed_among == Some(among)
@@ -264,7 +291,18 @@ async fn assign_all(
     let outcomes: Vec<Result<Option<(ObjectReference, Event)>, Error>> =
         futures::stream::iter(writes)
             .map(|(ds, target, event)| async move {
-                write_assignment(ctx, ds, target, among).await?;
+                let after = write_assignment(ctx, ds, target, among).await?;
+                let before = ds.metadata.resource_version.clone();
+                if let (Some(before), true) = (before, after.is_some()) {
+                    if after.as_deref() != Some(before.as_str()) {
+                        if let Ok(mut u) = ctx.unseen.lock() {
+                            u.insert(
+                                format!("{}/{}", ds.namespace().unwrap_or_default(), ds.name_any()),
+                                (target, among, before),
+                            );
+                        }
+                    }
+                }
                 Ok(event.map(|(reason, note)| {
                     let ev = Event {
                         type_: EventType::Normal,
@@ -360,7 +398,7 @@ async fn write_assignment(
     ds: &DataSource,
     shard: u32,
     among: u32,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let generation = ds.metadata.generation.unwrap_or(0);
     let since = ds
         .status
@@ -387,15 +425,15 @@ async fn write_assignment(
     if ds.spec.paused {
         status["phase"] = json!("Paused");
     }
-    crate::crd::apply_status(
+    Ok(crate::crd::apply_status_at(
         &ctx.client,
         &ds.namespace().unwrap_or_default(),
         &ds.name_any(),
         FIELD_MANAGER,
         status,
+        None,
     )
-    .await?;
-    Ok(())
+    .await?)
 }
 
 /// Whether a shard Deployment is still rolling out.
