@@ -7,15 +7,20 @@ CARGO ?= cargo
 CRD := crds/datasource.yaml
 CHART_CRD := charts/shardpool/crds/datasource.yaml
 
-.PHONY: help demo test lint unit e2e generate build helm-lint down fuzz
+.PHONY: help demo test lint unit e2e generate build helm-lint down fuzz bench-scale
 
 help:
 	@echo "make demo   - start the local cluster, install shardpool and the examples, print how to query them"
 	@echo "make test   - lint, unit and integration tests, generated-file checks, end-to-end suite"
 	@echo "make down   - stop the local cluster"
+	@echo "make bench-scale - 6,000 sources x 12 connections over 8 shards (bench/scale.sh; 15-30 min, not part of test)"
 
 build:
 	$(CARGO) build --locked --bin shardpool
+
+## bench-scale: the scale benchmark (its own cluster; stop a demo cluster first).
+bench-scale:
+	bench/scale.sh
 
 ## demo: local cluster + shardpool + example sources.
 demo: build

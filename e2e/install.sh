@@ -25,8 +25,11 @@ secret() {
   cat "$f"
 }
 
-log "building shardpool"
-(cd "$ROOT" && cargo build --locked --bin shardpool) || die "cargo build failed"
+# The benchmarks run a release binary of their own (SHARDPOOL_BIN).
+if [ -z "${SHARDPOOL_BIN:-}" ]; then
+  log "building shardpool"
+  (cd "$ROOT" && cargo build --locked --bin shardpool) || die "cargo build failed"
+fi
 ensure_helm
 
 log "preparing the example warehouses on $WAREHOUSE_PGHOST:$WAREHOUSE_PGPORT"

@@ -25,6 +25,10 @@ type Load struct {
 	Pause time.Duration
 	// Timeout bounds one query (a query still running then counts as hung).
 	Timeout time.Duration
+	// KeepAnswers keeps each answer's text in its Result (a query that
+	// says who answered it, such as the server connection's
+	// application_name).
+	KeepAnswers bool
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -48,6 +52,8 @@ type Result struct {
 	Err string
 	// Reconnect is set for a failed attempt to open a connection.
 	Reconnect bool
+	// Answer is the text of the query's one value (with KeepAnswers).
+	Answer string
 }
 
 // Start runs `clients` clients on each source until Stop.
@@ -114,10 +120,13 @@ func (l *Load) client(src string) {
 		}
 		start := time.Now()
 		ctx, cancel := context.WithTimeout(context.Background(), l.Timeout)
-		var one int
-		err := conn.QueryRow(ctx, l.Query).Scan(&one)
+		var answer any
+		err := conn.QueryRow(ctx, l.Query).Scan(&answer)
 		cancel()
 		r := Result{Source: src, Start: start, End: time.Now()}
+		if err == nil && l.KeepAnswers {
+			r.Answer = fmt.Sprint(answer)
+		}
 		if err != nil {
 			r.Code, r.Err = code(err), err.Error()
 			if r.Code == "" {

@@ -686,6 +686,9 @@ func (e *faultsEnv) shardsOf(t *testing.T) map[string]string {
 			}
 			shards[name] = v[0]
 		}
+		if why := notPlaced(t, e.ns); why != "" {
+			return false, fmt.Errorf("%s", why)
+		}
 		return len(shards) > 0, nil
 	})
 	return shards

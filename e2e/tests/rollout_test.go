@@ -69,18 +69,7 @@ func TestShardRolloutUnderLoad(t *testing.T) {
 	pgbenchDone := backgroundPgbench(t, ip, pw, "-M", "extended", "-c", "4", "-j", "2", "-T", "45", "-n", "-P", "5", bench)
 	time.Sleep(3 * time.Second)
 
-	hashes := func() map[string]string {
-		ds, err := c.AppsV1().Deployments(systemNS).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=shard"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		h := map[string]string{}
-		for _, d := range ds.Items {
-			h[d.Name] = d.Annotations["shardpool.dev/template-hash"]
-		}
-		return h
-	}
-	before := hashes()
+	before := templateHashes(t)
 
 	rev := strconv.FormatInt(time.Now().Unix(), 10)
 	helm := filepath.Join(repoRoot(), "e2e", ".bin", "helm")

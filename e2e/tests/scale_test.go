@@ -51,6 +51,47 @@ func assignments(t *testing.T, ns string) map[string][3]string {
 // settledAt waits until every source is Ready and served by its assigned shard.
 // On timeout it prints what the shards logged about the first source that
 // was not settled.
+// notPlaced names a source of ns that the operator has not yet placed
+// among the current shard count (one Deployment per shard), or says why
+// it cannot tell; "" when every source is placed. A new shard attracts
+// sources only once its Lease has a holder, so after a rescale this is
+// what says the moves were made.
+func notPlaced(t *testing.T, ns string) string {
+	t.Helper()
+	ds, err := client(t).AppsV1().Deployments(systemNS).List(context.Background(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=shard"})
+	if err != nil {
+		return err.Error()
+	}
+	want := strconv.Itoa(len(ds.Items))
+	out, _, err := kubectl(t, "", "-n", ns, "get", "datasources", "-o", `jsonpath={range .items[*]}{.metadata.name} {.status.assignedAmong}{"\n"}{end}`)
+	if err != nil {
+		return err.Error()
+	}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 1 || (len(f) == 2 && f[1] != want) {
+			return fmt.Sprintf("%s placed among %v shards, not %s", f[0], f[1:], want)
+		}
+	}
+	return ""
+}
+
+// shardLeasesHeld says which of shards 0..n-1 has no Lease holder yet
+// ("" when all have one).
+func shardLeasesHeld(t *testing.T, n int) string {
+	t.Helper()
+	for k := 0; k < n; k++ {
+		l, err := client(t).CoordinationV1().Leases(systemNS).Get(context.Background(), fmt.Sprintf("shardpool-shard-%d", k), metav1.GetOptions{})
+		if err != nil {
+			return err.Error()
+		}
+		if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity == "" {
+			return fmt.Sprintf("shard %d has no Lease holder", k)
+		}
+	}
+	return ""
+}
+
 func settledAt(t *testing.T, ns string, n int) map[string]string {
 	t.Helper()
 	var shards map[string]string
@@ -71,6 +112,9 @@ func settledAt(t *testing.T, ns string, n int) map[string]string {
 			shards[name] = v[0]
 		}
 		unsettled = ""
+		if why := notPlaced(t, ns); why != "" {
+			return false, fmt.Errorf("%s", why)
+		}
 		return len(shards) == n, nil
 	})
 	return shards
