@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardpool::crd::TlsMode;
-use shardpool::shard::connect_limit::ConnectLimit;
+use shardpool::shard::connect_limit::{ConnectLimit, Purpose};
 use shardpool::shard::pool::{self, Manager, PoolSettings};
 use shardpool::shard::server::{ConnectError, ConnectParams, ServerConn};
 use shardpool::shard::tls::TlsSettings;
@@ -96,9 +96,8 @@ async fn pool_warms_to_exactly_min_idle() {
         limit.clone(),
     ))
     .expect("pool");
-    for _ in 0..3 {
-        pool::maintain(&pool).await;
-    }
+    // Warming opens one connection per pass; passes repeat until warm.
+    while pool::maintain(&pool).await > 0 {}
     assert!(
         (1..=2).contains(&limit.peak()),
         "connects at once: {} (limit 2)",
@@ -145,7 +144,7 @@ async fn queries_during_warm_up_use_the_warming_connections_instead_of_opening_m
     for c in clients {
         c.await.expect("client");
     }
-    pool::maintain(&pool).await;
+    while pool::maintain(&pool).await > 0 {}
     let seen = pg.psql(
         "postgres",
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardpool/t/warmcap/0'",
@@ -162,6 +161,58 @@ async fn queries_during_warm_up_use_the_warming_connections_instead_of_opening_m
         .collect();
     assert_eq!(pool::counts(&pool).0, 6);
     drop(held);
+}
+
+/// A pool waiting for a warm-up slot (other sources' warm-up holds the
+/// whole warm-up share) keeps serving from its idle connection, and a
+/// checkout that needs a new connection takes a slot kept for demand.
+/// Before the warm-up queued holding nothing, it held every idle
+/// connection of its source until its last connect was done.
+#[tokio::test]
+async fn warm_up_queued_for_a_slot_holds_none_of_the_pools_connections() {
+    let pg = TestPg::start("hostage");
+    let limit = Arc::new(ConnectLimit::new(4));
+    let pool = pool::build(Manager::new(
+        params(&pg, "shardpool/t/hostage/0"),
+        settings(4, 8),
+        pg.password.clone(),
+        limit.clone(),
+    ))
+    .expect("pool");
+    assert_eq!(pool::maintain(&pool).await, 1, "one per pass while warming");
+    assert_eq!(pool::counts(&pool), (1, 1, 0));
+    let warm_pid = pool.get().await.expect("get").backend_pid;
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        others.push(limit.acquire(Purpose::Warm).await.expect("slot"));
+    }
+    let warming = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool::maintain(&pool).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let first = tokio::time::timeout(Duration::from_millis(500), pool.get())
+        .await
+        .expect("the idle connection is not held by the queued warm-up")
+        .expect("get");
+    assert_eq!(
+        first.backend_pid, warm_pid,
+        "the warm connection served at once (not held by the queued warm-up)"
+    );
+    let second = tokio::time::timeout(Duration::from_secs(3), pool.get())
+        .await
+        .expect("demand takes a reserved slot, not a place behind warm-up")
+        .expect("get");
+    assert_ne!(first.backend_pid, second.backend_pid);
+    assert!(!warming.is_finished(), "warm-up still waits for its share");
+    drop((first, second));
+    drop(others);
+    let opened = tokio::time::timeout(Duration::from_secs(5), warming)
+        .await
+        .expect("warm-up goes on once its share frees")
+        .expect("joins");
+    assert_eq!(opened, 1);
+    assert_eq!(pool::counts(&pool).0, 3);
 }
 
 /// Whether the server sees the connection named `app` as TLS.
@@ -282,7 +333,7 @@ async fn light_load_after_a_burst_trims_to_what_is_used() {
     ))
     .expect("pool");
     // Warm (as the shard's maintenance does first), then a burst: four at once.
-    pool::maintain(&pool).await;
+    while pool::maintain(&pool).await > 0 {}
     {
         let mut held = Vec::new();
         for _ in 0..4 {

@@ -6,20 +6,40 @@
 //! attempt holds a slot from its first byte to its last: the fencing
 //! connection, warm-up, replacements and connections opened for a query.
 //!
+//! Two purposes share the gate. A connection a checkout is waiting for
+//! (demand) may take any slot. Warm-up (a pool filling up to minIdle) may
+//! hold at most `limit - reserved` slots, and waits for them in arrival
+//! order before it touches its pool; so a query on a source that is still
+//! warming waits behind at most one round of warm-up connects, not behind
+//! thousands of them.
+//!
 //! The gate also counts: how many attempts hold a slot now, and the most
 //! that ever did (exported as metrics; the scale benchmark reads them to
 //! show that no shard went above its limit).
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// What a connection attempt is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A checkout waits for it: any slot.
+    Demand,
+    /// Warm-up or replacement with nobody waiting: only the warm-up share.
+    Warm,
+}
 
 /// The gate; shared by every pool of the shard process.
 #[derive(Debug)]
 pub struct ConnectLimit {
-    /// One permit per attempt that may run.
-    permits: Semaphore,
+    /// One permit per attempt that may run, whatever its purpose.
+    permits: Arc<Semaphore>,
+    /// Taken first by warm-up attempts: `limit` minus the slots kept for
+    /// demand. FIFO, so warm-up is served in arrival order.
+    warming: Arc<Semaphore>,
     /// The configured bound.
     limit: usize,
     /// Attempts holding a permit now.
@@ -30,12 +50,14 @@ pub struct ConnectLimit {
 
 /// A slot: held for one connection attempt, given back on drop.
 #[derive(Debug)]
-pub struct Slot<'a> {
-    _permit: SemaphorePermit<'a>,
-    connecting: &'a Gauge,
+pub struct Slot {
+    /// The warm-up share's permit (warm-up only); released with `_permit`.
+    _warm: Option<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
+    connecting: Gauge,
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.connecting.dec();
     }
@@ -47,25 +69,44 @@ impl Drop for Slot<'_> {
 pub struct Closed;
 
 impl ConnectLimit {
-    /// A gate of `limit` slots (at least one).
+    /// A gate of `limit` slots (at least one); a quarter of them (at least
+    /// one, when there are two or more) are kept for demand.
     pub fn new(limit: usize) -> ConnectLimit {
         let limit = limit.max(1);
+        let reserved = if limit >= 2 { (limit / 4).max(1) } else { 0 };
         ConnectLimit {
-            permits: Semaphore::new(limit),
+            permits: Arc::new(Semaphore::new(limit)),
+            warming: Arc::new(Semaphore::new(limit - reserved)),
             limit,
             connecting: Gauge::default(),
             peak: Gauge::default(),
         }
     }
 
-    /// Waits for a slot.
-    pub async fn acquire(&self) -> Result<Slot<'_>, Closed> {
-        let permit = self.permits.acquire().await.map_err(|_| Closed)?;
+    /// Waits for a slot for `purpose`.
+    pub async fn acquire(&self, purpose: Purpose) -> Result<Slot, Closed> {
+        let warm = match purpose {
+            Purpose::Demand => None,
+            Purpose::Warm => Some(
+                self.warming
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Closed)?,
+            ),
+        };
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Closed)?;
         let now = self.connecting.inc() + 1;
         self.peak.inner().fetch_max(now, Ordering::Relaxed);
         Ok(Slot {
+            _warm: warm,
             _permit: permit,
-            connecting: &self.connecting,
+            connecting: self.connecting.clone(),
         })
     }
 
@@ -120,7 +161,7 @@ mod tests {
         for _ in 0..10 {
             let gate = gate.clone();
             tasks.push(tokio::spawn(async move {
-                let _slot = gate.acquire().await.expect("open");
+                let _slot = gate.acquire(Purpose::Demand).await.expect("open");
                 assert!(gate.connecting() <= 3, "{} at once", gate.connecting());
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }));
@@ -134,5 +175,40 @@ mod tests {
             "ten attempts against three slots fill all three"
         );
         assert_eq!(gate.connecting(), 0, "every slot given back");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn demand_overtakes_queued_warm_up() {
+        let gate = Arc::new(ConnectLimit::new(4));
+        // Warm-up holds its whole share (3 of 4) and more of it queues.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(gate.acquire(Purpose::Warm).await.expect("open"));
+        }
+        let queued = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.acquire(Purpose::Warm).await.map(|_| ()) })
+        };
+        tokio::task::yield_now().await;
+        // A checkout's connect still gets the reserved slot at once.
+        let demand =
+            tokio::time::timeout(Duration::from_millis(100), gate.acquire(Purpose::Demand))
+                .await
+                .expect("demand is not queued behind warm-up")
+                .expect("open");
+        assert_eq!(gate.connecting(), 4);
+        assert!(!queued.is_finished(), "warm-up stays within its share");
+        drop(demand);
+        tokio::task::yield_now().await;
+        assert!(
+            !queued.is_finished(),
+            "a freed reserved slot does not go to warm-up"
+        );
+        held.pop();
+        tokio::time::timeout(Duration::from_secs(1), queued)
+            .await
+            .expect("warm-up goes on once its share frees")
+            .expect("joins")
+            .expect("open");
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 
-use super::connect_limit::ConnectLimit;
+use super::connect_limit::{ConnectLimit, Purpose, Slot};
 use super::fence;
 use super::server::{ConnectError, ConnectParams, ServerConn};
 use crate::crd::Fencing;
@@ -61,6 +61,10 @@ pub struct Manager {
     password: RwLock<String>,
     /// Shard-wide limit on concurrent connection attempts.
     connect_limit: Arc<ConnectLimit>,
+    /// Warm-up slots taken by [`maintain`] before it makes the pool open
+    /// a connection; the next attempt uses one instead of queueing as
+    /// demand. Lock held only to push or pop.
+    prepaid: Mutex<Vec<Slot>>,
     /// The shard's Lease claim: no connection is opened without it.
     validity: Validity,
     /// Whether to end other shard processes' backends before the first
@@ -129,6 +133,7 @@ impl Manager {
             settings,
             password: RwLock::new(password),
             connect_limit,
+            prepaid: Mutex::default(),
             validity: Validity::always(),
             fencing: Fencing::Disabled,
             fence_prefix: String::new(),
@@ -246,11 +251,15 @@ impl Manager {
 
     /// Connects with `params` (the source's, or the fencing name's).
     async fn connect_with(&self, params: &ConnectParams) -> Result<ServerConn, ConnectError> {
-        let _permit = self
-            .connect_limit
-            .acquire()
-            .await
-            .map_err(|_| ConnectError::Closed)?;
+        let prepaid = self.prepaid.lock().ok().and_then(|mut p| p.pop());
+        let _slot = match prepaid {
+            Some(slot) => slot,
+            None => self
+                .connect_limit
+                .acquire(Purpose::Demand)
+                .await
+                .map_err(|_| ConnectError::Closed)?,
+        };
         let password = self.password.read().map(|p| p.clone()).unwrap_or_default();
         match tokio::time::timeout(
             self.settings.connect_timeout,
@@ -483,21 +492,54 @@ pub async fn maintain(pool: &Pool) -> usize {
             return 0;
         }
     }
-    let status = pool.status();
     let target = s.min_idle.min(s.max_size);
-    let missing = target.saturating_sub(status.size);
-    if missing == 0 {
-        lift_cap_when_warm(pool);
-        return 0;
+    // Until the pool is first warm, one connection per pass: a shard that
+    // takes over thousands of sources gives every one its first connection
+    // before any gets its second (passes run back to back while warming).
+    let budget = if manager.warm.load(Ordering::Acquire) {
+        target
+    } else {
+        1
+    };
+    let mut opened = 0;
+    while opened < budget {
+        let status = pool.status();
+        if status.size >= target {
+            break;
+        }
+        // Queue for a warm-up slot holding nothing of the pool, so its
+        // idle connections keep serving while this waits.
+        let Ok(slot) = manager.connect_limit.acquire(Purpose::Warm).await else {
+            break;
+        };
+        let status = pool.status();
+        if status.size >= target || !manager.may_open() {
+            break;
+        }
+        if let Ok(mut p) = manager.prepaid.lock() {
+            p.push(slot);
+        }
+        // Holding every idle object plus one more forces the pool to open
+        // exactly one (the idle ones are held for that one connect only).
+        let want = status.available + 1;
+        let gets = (0..want).map(|_| pool.get());
+        let held: Vec<Conn> = futures::future::join_all(gets)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        // A slot nobody used (an idle connection came back instead, or
+        // the attempt failed before connecting) goes back to the gate.
+        if let Ok(mut p) = manager.prepaid.lock() {
+            p.clear();
+        }
+        let got = held.len();
+        drop(held);
+        if got <= status.available {
+            break;
+        }
+        opened += 1;
     }
-    // Holding every idle object plus `missing` more at once forces the pool
-    // to open exactly the missing ones (briefly holding the idle ones).
-    let want = status.available + missing;
-    let mut held = Vec::with_capacity(want);
-    let gets = (0..want).map(|_| pool.get());
-    held.extend(futures::future::join_all(gets).await.into_iter().flatten());
-    let opened = held.len().saturating_sub(status.available);
-    drop(held);
     lift_cap_when_warm(pool);
     opened
 }

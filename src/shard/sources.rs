@@ -428,13 +428,28 @@ pub fn purge_idle(source: &Source) {
     }
 }
 
-/// One maintenance pass over every source: warm to minIdle, trim idle.
+/// Maintenance passes over every source: warm to minIdle, trim idle.
+/// Passes repeat while they open connections (a warming pool opens one
+/// per pass, so warm-up goes breadth-first over the sources), at most
+/// 32 in a row; the next tick goes on.
 pub async fn maintain_all(registry: &Registry) {
+    for _ in 0..32 {
+        if maintain_pass(registry).await == 0 {
+            break;
+        }
+    }
+}
+
+/// One pass; returns how many connections it opened.
+async fn maintain_pass(registry: &Registry) -> usize {
     use futures::StreamExt;
     let sources = registry.all();
+    let opened = std::sync::atomic::AtomicUsize::new(0);
+    let opened_ref = &opened;
     futures::stream::iter(sources)
         .for_each_concurrent(64, |s| async move {
-            pool::maintain(&s.pool).await;
+            let n = pool::maintain(&s.pool).await;
+            opened_ref.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             let known = s
                 .server_params
                 .read()
@@ -449,4 +464,5 @@ pub async fn maintain_all(registry: &Registry) {
             }
         })
         .await;
+    opened.into_inner()
 }
