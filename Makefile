@@ -22,9 +22,12 @@ build:
 bench-scale:
 	bench/scale.sh
 
-## demo: local cluster + shardpool + example sources.
-demo: build
-	e2e/up.sh
+## demo: local cluster + shardpool (the release build users deploy; `make
+## demo DEMO_PROFILE=debug` for a debug build, after `make down`) + examples.
+DEMO_PROFILE ?= release
+demo:
+	$(CARGO) build --locked $(if $(filter release,$(DEMO_PROFILE)),--release) --bin shardpool
+	SHARDPOOL_BIN=$(CURDIR)/target/$(DEMO_PROFILE)/shardpool e2e/up.sh
 	e2e/install.sh
 
 ## test: everything CI runs (the generated-file check is a cargo test: tests/generated.rs).

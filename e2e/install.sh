@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs shardpool on the local cluster from the working tree: builds the
-# binary (the pod runner maps the `shardpool` image to target/debug/shardpool),
+# binary the pod runner maps the `shardpool` image to (LOCAL_SHARDPOOL_BIN:
+# target/release/shardpool after `make demo`, target/debug for `make test`),
 # prepares the example warehouses and their Secrets, installs the Helm chart,
 # applies examples/, waits until the example sources are Ready, and appends
 # SHARDPOOL_PGURI, SHARDPOOL_HTTP and SHARDPOOL_HTTP_TOKEN to e2e/.state/env.
@@ -27,8 +28,12 @@ secret() {
 
 # The benchmarks run a release binary of their own (SHARDPOOL_BIN).
 if [ -z "${SHARDPOOL_BIN:-}" ]; then
-  log "building shardpool"
-  (cd "$ROOT" && cargo build --locked --bin shardpool) || die "cargo build failed"
+  case "${LOCAL_SHARDPOOL_BIN:-$ROOT/target/debug/shardpool}" in
+    "$ROOT/target/release/shardpool") profile=(--release) ;;
+    *) profile=() ;;
+  esac
+  log "building shardpool ${profile[*]:-(debug)}"
+  (cd "$ROOT" && cargo build --locked "${profile[@]}" --bin shardpool) || die "cargo build failed"
 fi
 ensure_helm
 

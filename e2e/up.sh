@@ -22,6 +22,10 @@ done
 if [ "$alive" -eq $((${#COMPONENTS[@]} + 1)) ] && [ -f "$STATE/env" ]; then
   if kc get --raw /readyz >/dev/null 2>&1; then
     log "local cluster already up (state in $STATE)"
+    running=$(sed -n 's/^export LOCAL_SHARDPOOL_BIN=//p' "$STATE/env")
+    if [ -n "${SHARDPOOL_BIN:-}" ] && [ -n "$running" ] && [ "$running" != "$SHARDPOOL_BIN" ]; then
+      log "note: its pods run $running, not $SHARDPOOL_BIN; run e2e/down.sh (make down) first to switch"
+    fi
     exit 0
   fi
 fi
@@ -172,6 +176,8 @@ export WAREHOUSE_PGPORT=$WAREHOUSE_PORT
 export WAREHOUSE_PGUSER=$PGUSER_W
 export WAREHOUSE_PGPASSWORD=$PGPASS_W
 export WAREHOUSE_CA=$STATE/warehouse-ca.crt
+# The binary the pod runner runs for the shardpool image (e2e/install.sh builds it).
+export LOCAL_SHARDPOOL_BIN=$SHARDPOOL_BIN
 ENV
 log "local cluster up: source $STATE/env"
 kc version 2>/dev/null | sed 's/^/  /' >&2 || true

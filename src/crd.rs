@@ -29,6 +29,32 @@ pub const OBJECT_NAME_PATTERN: &str =
 /// A key in a Secret's data.
 pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 
+/// Condition reasons written to `status.conditions` (each one is described
+/// in the CRD, so `kubectl explain datasource.status.conditions` shows it).
+pub mod reason {
+    /// Assigned=True: the operator placed the source on a shard.
+    pub const ASSIGNED: &str = "Assigned";
+    /// Ready=True: minIdle connections are open.
+    pub const POOL_WARM: &str = "PoolWarm";
+    /// Ready=False: the pool is opening its connections.
+    pub const CONNECTING: &str = "Connecting";
+    /// Ready=False: serving, below minIdle or with connection errors.
+    pub const CONNECTION_ERRORS: &str = "ConnectionErrors";
+    /// Ready=False: the pool cannot be opened.
+    pub const CANNOT_CONNECT: &str = "CannotConnect";
+    /// Ready=False: paused, or no shard serves the source.
+    pub const NOT_SERVING: &str = "NotServing";
+    /// Every reason above.
+    pub const ALL: [&str; 6] = [
+        ASSIGNED,
+        POOL_WARM,
+        CONNECTING,
+        CONNECTION_ERRORS,
+        CANNOT_CONNECT,
+        NOT_SERVING,
+    ];
+}
+
 /// A connection pool to one PostgreSQL-compatible warehouse (PostgreSQL,
 /// Redshift, CockroachDB, TimescaleDB, Aurora, ...). shardpool assigns it to
 /// exactly one pool shard, which keeps `pool.minIdle` connections open and
@@ -42,7 +68,6 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
     kind = "DataSource",
     namespaced,
     status = "DataSourceStatus",
-    shortname = "ds",
     shortname = "dsrc",
     category = "shardpool",
     doc = "A PostgreSQL-compatible warehouse whose connection pool shardpool keeps warm on exactly one shard.",
@@ -63,6 +88,20 @@ pub const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
         type_ = "integer",
         json_path = ".status.connections.open",
         description = "Open server connections"
+    ),
+    printcolumn(
+        name = "Host",
+        type_ = "string",
+        json_path = ".spec.host",
+        description = "Warehouse host",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Database",
+        type_ = "string",
+        json_path = ".spec.database",
+        description = "Database on the warehouse",
+        priority = 1
     ),
     printcolumn(
         name = "Age",
@@ -265,10 +304,23 @@ pub struct DataSourceStatus {
     /// Index of the pool shard that owns the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<i32>,
-    /// Lifecycle phase.
+    /// Lifecycle phase: Pending (no shard has picked the source up yet),
+    /// Connecting (its shard is opening the pool), Ready (minIdle
+    /// connections open, queries served), Degraded (serving, but below
+    /// minIdle or with recent connection errors), Paused (spec.paused; the
+    /// pool is closed), Error (the pool cannot be opened; see lastError).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Assigned and Ready conditions, with reasons.
+    /// Conditions and their reasons. Assigned (written by the operator):
+    /// True with reason Assigned once the source has a shard (status.shard).
+    /// Ready (written by the owning shard): True with reason PoolWarm when
+    /// minIdle connections are open; False with reason Connecting while the
+    /// pool opens its connections, ConnectionErrors when it serves but is
+    /// below minIdle or saw connection errors (the message is lastError),
+    /// CannotConnect when the pool cannot be opened (lastError says why: the
+    /// password Secret, a namespace not in the chart's tenantNamespaces, TLS,
+    /// authentication, the warehouse unreachable), NotServing when the
+    /// source is paused or no shard serves it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -450,18 +502,60 @@ mod tests {
     fn crd_has_names_columns_and_rules() {
         let crd = DataSource::crd();
         assert_eq!(crd.spec.group, GROUP);
+        // Not "ds": kubectl resolves that to DaemonSets.
         assert_eq!(
             crd.spec.names.short_names.as_deref(),
-            Some(&["ds".to_string(), "dsrc".to_string()][..])
+            Some(&["dsrc".to_string()][..])
         );
         let v = &crd.spec.versions[0];
         let cols: Vec<_> = v
             .additional_printer_columns
             .iter()
             .flatten()
-            .map(|c| c.name.as_str())
+            .map(|c| (c.name.as_str(), c.priority.unwrap_or(0)))
             .collect();
-        assert_eq!(cols, ["Shard", "Phase", "Open", "Age"]);
+        assert_eq!(
+            cols,
+            [
+                ("Shard", 0),
+                ("Phase", 0),
+                ("Open", 0),
+                ("Host", 1),
+                ("Database", 1),
+                ("Age", 0)
+            ],
+            "host and database only at -o wide"
+        );
+        let status = v
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .and_then(|s| s.properties.as_ref())
+            .and_then(|p| p.get("status"))
+            .and_then(|s| s.properties.as_ref())
+            .expect("status properties");
+        let described = |field: &str| {
+            status
+                .get(field)
+                .and_then(|f| f.description.clone())
+                .unwrap_or_default()
+        };
+        for r in reason::ALL {
+            assert!(
+                described("conditions").contains(r),
+                "condition reason {r} is not described in the CRD"
+            );
+        }
+        for p in [
+            "Pending",
+            "Connecting",
+            "Ready",
+            "Degraded",
+            "Paused",
+            "Error",
+        ] {
+            assert!(described("phase").contains(p), "phase {p} is not described");
+        }
         let yaml = crd_yaml().expect("crd serializes");
         assert!(yaml.contains("self.minIdle <= self.maxSize"));
         assert!(yaml.contains("x-kubernetes-list-map-keys"));

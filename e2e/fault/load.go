@@ -29,6 +29,12 @@ type Load struct {
 	// says who answered it, such as the server connection's
 	// application_name).
 	KeepAnswers bool
+	// RetryRestarting makes every client a pool that, when a query fails
+	// with SQLSTATE 57P01 (the server or router closed the connection at
+	// an idle point, as a restarting router does), reconnects and runs the
+	// query once more; only a failed retry counts as a failure. Any other
+	// error counts at once.
+	RetryRestarting bool
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -54,6 +60,10 @@ type Result struct {
 	Reconnect bool
 	// Answer is the text of the query's one value (with KeepAnswers).
 	Answer string
+	// Retried is set when the query was run again on a new connection
+	// after a 57P01 (with RetryRestarting); RetryErr is that first error.
+	Retried  bool
+	RetryErr string
 }
 
 // Start runs `clients` clients on each source until Stop.
@@ -123,7 +133,19 @@ func (l *Load) client(src string) {
 		var answer any
 		err := conn.QueryRow(ctx, l.Query).Scan(&answer)
 		cancel()
-		r := Result{Source: src, Start: start, End: time.Now()}
+		r := Result{Source: src, Start: start}
+		if err != nil && l.RetryRestarting && code(err) == "57P01" {
+			// The pool's one retry, on a new connection.
+			r.Retried, r.RetryErr = true, err.Error()
+			_ = conn.Close(context.Background())
+			ctx, cancel := context.WithTimeout(context.Background(), l.Timeout)
+			conn, err = l.Connect(ctx, src)
+			if err == nil {
+				err = conn.QueryRow(ctx, l.Query).Scan(&answer)
+			}
+			cancel()
+		}
+		r.End = time.Now()
 		if err == nil && l.KeepAnswers {
 			r.Answer = fmt.Sprint(answer)
 		}
@@ -133,7 +155,9 @@ func (l *Load) client(src string) {
 				r.Code = "client"
 			}
 			// A BI backend's pool drops the connection and opens another.
-			_ = conn.Close(context.Background())
+			if conn != nil {
+				_ = conn.Close(context.Background())
+			}
 			conn = nil
 		}
 		l.record(r)
@@ -174,6 +198,18 @@ func (r Report) Failed() []Result {
 	var out []Result
 	for _, x := range r.Results {
 		if x.Code != "" {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// Retries returns the queries run again after a 57P01 (RetryRestarting),
+// whether or not the retry succeeded.
+func (r Report) Retries() []Result {
+	var out []Result
+	for _, x := range r.Results {
+		if x.Retried {
 			out = append(out, x)
 		}
 	}
@@ -259,6 +295,9 @@ func (r Report) Summary() string {
 		}
 		sort.Strings(parts)
 		failed += " (" + strings.Join(parts, ", ") + ")"
+	}
+	if n := len(r.Retries()); n > 0 {
+		failed += fmt.Sprintf(", %d retried once after 57P01", n)
 	}
 	return fmt.Sprintf("%d queries, %s, longest query %s, longest stretch without an answer %s (%s)",
 		r.Queries(), failed, longest.End.Sub(longest.Start).Round(time.Millisecond), silence.Round(time.Millisecond), src)

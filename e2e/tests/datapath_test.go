@@ -305,9 +305,15 @@ func TestPgbenchAllModes(t *testing.T) {
 }
 
 // ensureBenchSource creates (once) a pgbench database and its DataSource
-// tenants/bench and returns the router database name.
+// tenants/bench and returns the router database name. The DataSource and
+// its Secret are removed when the test ends (the database stays: pgbench's
+// tables are the same every time).
 func ensureBenchSource(t *testing.T) string {
 	t.Helper()
+	t.Cleanup(func() {
+		_, _, _ = kubectl(t, "", "-n", "tenants", "delete", "datasource", "bench", "--ignore-not-found", "--timeout=30s")
+		_, _, _ = kubectl(t, "", "-n", "tenants", "delete", "secret", "bench-warehouse", "--ignore-not-found")
+	})
 	if warehouse(t, "postgres", "SELECT count(*) FROM pg_database WHERE datname = 'bench'") == "0" {
 		warehouse(t, "postgres", "CREATE DATABASE bench")
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

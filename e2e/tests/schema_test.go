@@ -2,6 +2,7 @@ package tests
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -162,5 +163,44 @@ func TestDataSourceExplain(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("kubectl explain datasource.spec.pool lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// The condition reasons and phases are explained by kubectl, the short
+// name is dsrc (not ds, which kubectl resolves to DaemonSets), and -o wide
+// adds the warehouse host and database.
+func TestDataSourceKubectlView(t *testing.T) {
+	installed(t)
+	var out string
+	eventually(t, 20*time.Second, "kubectl explain datasource.status.conditions", func() (bool, error) {
+		o, _, err := kubectl(t, "", "explain", "datasource.status.conditions")
+		out = o
+		return err == nil && strings.Contains(o, "PoolWarm"), err
+	})
+	for _, want := range []string{"Assigned", "PoolWarm", "Connecting", "ConnectionErrors", "CannotConnect", "NotServing"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("kubectl explain datasource.status.conditions lacks the reason %q:\n%s", want, out)
+		}
+	}
+	phase, _, err := kubectl(t, "", "explain", "datasource.status.phase")
+	if err != nil || !strings.Contains(phase, "Degraded (serving, but below") {
+		t.Errorf("kubectl explain datasource.status.phase does not describe the phases: %v\n%s", err, phase)
+	}
+	wide, stderr, err := kubectl(t, "", "-n", "tenants", "get", "dsrc", "acme", "-o", "wide")
+	if err != nil {
+		t.Fatalf("kubectl get dsrc -o wide: %v\n%s", err, stderr)
+	}
+	lines := strings.Split(strings.TrimSpace(wide), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], "HOST") || !strings.Contains(lines[0], "DATABASE") ||
+		!strings.Contains(lines[1], os.Getenv("WAREHOUSE_PGHOST")) || !strings.Contains(lines[1], " acme ") {
+		t.Errorf("-o wide lacks host and database:\n%s", wide)
+	}
+	narrow, _, _ := kubectl(t, "", "-n", "tenants", "get", "dsrc", "acme")
+	if strings.Contains(narrow, "HOST") {
+		t.Errorf("host shown without -o wide:\n%s", narrow)
+	}
+	names, _, err := kubectl(t, "", "get", "crd", "datasources.shardpool.dev", "-o", "jsonpath={.spec.names.shortNames}")
+	if err != nil || strings.Contains(names, `"ds"`) || !strings.Contains(names, `"dsrc"`) {
+		t.Errorf("short names %s (%v): want dsrc and not ds", names, err)
 	}
 }

@@ -141,4 +141,19 @@ spec: {host: %s, port: %s, database: acme, user: acme_bi, passwordSecretRef: {na
 	if out, stderr, err := psqlRouter(t, ip, pw, "tenants.nosecret", "-c", "SELECT count(*) FROM orders"); err != nil || strings.TrimSpace(out) != "500" {
 		t.Fatalf("healed source: %v %q\n%s", err, out, stderr)
 	}
+	// Both phase changes are Events on the DataSource (kubectl describe
+	// shows them): Error with its reason, then Ready.
+	var events string
+	eventually(t, 30*time.Second, "Error and Ready Events on the DataSource", func() (bool, error) {
+		out, _, err := kubectl(t, "", "-n", "tenants", "get", "events", "--field-selector", "involvedObject.kind=DataSource,involvedObject.name=nosecret",
+			"-o", `jsonpath={range .items[*]}{.type}|{.reason}|{.message}{"\n"}{end}`)
+		events = out
+		return strings.Contains(out, "Warning|Error|") && strings.Contains(out, "Normal|Ready|"), err
+	})
+	t.Logf("events:\n%s", events)
+	for _, line := range strings.Split(events, "\n") {
+		if strings.HasPrefix(line, "Warning|Error|") && !strings.Contains(line, "(CannotConnect)") {
+			t.Errorf("the Error Event does not give the condition's reason: %q", line)
+		}
+	}
 }

@@ -163,6 +163,18 @@ pub async fn reconcile(ctx: &Context, stores: &Stores) -> Result<(), Error> {
     }
     template.count = count;
     let desired = assign_all(ctx, &stores.sources, template.count).await?;
+    ctx.metrics.record_phases(
+        stores
+            .sources
+            .state()
+            .iter()
+            .map(|d| d.status.as_ref().and_then(|s| s.phase)),
+    );
+    ctx.metrics.record_leases(
+        template.count,
+        &stores.leases.state(),
+        k8s_openapi::jiff::Timestamp::now(),
+    );
     apply_shards(ctx, &template, stores, &desired).await
 }
 
@@ -416,7 +428,7 @@ async fn write_assignment(
         "conditions": [{
             "type": "Assigned",
             "status": "True",
-            "reason": "Assigned",
+            "reason": crate::crd::reason::ASSIGNED,
             "message": format!("assigned to shard {shard}"),
             "observedGeneration": generation,
             "lastTransitionTime": since,

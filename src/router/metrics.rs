@@ -61,6 +61,16 @@ pub struct RouterMetrics {
     pub held: Counter,
     /// Batches sent again to a new owner after a drain (nothing had run).
     pub replayed: Counter,
+    /// Client sessions this router ended while draining, by where: at an
+    /// idle point, or inside a transaction at the deadline.
+    pub drained: Family<DrainedAt, Counter>,
+}
+
+/// Where a drained session ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrainedAt {
+    /// "idle" or "deadline".
+    pub at: &'static str,
 }
 
 fn histogram() -> Histogram {
@@ -79,7 +89,16 @@ impl RouterMetrics {
             latency: Family::new_with_constructor(histogram),
             held: Counter::default(),
             replayed: Counter::default(),
+            drained: Family::default(),
         };
+        for at in ["idle", "deadline"] {
+            let _ = m.drained.get_or_create(&DrainedAt { at });
+        }
+        reg.register(
+            "shardpool_router_drained_sessions",
+            "Client sessions ended because the router was draining, by where (idle point or deadline)",
+            m.drained.clone(),
+        );
         // Front-end series exist from the start (a dashboard shows 0, not
         // "no data", before the first client).
         for frontend in ["pg", "http"] {

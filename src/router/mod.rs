@@ -5,6 +5,7 @@
 //! no state of its own: everything is rebuilt from watches on restart.
 
 pub mod auth;
+pub mod drain;
 pub mod http;
 pub mod jwt;
 pub mod link;
@@ -114,6 +115,14 @@ pub struct RouterConfig {
     /// document (NDJSON streams are not limited: they are sent as they come).
     #[arg(long, env = "SHARDPOOL_MAX_RESULT_BYTES", default_value_t = 16 << 20)]
     pub max_result_bytes: usize,
+    /// After SIGTERM: how long to go on accepting and serving with
+    /// readiness failed, while the Service's endpoints drop this pod.
+    #[arg(long, env = "SHARDPOOL_DRAIN_DELAY", default_value = "5s")]
+    pub drain_delay: String,
+    /// After that: how long sessions have to finish their transactions
+    /// before the ones still inside one are ended (57P01).
+    #[arg(long, env = "SHARDPOOL_DRAIN_TIMEOUT", default_value = "20s")]
+    pub drain_timeout: String,
 }
 
 impl std::fmt::Debug for RouterConfig {
@@ -155,6 +164,9 @@ pub struct Router {
     /// Cancel keys handed to clients -> the session to cancel. Std Mutex,
     /// held only to insert, look up or remove.
     cancels: Mutex<HashMap<u32, CancelTarget>>,
+    /// The drain state every session follows (see [`drain`]); the sender
+    /// stays in [`run`].
+    pub drain: tokio::sync::watch::Receiver<drain::Drain>,
 }
 
 impl Router {
@@ -223,6 +235,11 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     .map_err(anyhow::Error::msg)?;
     let auth = Arc::new(auth::Auth::new(credentials, jwt_max_ttl));
     let handover_timeout = parse_duration(&cfg.handover_timeout)?;
+    let drain_times = drain::DrainTimes {
+        delay: parse_duration(&cfg.drain_delay)?,
+        deadline: parse_duration(&cfg.drain_timeout)?,
+    };
+    let (drain_tx, drain_rx) = drain::channel();
     let limits = Limits {
         startup_timeout: parse_duration(&cfg.startup_timeout)?,
         max_message: cfg.max_message_bytes.max(1024),
@@ -314,6 +331,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         tls,
         metrics,
         cancels: Mutex::default(),
+        drain: drain_rx,
     });
     let listener = tokio::net::TcpListener::bind(cfg.pg_listen).await?;
     let http_listener = tokio::net::TcpListener::bind(cfg.http_listen).await?;
@@ -321,34 +339,91 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         router: router.clone(),
         max_result: cfg.max_result_bytes,
     }));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, app).await {
+    let (http_stop, mut http_stopped) = tokio::sync::watch::channel(false);
+    let http_task = tokio::spawn(async move {
+        let stop = async move {
+            let _ = http_stopped.wait_for(|s| *s).await;
+        };
+        // Graceful: on `stop` it accepts no more, and requests in flight
+        // finish.
+        if let Err(e) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
             tracing::error!(error = %e, "http api stopped");
         }
     });
     tracing::info!(pg = %cfg.pg_listen, http = %cfg.http_listen, "router serving");
     ready.set(true);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_clients.max(1)));
+    let accept = |r: std::io::Result<(tokio::net::TcpStream, SocketAddr)>| match r {
+        Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                tokio::spawn(session::serve(stream, peer, router.clone(), slot));
+            }
+            Err(_) => {
+                router
+                    .metrics
+                    .refused
+                    .get_or_create(&metrics::Frontend { frontend: "pg" })
+                    .inc();
+                tokio::spawn(session::refuse(stream));
+            }
+        },
+        Err(e) => tracing::warn!(error = %e, "accept failed"),
+    };
     let term = crate::shutdown::signal();
     tokio::pin!(term);
-    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_clients.max(1)));
     loop {
         tokio::select! {
             _ = &mut term => break,
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        tokio::spawn(session::serve(stream, peer, router.clone(), slot));
-                    }
-                    Err(_) => {
-                        router.metrics.refused.get_or_create(&metrics::Frontend { frontend: "pg" }).inc();
-                        tokio::spawn(session::refuse(stream));
-                    }
-                },
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
-            },
+            r = listener.accept() => accept(r),
         }
     }
+
+    // Drain (see the drain module): out of the endpoints first, still
+    // serving; then no new connections, sessions end at idle points; at
+    // the deadline the rest end.
     ready.set(false);
-    tracing::info!("router stopping");
+    tracing::info!(delay = ?drain_times.delay, "router draining: readiness off, serving until the endpoints drop this pod");
+    let delay = tokio::time::sleep(drain_times.delay);
+    tokio::pin!(delay);
+    loop {
+        tokio::select! {
+            _ = &mut delay => break,
+            r = listener.accept() => accept(r),
+        }
+    }
+    drop(listener);
+    let _ = drain_tx.send(drain::Drain::AtIdle);
+    let _ = http_stop.send(true);
+    let max = cfg.max_clients.max(1);
+    let sessions = || max.saturating_sub(slots.available_permits());
+    let open = sessions();
+    tracing::info!(sessions = open, deadline = ?drain_times.deadline, "router draining: no new connections; sessions end at their next idle point");
+    let deadline = tokio::time::Instant::now() + drain_times.deadline;
+    while sessions() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = sessions();
+    if left > 0 {
+        tracing::warn!(
+            sessions = left,
+            "drain deadline: ending sessions still inside a transaction (57P01)"
+        );
+        let _ = drain_tx.send(drain::Drain::Now);
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while sessions() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let http_left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if tokio::time::timeout(http_left.max(Duration::from_secs(1)), http_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline: HTTP requests still running are ended");
+    }
+    tracing::info!(sessions = open, left, "router drained; exiting");
     Ok(0)
 }

@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use tracing::Instrument;
 
 use super::Router;
+use super::drain::{Drain, must_end, restarting};
 use super::link::Link;
 use super::metrics::{Frontend, SourceFrontend};
 use super::pgwire::codec::{self, PgError};
@@ -302,8 +303,22 @@ where
     let mut replay = Replay::new(MAX_REPLAY_BYTES);
     let mut replayable = true;
     let mut attached = true;
+    // The router's drain (SIGTERM): end at the next idle point, or now.
+    let mut drain = router.drain.clone();
     loop {
         tokio::select! {
+            r = drain.changed() => {
+                // The sender lives as long as the process; were it gone,
+                // the process is ending: end now.
+                let d = if r.is_err() { Drain::Now } else { *drain.borrow_and_update() };
+                let idle = pending == 0 && status == b'I';
+                if must_end(d, idle) {
+                    if attached {
+                        at.link.close(at.id).await;
+                    }
+                    return Err(ended_by_drain(router, idle));
+                }
+            }
             // Not while the shard holds the session paused: the client's
             // bytes wait in its socket, and TCP holds the client back.
             r = at.paused.changed(), if attached => {
@@ -421,6 +436,12 @@ where
                         if pending == 0 && status == b'I' {
                             replay.idle();
                             replayable = true;
+                            // An idle point while the router drains: the
+                            // transaction is done, the session ends here.
+                            if must_end(*drain.borrow(), true) {
+                                at.link.close(at.id).await;
+                                return Err(ended_by_drain(router, true));
+                            }
                         }
                     }
                     Some(f) if f.kind == Kind::Closed && f.payload.is_empty() => {
@@ -465,6 +486,18 @@ where
         at.link.close(at.id).await;
     }
     Ok(())
+}
+
+/// The 57P01 a drained session ends with, counted by where it ended.
+fn ended_by_drain(router: &Router, idle: bool) -> Fatal {
+    let at = if idle { "idle" } else { "deadline" };
+    router
+        .metrics
+        .drained
+        .get_or_create(&super::metrics::DrainedAt { at })
+        .inc();
+    tracing::info!(at, "session ended: the router is draining");
+    Fatal(restarting(!idle))
 }
 
 mod guard {

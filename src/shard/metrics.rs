@@ -50,6 +50,8 @@ pub struct ShardMetrics {
     /// Conditional DataSource writes refused because the object changed
     /// since this shard read it (409), by write.
     pub conflicts: Family<Refused, Counter>,
+    /// Phase-change Events the rate limits held back.
+    pub events_suppressed: Counter,
 }
 
 impl ShardMetrics {
@@ -66,7 +68,13 @@ impl ShardMetrics {
             lease_valid: Gauge::default(),
             draining: Gauge::default(),
             conflicts: Family::default(),
+            events_suppressed: Counter::default(),
         };
+        reg.register(
+            "shardpool_shard_phase_events_suppressed",
+            "Phase-change Events of DataSources not published because of the rate limits",
+            m.events_suppressed.clone(),
+        );
         reg.register(
             "shardpool_shard_write_conflicts",
             "Conditional DataSource writes refused because the object changed since it was read",
@@ -163,6 +171,30 @@ impl Collector for SourcesCollector {
                 };
                 ConstGauge::new(v as i64).encode(m.encode_family(&ls)?)?;
             }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "shardpool_pool_max_size",
+            "The source's pool.maxSize: the most server connections its pool opens.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &all {
+            let max = s.pool.manager().settings().max_size;
+            ConstGauge::new(i64::try_from(max).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&labels(&s.key))?)?;
+        }
+
+        let mut m = enc.encode_descriptor(
+            "shardpool_pool_ready",
+            "1 while the source's phase on this shard is Ready (minIdle connections open, no recent connection errors).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &all {
+            let min_idle = s.pool.manager().settings().min_idle;
+            let ready = super::status::observe(s, min_idle).phase == crate::crd::Phase::Ready;
+            ConstGauge::new(i64::from(ready)).encode(m.encode_family(&labels(&s.key))?)?;
         }
 
         let mut m = enc.encode_descriptor(

@@ -18,6 +18,7 @@ pub mod connect_limit;
 pub mod fence;
 pub mod handover;
 pub mod metrics;
+pub mod phase_events;
 pub mod pool;
 pub mod prepared;
 pub mod registry;
@@ -270,6 +271,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         registry.clone(),
         failures.clone(),
         metrics.clone(),
+        status::Events::new(recorder.clone(), metrics.events_suppressed.clone()),
         stop_rx.clone(),
     ));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -378,6 +380,7 @@ async fn report(
     registry: Arc<registry::Registry>,
     failures: Arc<Mutex<status::BuildFailures>>,
     metrics: Arc<metrics::ShardMetrics>,
+    mut events: status::Events,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut written = status::Written::new();
@@ -398,6 +401,7 @@ async fn report(
             &failed,
             &mut written,
             &metrics,
+            &mut events,
         )
         .await;
     }

@@ -7,16 +7,19 @@
 use std::collections::HashMap;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::handover::{self, FIELD_MANAGER};
+use super::phase_events;
 use super::pool;
 use super::registry::Registry;
-use crate::crd::{DataSource, Phase};
+use crate::crd::{DataSource, Phase, reason};
 
 /// Why a source could not be served, by key; shown in its status (no secrets).
 pub type BuildFailures = HashMap<String, String>;
@@ -111,6 +114,7 @@ pub async fn write(
     failures: &BuildFailures,
     written: &mut Written,
     metrics: &super::metrics::ShardMetrics,
+    events: &mut Events,
 ) {
     let mut due_now = Vec::new();
     for ds in store.state() {
@@ -147,7 +151,7 @@ pub async fn write(
     }
     // Independent writes, several in flight: a shard taking over hundreds
     // of sources reports them in a few round trips' time.
-    let done: Vec<(String, Entry)> = futures::stream::iter(due_now)
+    let done: Vec<(String, Entry, Option<PhaseEvent>)> = futures::stream::iter(due_now)
         .map(|(ds, key, obs)| async move {
             match apply(client, &ds, shard, pod, &obs).await {
                 Ok(after) => {
@@ -155,12 +159,17 @@ pub async fn write(
                     // A write that changed nothing leaves the version as it
                     // was: then there is nothing to wait for.
                     let on_version = if after.is_some() && after != before { before } else { None };
+                    let (reason, message) = ready_condition(&obs, shard);
+                    let was = ds.status.as_ref().and_then(|s| s.phase);
+                    let event = phase_events::event(was, obs.phase, reason, &message)
+                        .map(|e| (e, ds.object_ref(&())));
                     Some((
                         key,
                         Entry {
                             obs,
                             on_version,
                         },
+                        event,
                     ))
                 }
                 Err(e) if crate::crd::is_conflict(&e) => {
@@ -184,8 +193,89 @@ pub async fn write(
         .filter_map(futures::future::ready)
         .collect()
         .await;
-    written.extend(done);
+    for (key, entry, event) in done {
+        if let Some((event, regarding)) = event {
+            events.publish(&key, event, regarding);
+        }
+        written.insert(key, entry);
+    }
     written.retain(|k, _| registry.get(k).is_some() || failures.contains_key(k));
+    events
+        .gate
+        .retain(|k| registry.get(k).is_some() || failures.contains_key(k));
+}
+
+/// A phase change's Event and the DataSource it is about.
+type PhaseEvent = (kube::runtime::events::Event, ObjectReference);
+
+/// Publishes phase-change Events through the gate (see [`phase_events`]).
+pub struct Events {
+    /// The recorder (its writes are bounded by a timeout each).
+    recorder: Recorder,
+    /// Which changes become Events. Used only by the status task.
+    gate: phase_events::EventGate,
+    /// Changes the gate held back.
+    suppressed: prometheus_client::metrics::counter::Counter,
+}
+
+impl Events {
+    /// Events through `recorder`, counting suppressed ones in `suppressed`.
+    pub fn new(
+        recorder: Recorder,
+        suppressed: prometheus_client::metrics::counter::Counter,
+    ) -> Events {
+        Events {
+            recorder,
+            gate: phase_events::EventGate::default(),
+            suppressed,
+        }
+    }
+
+    /// Publishes `event` about `key` in the background, if the gate allows.
+    fn publish(
+        &mut self,
+        key: &str,
+        event: kube::runtime::events::Event,
+        regarding: ObjectReference,
+    ) {
+        if !self.gate.allow(key, std::time::Instant::now()) {
+            self.suppressed.inc();
+            return;
+        }
+        let recorder = self.recorder.clone();
+        let key = key.to_string();
+        tokio::spawn(async move {
+            let publish = recorder.publish(&event, &regarding);
+            match tokio::time::timeout(std::time::Duration::from_secs(10), publish).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(source = %key, error = %e, "event not published"),
+                Err(_) => tracing::debug!(source = %key, "event not published: no answer"),
+            }
+        });
+    }
+}
+
+/// The Ready condition's reason and message for `obs`.
+fn ready_condition(obs: &Observed, shard: u32) -> (&'static str, String) {
+    match obs.phase {
+        Phase::Ready => (
+            reason::POOL_WARM,
+            format!("{} connections open on shard {shard}", obs.counts.0),
+        ),
+        Phase::Connecting => (
+            reason::CONNECTING,
+            format!("opening connections on shard {shard}"),
+        ),
+        Phase::Degraded => (
+            reason::CONNECTION_ERRORS,
+            obs.last_error.clone().unwrap_or_default(),
+        ),
+        Phase::Error => (
+            reason::CANNOT_CONNECT,
+            obs.last_error.clone().unwrap_or_default(),
+        ),
+        Phase::Pending | Phase::Paused => (reason::NOT_SERVING, String::new()),
+    }
 }
 
 async fn apply(
@@ -204,22 +294,7 @@ async fn apply(
         .filter(|c| (c.status == "True") == ready)
         .map(|c| c.last_transition_time.clone());
     let since = previous.unwrap_or_else(|| Time(Timestamp::now()));
-    let (reason, message) = match obs.phase {
-        Phase::Ready => (
-            "PoolWarm",
-            format!("{} connections open on shard {shard}", obs.counts.0),
-        ),
-        Phase::Connecting => (
-            "Connecting",
-            format!("opening connections on shard {shard}"),
-        ),
-        Phase::Degraded => (
-            "ConnectionErrors",
-            obs.last_error.clone().unwrap_or_default(),
-        ),
-        Phase::Error => ("CannotConnect", obs.last_error.clone().unwrap_or_default()),
-        Phase::Pending | Phase::Paused => ("NotServing", String::new()),
-    };
+    let (reason, message) = ready_condition(obs, shard);
     let status = json!({
             "phase": obs.phase,
             "connections": {"open": obs.counts.0, "idle": obs.counts.1, "inUse": obs.counts.2},
