@@ -15,31 +15,33 @@ import (
 	"shardpool.dev/e2e/fault"
 )
 
-// routerEndpoints follows the ready addresses of the router Service's
-// EndpointSlices, as DNS or a proxy in front of the Service would: a
-// client that (re)connects picks one of them.
+// routerEndpoints follows the addresses that the router Service's
+// endpoints hold, as DNS or a proxy in front of the Service would: a
+// client that (re)connects picks one of them. The local cluster's pods
+// have loopback addresses, which the API server does not accept in an
+// EndpointSlice, so the set is derived from the router pods as the
+// EndpointSlice controller derives it: Ready and not terminating.
 type routerEndpoints struct {
 	mu    sync.Mutex
 	ready []string
 	next  atomic.Uint64
 }
 
-// followRouterEndpoints polls the EndpointSlices every 300 ms until ctx ends.
+// followRouterEndpoints polls the router pods every 300 ms until ctx ends.
 func followRouterEndpoints(ctx context.Context, t *testing.T) *routerEndpoints {
 	t.Helper()
 	c := client(t)
 	e := &routerEndpoints{}
 	poll := func() {
-		slices, err := c.DiscoveryV1().EndpointSlices(systemNS).List(ctx, metav1.ListOptions{LabelSelector: "kubernetes.io/service-name=shardpool-router"})
+		pods, err := c.CoreV1().Pods(systemNS).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=router"})
 		if err != nil {
 			return
 		}
 		var ready []string
-		for _, s := range slices.Items {
-			for _, ep := range s.Endpoints {
-				if ep.Conditions.Ready != nil && *ep.Conditions.Ready && len(ep.Addresses) > 0 {
-					ready = append(ready, ep.Addresses[0])
-				}
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			if _, ok := podReadySince(p); ok && p.DeletionTimestamp == nil && p.Status.PodIP != "" {
+				ready = append(ready, p.Status.PodIP)
 			}
 		}
 		e.mu.Lock()
@@ -139,7 +141,7 @@ func TestRouterDrainUnderLoad(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	eps := followRouterEndpoints(ctx, t)
-	eventually(t, 30*time.Second, "both routers in the Service's endpoints", func() (bool, error) {
+	eventually(t, 30*time.Second, "both routers Ready", func() (bool, error) {
 		return eps.count() == 2, nil
 	})
 	victim := ips[0]
