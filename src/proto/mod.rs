@@ -28,6 +28,12 @@
 //! that session, and `Resume` once it is below [`flow::LOW_WATER`]; the
 //! other side stops producing that session's frames meanwhile. Readers
 //! never wait for one session, so a slow client holds back only itself.
+//!
+//! Version 4 lets `Open` carry the client's named prepared statements:
+//! after `namespace/name`, a NUL byte and the client's Parse messages. The
+//! shard registers them for the session without sending them anywhere
+//! (each is prepared on a server connection when a Bind or Describe needs
+//! it), so a session that moves to another shard process keeps them.
 
 pub mod flow;
 pub mod frame;
@@ -43,6 +49,19 @@ pub const HELLO: &[u8; 8] = b"SHPOOL02";
 
 /// Version 3 of the greeting: version 2 with per-session flow control.
 pub const HELLO_V3: &[u8; 8] = b"SHPOOL03";
+
+/// Version 4 of the greeting: version 3, and `Open` may carry the
+/// session's named prepared statements.
+pub const HELLO_V4: &[u8; 8] = b"SHPOOL04";
+
+/// Splits an `Open` payload into the source key and the Parse messages
+/// that follow it (version 4; empty otherwise).
+pub fn split_open(payload: &[u8]) -> (&[u8], &[u8]) {
+    match payload.iter().position(|&b| b == 0) {
+        Some(i) => (&payload[..i], &payload[i + 1..]),
+        None => (payload, &[]),
+    }
+}
 
 /// Version 1 of the greeting (no pings), still accepted by shards and
 /// spoken by routers to shards that do not know version 2.

@@ -629,7 +629,7 @@ async fn query(
         }
     };
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(30_000).clamp(1, 600_000));
-    let mut at = match attach(&http.router, &ns, &name).await {
+    let mut at = match attach(&http.router, &ns, &name, None).await {
         Ok((at, _)) => at,
         Err(Fatal(e)) => return error(status_for(&e.code), &e.code, e.message),
     };

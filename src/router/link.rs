@@ -30,7 +30,7 @@ use crate::proto::frame::{Frame, Kind};
 use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::stream::MaybeTls;
-use crate::proto::{HELLO, HELLO_V1, HELLO_V3};
+use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4};
 
 /// One connection to one shard pod.
 pub struct Link {
@@ -42,6 +42,8 @@ pub struct Link {
     sessions: Mutex<HashMap<u32, Intake>>,
     /// Whether the shard speaks protocol version 3 (per-session flow control).
     flow: bool,
+    /// Whether the shard speaks version 4 (Open carries prepared statements).
+    carries: bool,
     /// Next session id to try (see [`free_id`]; taken under `sessions`).
     next_id: AtomicU32,
     /// Set when the connection failed; a new one is made on next use.
@@ -143,7 +145,7 @@ impl Link {
     ) -> std::io::Result<Arc<Link>> {
         let mut version = 0;
         let mut stream = None;
-        for (v, hello) in [(3, HELLO_V3), (2, HELLO), (1, HELLO_V1)] {
+        for (v, hello) in [(4, HELLO_V4), (3, HELLO_V3), (2, HELLO), (1, HELLO_V1)] {
             let (mut s, socket) = dial(addr, shard, tls).await?;
             if greet(&mut s, hello).await? {
                 version = v;
@@ -157,7 +159,7 @@ impl Link {
                 "peer is not a shardpool shard",
             ));
         };
-        let (pings, flow) = (version >= 2, version >= 3);
+        let (pings, flow, carries) = (version >= 2, version >= 3, version >= 4);
         if version < 3 {
             tracing::info!(shard = %addr, version, "shard speaks an older link protocol: no per-session flow control{}", if pings { "" } else { ", no liveness checks" });
         }
@@ -169,6 +171,7 @@ impl Link {
             out: out.clone(),
             sessions: Mutex::default(),
             flow,
+            carries,
             next_id: AtomicU32::new(1),
             dead: AtomicBool::new(false),
             socket,
@@ -255,6 +258,7 @@ impl Link {
     pub async fn open(
         self: &Arc<Self>,
         source: &str,
+        statements: Option<&Bytes>,
     ) -> Option<(u32, Inbox, watch::Receiver<bool>)> {
         let (id, inbox, paused) = {
             let mut sessions = self.sessions.lock().ok()?;
@@ -265,13 +269,19 @@ impl Link {
             sessions.insert(id, intake);
             (id, inbox, paused)
         };
-        self.send(Frame::new(
-            id,
-            Kind::Open,
-            Bytes::copy_from_slice(source.as_bytes()),
-        ))
-        .await
-        .then_some((id, inbox, paused))
+        let payload = match statements.filter(|s| self.carries && !s.is_empty()) {
+            Some(s) => {
+                let mut p = BytesMut::with_capacity(source.len() + 1 + s.len());
+                p.extend_from_slice(source.as_bytes());
+                p.extend_from_slice(&[0]);
+                p.extend_from_slice(s);
+                p.freeze()
+            }
+            None => Bytes::copy_from_slice(source.as_bytes()),
+        };
+        self.send(Frame::new(id, Kind::Open, payload))
+            .await
+            .then_some((id, inbox, paused))
     }
 
     /// Queues a frame; false if the link is gone.

@@ -14,6 +14,7 @@ pub mod pgwire;
 pub mod replay;
 pub mod routes;
 pub mod session;
+pub mod statements;
 pub mod tls;
 
 use std::collections::HashMap;

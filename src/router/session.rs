@@ -26,6 +26,7 @@ use super::pgwire::codec::{self, PgError};
 use super::pgwire::startup::{self, Handshake, StartupError};
 use super::replay::{MAX_REPLAY_BYTES, Pushed, Replay};
 use super::routes::RouteError;
+use super::statements::Named;
 use super::tls;
 use crate::proto::flow::Inbox;
 use crate::proto::frame::{Frame, Kind};
@@ -152,6 +153,7 @@ pub(crate) async fn attach(
     router: &Router,
     ns: &str,
     name: &str,
+    statements: Option<&Bytes>,
 ) -> Result<(Attached, Bytes), Fatal> {
     let deadline = tokio::time::Instant::now() + router.handover_timeout;
     let key = format!("{ns}/{name}");
@@ -159,7 +161,7 @@ pub(crate) async fn attach(
     loop {
         let attempt: Result<(), Option<Fatal>> = match router.routes.resolve(ns, name) {
             Ok((shard, addr)) => match router.links.get(addr, shard).await {
-                Ok(link) => match link.open(&key).await {
+                Ok(link) => match link.open(&key, statements).await {
                     Some((id, mut inbox, paused)) => {
                         // Bounded by the hold deadline too: a shard that
                         // cannot open the session in time (its pool still
@@ -268,7 +270,7 @@ where
     // moves, the session checks at its next idle point whether its source
     // now lives elsewhere (a new Lease holder: an orphaned or replaced pod).
     let mut epoch = router.routes.epoch();
-    let (mut at, params) = attach(router, ns, name).await?;
+    let (mut at, params) = attach(router, ns, name, None).await?;
     let (pid, secret) = router.register(at.link.clone(), at.id);
     // Looked up once: the query path only bumps these.
     let queries = router
@@ -303,6 +305,8 @@ where
     let mut replay = Replay::new(MAX_REPLAY_BYTES);
     let mut replayable = true;
     let mut attached = true;
+    // Named prepared statements, taken along when the session moves.
+    let mut named = Named::default();
     // The router's drain (SIGTERM): end at the next idle point, or now.
     let mut drain = router.drain.clone();
     loop {
@@ -346,6 +350,7 @@ where
                         return Err(fatal("08P01", "message too large"));
                     }
                     if m.tag == b'X' { terminate = true; break; }
+                    named.observe(&m);
                     end += m.len();
                 }
                 if walk.bad().is_some() {
@@ -378,7 +383,8 @@ where
                     }
                     if !attached {
                         epoch = router.routes.epoch();
-                        let (a, _) = attach(router, ns, name).await?;
+                        let statements = named.encoded().clone();
+                        let (a, _) = attach(router, ns, name, Some(&statements)).await?;
                         router.retarget(pid, a.link.clone(), a.id);
                         at = a;
                         attached = true;
@@ -456,7 +462,8 @@ where
                             tracing::info!("shard handing over; holding the session");
                             router.metrics.replayed.inc();
                             epoch = router.routes.epoch();
-                            let (a, _) = attach(router, ns, name).await?;
+                            let statements = named.encoded().clone();
+                            let (a, _) = attach(router, ns, name, Some(&statements)).await?;
                             router.retarget(pid, a.link.clone(), a.id);
                             at = a;
                             for b in replay.batches() {

@@ -71,6 +71,34 @@ pub struct Rewritten {
     pub prepares: Vec<Bytes>,
 }
 
+impl Statements {
+    /// Registers the named statements of `parses` (Parse messages the
+    /// router carried over) without preparing them anywhere: each is
+    /// prepared on a server connection when a Bind or Describe needs it.
+    pub fn learn(&mut self, parses: &[u8]) {
+        for m in pg::messages(parses) {
+            if m.tag != b'P' {
+                continue;
+            }
+            if let Some((name, tail)) = cstr(m.body()).filter(|(n, _)| !n.is_empty()) {
+                let (server, sbody) = server_parse(tail);
+                self.by_client_name
+                    .insert(Bytes::copy_from_slice(name), (server, sbody));
+            }
+        }
+    }
+}
+
+/// The server name of a statement and its Parse body under that name.
+fn server_parse(tail: &[u8]) -> (Bytes, Bytes) {
+    let server = server_name(tail);
+    let mut sbody = BytesMut::with_capacity(tail.len() + server.len() + 1);
+    sbody.put_slice(&server);
+    sbody.put_u8(0);
+    sbody.put_slice(tail);
+    (server, sbody.freeze())
+}
+
 /// Rewrites a client batch for a server connection that has `prepared`.
 /// A statement name the client never prepared passes through unchanged, so
 /// the server gives its usual error.
@@ -95,12 +123,7 @@ pub fn rewrite(batch: &[u8], stmts: &mut Statements, prepared: &HashSet<Bytes>) 
                     expect.push(Expect::Parse { swallow: false });
                     continue;
                 }
-                let server = server_name(tail);
-                let mut sbody = BytesMut::with_capacity(body.len() + 8);
-                sbody.put_slice(&server);
-                sbody.put_u8(0);
-                sbody.put_slice(tail);
-                let sbody = sbody.freeze();
+                let (server, sbody) = server_parse(tail);
                 stmts.by_client_name.insert(
                     Bytes::copy_from_slice(name),
                     (server.clone(), sbody.clone()),
@@ -352,5 +375,21 @@ mod tests {
             server_name(b"select 1\0\0\0"),
             server_name(b"select 2\0\0\0")
         );
+    }
+
+    #[test]
+    fn statements_carried_over_are_prepared_when_a_bind_needs_them() {
+        // A session that moved here: the router sent its Parse with Open.
+        let mut stmts = Statements::default();
+        stmts.learn(&[parse("S_1", "select 1"), parse("", "select 2")].concat());
+        let batch: Vec<u8> = [bind("S_1"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+        let r = rewrite(&batch, &mut stmts, &HashSet::new());
+        assert_eq!(types(&r.bytes), b"PBES", "the Parse is injected first");
+        assert_eq!(r.expect.first(), Some(&Expect::Parse { swallow: true }));
+        // A name it never learnt passes through for the server's own error.
+        let mut none = Statements::default();
+        none.learn(&[parse("", "select 2")].concat());
+        let r = rewrite(&batch, &mut none, &HashSet::new());
+        assert_eq!(types(&r.bytes), b"BES");
     }
 }

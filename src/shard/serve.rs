@@ -29,7 +29,7 @@ use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::pg;
 use crate::proto::stream::MaybeTls;
-use crate::proto::{HELLO, HELLO_V1, HELLO_V3};
+use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4};
 
 /// Bound on a router's TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -162,7 +162,9 @@ where
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
     // Version 3 routers ping and pause sessions; version 2 routers ping;
     // version 1 routers (older releases) do neither.
-    let flow = &hello == HELLO_V3;
+    // Version 4 routers also send prepared statements with Open.
+    let carries = &hello == HELLO_V4;
+    let flow = carries || &hello == HELLO_V3;
     let pinged = flow || &hello == HELLO;
     if !pinged && &hello != HELLO_V1 {
         return Err(std::io::Error::new(
@@ -233,7 +235,13 @@ where
                     }
                 }
                 Kind::Open => {
-                    let key = String::from_utf8_lossy(&frame.payload).into_owned();
+                    let (key, statements) = if carries {
+                        crate::proto::split_open(&frame.payload)
+                    } else {
+                        (&frame.payload[..], &[][..])
+                    };
+                    let statements = frame.payload.slice_ref(statements);
+                    let key = String::from_utf8_lossy(key).into_owned();
                     if *draining.borrow() {
                         // Nothing may start here any more: the router holds
                         // the session and tries again (the next owner).
@@ -263,6 +271,7 @@ where
                         session::run(
                             id,
                             source,
+                            statements,
                             inbox,
                             paused,
                             outbox.clone(),

@@ -159,9 +159,13 @@ fn discard(source: &Source, conn: Conn) {
 }
 
 /// Runs a session until the router closes it or it fails.
+/// `statements` are the client's named Parse messages the router carried
+/// over from the session's previous shard (link protocol version 4).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     id: u32,
     source: Arc<Source>,
+    statements: Bytes,
     mut rx: Inbox,
     mut paused: watch::Receiver<bool>,
     outbox: Arc<Outbox>,
@@ -212,6 +216,7 @@ pub async fn run(
     let mut armed = false;
     let mut held: Option<Held> = None;
     let mut stmts = Statements::default();
+    stmts.learn(&statements);
     let mut owed: VecDeque<Expect> = VecDeque::new();
     loop {
         let frame = match held.as_mut() {
