@@ -284,6 +284,12 @@ func TestAutoscaleFollowsTotalPoolSize(t *testing.T) {
 	c := client(t)
 	ns := tempNamespace(t, c, "autoscale")
 	t.Cleanup(func() { helmSet(t, "shard.autoscale.enabled=false", "shard.count=2") })
+	// The base load must not shrink under the test: sources of earlier
+	// tests (their namespaces still being deleted) go first.
+	eventually(t, 180*time.Second, "only the example DataSources besides this test's", func() (bool, error) {
+		left := leftovers(0)
+		return len(left) == 0, fmt.Errorf("still there: %v", left)
+	})
 	base := totalMaxSize(t)
 	const n, size = 20, 10
 	// Sized so that the base load needs 2 shards and base + 200 needs 3.

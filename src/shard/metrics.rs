@@ -70,6 +70,11 @@ impl ShardMetrics {
             conflicts: Family::default(),
             events_suppressed: Counter::default(),
         };
+        // Both series from the start: a dashboard shows 0, not "no data",
+        // on a shard that has not handed anything over yet.
+        for direction in ["in", "out"] {
+            let _ = m.handovers.get_or_create(&Direction { direction });
+        }
         reg.register(
             "shardpool_shard_phase_events_suppressed",
             "Phase-change Events of DataSources not published because of the rate limits",
