@@ -39,6 +39,9 @@ pub struct Entry {
     /// version the write has not come back yet, and another write now
     /// would be refused (409): the next one waits for it.
     on_version: Option<String>,
+    /// The DataSource's uid: a source deleted and created again under the
+    /// same name is a new object, whose status nothing has written yet.
+    uid: Option<String>,
 }
 
 /// Whether a status that now says `obs` is due, after `last` was written.
@@ -49,8 +52,11 @@ pub struct Entry {
 /// keep the API server busy for nothing (the live counts are metrics:
 /// `shardpool_pool_connections`). The status says what the pool held when
 /// its phase last changed.
-fn due(last: Option<&Entry>, obs: &Observed, version: Option<&str>) -> bool {
+fn due(last: Option<&Entry>, obs: &Observed, version: Option<&str>, uid: Option<&str>) -> bool {
     let Some(last) = last else { return true };
+    if last.uid.as_deref() != uid {
+        return true;
+    }
     if last.on_version.is_some() && last.on_version.as_deref() == version {
         return false;
     }
@@ -138,6 +144,7 @@ pub async fn write(
             written.get(&key),
             &obs,
             ds.metadata.resource_version.as_deref(),
+            ds.metadata.uid.as_deref(),
         ) {
             continue;
         }
@@ -168,6 +175,7 @@ pub async fn write(
                         Entry {
                             obs,
                             on_version,
+                            uid: ds.metadata.uid.clone(),
                         },
                         event,
                     ))
@@ -342,6 +350,7 @@ mod due_tests {
         Entry {
             obs: o,
             on_version: on.map(str::to_string),
+            uid: Some("u1".into()),
         }
     }
 
@@ -353,12 +362,15 @@ mod due_tests {
             Default::default(),
         );
         let now = obs(Phase::Ready, (12, 12, 0));
-        assert!(due(None, &now, Some("10")), "nothing written yet");
         assert!(
-            !due(Some(&last), &now, Some("10")),
+            due(None, &now, Some("10"), Some("u1")),
+            "nothing written yet"
+        );
+        assert!(
+            !due(Some(&last), &now, Some("10"), Some("u1")),
             "the watch has not shown the last write: a write now is refused"
         );
-        assert!(due(Some(&last), &now, Some("11")));
+        assert!(due(Some(&last), &now, Some("11"), Some("u1")));
     }
 
     #[test]
@@ -371,17 +383,31 @@ mod due_tests {
         assert!(!due(
             Some(&old),
             &obs(Phase::Ready, (12, 10, 2)),
-            Some("11")
+            Some("11"),
+            Some("u1")
         ));
         assert!(!due(
             Some(&old),
             &obs(Phase::Ready, (14, 12, 2)),
-            Some("11")
+            Some("11"),
+            Some("u1")
         ));
         assert!(due(
             Some(&old),
             &obs(Phase::Degraded, (14, 12, 2)),
-            Some("11")
+            Some("11"),
+            Some("u1")
         ));
+    }
+
+    #[test]
+    fn a_source_created_again_under_the_same_name_is_written() {
+        let old = entry(obs(Phase::Ready, (4, 4, 0)), None, Default::default());
+        let now = obs(Phase::Ready, (4, 4, 0));
+        assert!(!due(Some(&old), &now, Some("20"), Some("u1")));
+        assert!(
+            due(Some(&old), &now, Some("20"), Some("u2")),
+            "a new object with the same name and phase has no status yet"
+        );
     }
 }
