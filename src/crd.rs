@@ -364,6 +364,30 @@ pub enum Phase {
     Error,
 }
 
+impl Phase {
+    /// Every phase.
+    pub const ALL: [Phase; 6] = [
+        Phase::Pending,
+        Phase::Connecting,
+        Phase::Ready,
+        Phase::Degraded,
+        Phase::Paused,
+        Phase::Error,
+    ];
+
+    /// The name the status and the metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Connecting => "Connecting",
+            Phase::Ready => "Ready",
+            Phase::Degraded => "Degraded",
+            Phase::Paused => "Paused",
+            Phase::Error => "Error",
+        }
+    }
+}
+
 /// Connection counts of one source's pool.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -546,14 +570,7 @@ mod tests {
                 "condition reason {r} is not described in the CRD"
             );
         }
-        for p in [
-            "Pending",
-            "Connecting",
-            "Ready",
-            "Degraded",
-            "Paused",
-            "Error",
-        ] {
+        for p in Phase::ALL.map(Phase::as_str) {
             assert!(described("phase").contains(p), "phase {p} is not described");
         }
         let yaml = crd_yaml().expect("crd serializes");

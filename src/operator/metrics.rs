@@ -59,16 +59,6 @@ pub struct PhaseLabel {
     pub phase: &'static str,
 }
 
-/// Every phase, in the order the series are made.
-const PHASES: [&str; 6] = [
-    "Pending",
-    "Connecting",
-    "Ready",
-    "Degraded",
-    "Paused",
-    "Error",
-];
-
 impl OperatorMetrics {
     /// Creates and registers the operator's metrics.
     pub fn register(reg: &mut Registry) -> OperatorMetrics {
@@ -85,7 +75,7 @@ impl OperatorMetrics {
             lease_held: Family::default(),
             lease_transitions: Family::default(),
         };
-        for phase in PHASES {
+        for phase in crate::crd::Phase::ALL.map(crate::crd::Phase::as_str) {
             let _ = m.phases.get_or_create(&PhaseLabel { phase });
         }
         reg.register(
@@ -166,22 +156,20 @@ impl OperatorMetrics {
 
     /// Records how many sources are in each phase.
     pub fn record_phases(&self, phases: impl Iterator<Item = Option<crate::crd::Phase>>) {
-        let mut counts = [0i64; PHASES.len()];
+        let all = crate::crd::Phase::ALL;
+        let mut counts = [0i64; crate::crd::Phase::ALL.len()];
         for p in phases {
-            let name = p.map_or("Pending", |p| match p {
-                crate::crd::Phase::Pending => "Pending",
-                crate::crd::Phase::Connecting => "Connecting",
-                crate::crd::Phase::Ready => "Ready",
-                crate::crd::Phase::Degraded => "Degraded",
-                crate::crd::Phase::Paused => "Paused",
-                crate::crd::Phase::Error => "Error",
-            });
-            if let Some(i) = PHASES.iter().position(|x| *x == name) {
+            let p = p.unwrap_or(crate::crd::Phase::Pending);
+            if let Some(i) = all.iter().position(|x| *x == p) {
                 counts[i] += 1;
             }
         }
-        for (phase, n) in PHASES.iter().zip(counts) {
-            self.phases.get_or_create(&PhaseLabel { phase }).set(n);
+        for (phase, n) in all.iter().zip(counts) {
+            self.phases
+                .get_or_create(&PhaseLabel {
+                    phase: phase.as_str(),
+                })
+                .set(n);
         }
     }
 
