@@ -169,6 +169,93 @@ pub struct DataSourceSpec {
     /// tls.mode disable.
     #[serde(default)]
     pub allow_legacy_password_auth: bool,
+
+    /// Admission in front of the pool: how many transactions may wait for
+    /// a connection, how waiting clients share it, and per-client quotas.
+    /// The owning shard enforces them, and every source has exactly one
+    /// owner, so each limit is exact for the whole cluster however many
+    /// routers there are. Changing them does not reopen the pool.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+}
+
+/// Admission limits of one source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Most transactions waiting for a connection at once, 0-100000. Past
+    /// it a transaction is refused at once (SQLSTATE 53300, HTTP 429); one
+    /// still waiting after pool.acquireTimeout is refused the same way.
+    #[serde(default = "default_max_queued")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_queued: i32,
+    /// A PostgreSQL client whose transaction has waited this long gets a
+    /// NOTICE saying it is queued and at which position.
+    #[serde(default = "default_notice_after")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub notice_after: String,
+    /// How waiting transactions are admitted. Fair: round-robin over client
+    /// identities (router user or token subject), weighted by the router's
+    /// per-identity weights, so a client with many queued transactions
+    /// delays one with few by about one transaction. Arrival: in arrival
+    /// order, whoever sent them.
+    #[serde(default)]
+    pub fairness: Fairness,
+    /// Quotas per client identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_client: Option<PerClientSpec>,
+}
+
+/// How a source's waiting transactions are admitted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Fairness {
+    // Round-robin over client identities, weighted.
+    #[default]
+    Fair,
+    // First come, first served.
+    Arrival,
+}
+
+/// Quotas of one client identity on one source.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.burst) || has(self.rate)").message("burst needs rate").field_path(".burst"))]
+pub struct PerClientSpec {
+    /// Most transactions of one client running at once, 1-1000; more wait
+    /// in the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_concurrent: Option<i32>,
+    /// Transactions per second of one client (a token bucket), 0.01-100000.
+    /// A transaction without a token waits for one; one that could not get
+    /// a token within pool.acquireTimeout is refused at once (53300, 429).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.01, max = 100000.0))]
+    pub rate: Option<f64>,
+    /// Transactions one client may start at once above the rate (the
+    /// bucket's size), 1-100000; default: one second's worth of rate (at
+    /// least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub burst: Option<i32>,
+}
+
+fn default_max_queued() -> i32 {
+    1000
+}
+fn default_notice_after() -> String {
+    "2s".into()
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_queued: default_max_queued(),
+            notice_after: default_notice_after(),
+            fairness: Fairness::default(),
+            per_client: None,
+        }
+    }
 }
 
 /// Fencing by the database before a shard opens a source.

@@ -36,6 +36,13 @@ pub enum Kind {
     Pause,
     /// Either way (protocol version 3): send the session's frames again.
     Resume,
+    /// Shard (protocol version 5): a NoticeResponse for the client that
+    /// says nothing about whether its messages ran (the admission queue's
+    /// "still waiting").
+    Notice,
+    /// Shard (protocol version 5, when the Open asked): the transaction was
+    /// admitted after waiting the payload's u64 microseconds.
+    Admitted,
 }
 
 impl Kind {
@@ -51,6 +58,8 @@ impl Kind {
             Kind::Pong => b'p',
             Kind::Pause => b'H',
             Kind::Resume => b'R',
+            Kind::Notice => b'N',
+            Kind::Admitted => b'A',
         }
     }
 
@@ -66,6 +75,8 @@ impl Kind {
             b'p' => Kind::Pong,
             b'H' => Kind::Pause,
             b'R' => Kind::Resume,
+            b'N' => Kind::Notice,
+            b'A' => Kind::Admitted,
             _ => return None,
         })
     }

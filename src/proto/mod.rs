@@ -34,11 +34,19 @@
 //! shard registers them for the session without sending them anywhere
 //! (each is prepared on a server connection when a Bind or Describe needs
 //! it), so a session that moves to another shard process keeps them.
+//!
+//! Version 5 lets `Open` say who the session is for (client identity,
+//! its weight, a cost tag; see [`open`]), so the shard's admission queue
+//! can be fair across clients and enforce per-client quotas. The shard may
+//! send `Notice` (a NoticeResponse for the client, such as "still waiting
+//! for a connection") and, when asked, `Admitted` with the time the
+//! transaction waited.
 
 pub mod flow;
 pub mod frame;
 pub mod linktls;
 pub mod liveness;
+pub mod open;
 pub mod outbox;
 pub mod pg;
 pub mod stream;
@@ -53,6 +61,10 @@ pub const HELLO_V3: &[u8; 8] = b"SHPOOL03";
 /// Version 4 of the greeting: version 3, and `Open` may carry the
 /// session's named prepared statements.
 pub const HELLO_V4: &[u8; 8] = b"SHPOOL04";
+
+/// Version 5 of the greeting: version 4, `Open` names the client, and
+/// the shard may send `Notice` and `Admitted`.
+pub const HELLO_V5: &[u8; 8] = b"SHPOOL05";
 
 /// Splits an `Open` payload into the source key and the Parse messages
 /// that follow it (version 4; empty otherwise).

@@ -1,5 +1,6 @@
 //! Who may use the router, kept current without a restart. The credentials
-//! (PostgreSQL users with their namespaces, static HTTP tokens, the JWT key)
+//! (PostgreSQL users with their namespaces, static HTTP tokens, the JWT key,
+//! the clients' admission weights)
 //! come from the router's auth Secret. At start they are read from the
 //! environment the pod was given; when the router knows the Secret's name
 //! it also watches that one Secret (by name: its ServiceAccount may read no
@@ -31,6 +32,8 @@ pub struct Credentials {
     pub tokens: Tokens,
     /// Verifier of signed short-lived tokens, when a key is configured.
     pub jwt: Option<JwtVerifier>,
+    /// Admission weights of client identities.
+    pub weights: super::weights::Weights,
 }
 
 impl Credentials {
@@ -39,8 +42,11 @@ impl Credentials {
         users: &str,
         tokens: &str,
         jwt_key: Option<&str>,
+        weights: &str,
         jwt_max_ttl: Duration,
     ) -> Result<Credentials, String> {
+        let weights =
+            super::weights::Weights::parse(weights).map_err(|e| format!("weights: {e}"))?;
         let users = Users::parse(users).map_err(|e| format!("users: {e}"))?;
         let tokens = Tokens::parse(tokens).map_err(|e| format!("tokens: {e}"))?;
         let jwt = match jwt_key.filter(|k| !k.is_empty()) {
@@ -49,7 +55,12 @@ impl Credentials {
             ),
             None => None,
         };
-        Ok(Credentials { users, tokens, jwt })
+        Ok(Credentials {
+            users,
+            tokens,
+            jwt,
+            weights,
+        })
     }
 }
 
@@ -92,7 +103,8 @@ impl Auth {
         let users = text("users")?.ok_or("users: missing")?;
         let tokens = text("tokens")?.unwrap_or_default();
         let jwt = text("jwtKey")?;
-        let next = Credentials::parse(&users, &tokens, jwt.as_deref(), self.jwt_max_ttl)?;
+        let weights = text("weights")?.unwrap_or_default();
+        let next = Credentials::parse(&users, &tokens, jwt.as_deref(), &weights, self.jwt_max_ttl)?;
         match self.current.write() {
             Ok(mut c) => *c = Arc::new(next),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(next),

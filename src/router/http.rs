@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::Router;
+use super::link::OpenAs;
 use super::metrics::{Frontend, SourceFrontend};
 use super::session::{Fatal, attach};
 use crate::proto::frame::{Frame, Kind};
@@ -82,6 +83,13 @@ impl Tokens {
     }
 }
 
+/// The client identity of a static token: `token-` and the first 8 hex
+/// digits of its SHA-256 (names the token without revealing it).
+pub fn token_identity(token: &str) -> String {
+    let d = Sha256::digest(token.as_bytes());
+    format!("token-{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3])
+}
+
 /// Shared state of the HTTP front end.
 pub struct Http {
     /// The router (routing table, links).
@@ -102,6 +110,9 @@ pub struct QueryRequest {
     params: Vec<Value>,
     /// Server-side time limit in milliseconds (default 30 s, at most 10 min).
     timeout_ms: Option<u64>,
+    /// Cost tag the shard counts the query under (like a PostgreSQL
+    /// client's application_name).
+    tag: Option<String>,
 }
 
 /// The axum application.
@@ -123,9 +134,38 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     let body = json!({"error": {"sqlstate": code, "message": message.into()}});
     let mut r = (status, Json(body)).into_response();
     r.extensions_mut().insert(SqlState(code.to_string()));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    retry_after(&mut r);
+    r
+}
+
+/// Retry-After on the answers a client should retry: 503 and 429.
+fn retry_after(r: &mut Response) {
+    if matches!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+    ) {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+}
+
+/// Response header: milliseconds the query waited in its source's
+/// admission queue on the owning shard.
+pub const QUEUE_HEADER: &str = "shardpool-queue-ms";
+
+/// The wait an `Admitted` frame reports.
+fn admitted_wait(f: &Frame) -> Option<Duration> {
+    let b: [u8; 8] = f.payload.get(..8)?.try_into().ok()?;
+    Some(Duration::from_micros(u64::from_be_bytes(b)))
+}
+
+/// Adds the queue-time header when the shard reported one.
+fn with_queue_time(mut r: Response, waited: Option<Duration>) -> Response {
+    if let Some(w) = waited {
+        let ms = format!("{:.3}", w.as_secs_f64() * 1000.0);
+        if let Ok(v) = HeaderValue::from_str(&ms) {
+            r.headers_mut().insert(QUEUE_HEADER, v);
+        }
     }
     r
 }
@@ -142,6 +182,7 @@ fn server_error(body: &[u8]) -> Response {
     }});
     let mut r = (status_for(code), Json(e)).into_response();
     r.extensions_mut().insert(SqlState(code.to_string()));
+    retry_after(&mut r);
     r
 }
 
@@ -150,6 +191,8 @@ pub fn status_for(code: &str) -> StatusCode {
     match code.get(..2).unwrap_or("") {
         "22" | "23" | "42" | "2B" | "0A" | "25" | "34" | "26" | "44" => StatusCode::BAD_REQUEST,
         "28" => StatusCode::BAD_GATEWAY,
+        // A source's admission limits (queue full, waited too long, rate).
+        "53" if code == "53300" => StatusCode::TOO_MANY_REQUESTS,
         "53" | "08" => StatusCode::SERVICE_UNAVAILABLE,
         "57" if code == "57014" => StatusCode::GATEWAY_TIMEOUT,
         "57" => StatusCode::SERVICE_UNAVAILABLE,
@@ -419,9 +462,11 @@ async fn stream_ndjson(
 ) -> Response {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut out = Outcome::default();
+    let mut waited = None;
     // Until the columns are known, failures keep their status codes.
     while out.columns.is_empty() && !out.done {
         match tokio::time::timeout_at(deadline, at.inbox.recv()).await {
+            Ok(Some(f)) if f.kind == Kind::Admitted => waited = admitted_wait(&f),
             Err(_) => {
                 at.link
                     .send(Frame::new(at.id, Kind::Cancel, Bytes::new()))
@@ -459,7 +504,7 @@ async fn stream_ndjson(
         // Done without a result set: an error, or a command without rows.
         at.link.close(at.id).await;
         if let Some(body) = &out.error {
-            return server_error(body);
+            return with_queue_time(server_error(body), waited);
         }
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(NDJSON_QUEUE);
@@ -529,11 +574,14 @@ async fn stream_ndjson(
             .await
             .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
     });
-    (
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        axum::body::Body::from_stream(stream),
+    with_queue_time(
+        (
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            axum::body::Body::from_stream(stream),
+        )
+            .into_response(),
+        waited,
     )
-        .into_response()
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -603,14 +651,16 @@ async fn query(
         return error(StatusCode::UNAUTHORIZED, "28000", "missing bearer token");
     };
     let creds = http.router.auth.current();
-    let allowed: Vec<String> = match (creds.tokens.namespaces(token), &creds.jwt) {
-        (Some(ns), _) => ns.clone(),
-        (None, Some(jwt)) if token.matches('.').count() == 2 => match jwt.verify(token) {
-            Ok(ns) => ns,
-            Err(e) => return error(StatusCode::UNAUTHORIZED, "28000", e.to_string()),
-        },
-        _ => return error(StatusCode::UNAUTHORIZED, "28000", "invalid bearer token"),
-    };
+    let (allowed, identity): (Vec<String>, String) =
+        match (creds.tokens.namespaces(token), &creds.jwt) {
+            (Some(ns), _) => (ns.clone(), token_identity(token)),
+            (None, Some(jwt)) if token.matches('.').count() == 2 => match jwt.verify_subject(token)
+            {
+                Ok((ns, sub)) => (ns, sub.unwrap_or_else(|| "jwt".into())),
+                Err(e) => return error(StatusCode::UNAUTHORIZED, "28000", e.to_string()),
+            },
+            _ => return error(StatusCode::UNAUTHORIZED, "28000", "invalid bearer token"),
+        };
     if !allowed.iter().any(|a| a == "*" || *a == ns) {
         return error(
             StatusCode::NOT_FOUND,
@@ -629,7 +679,13 @@ async fn query(
         }
     };
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(30_000).clamp(1, 600_000));
-    let mut at = match attach(&http.router, &ns, &name, None).await {
+    let who = OpenAs {
+        weight: creds.weights.of(&identity),
+        client: identity,
+        tag: req.tag.clone().unwrap_or_default(),
+        report_admission: true,
+    };
+    let mut at = match attach(&http.router, &ns, &name, None, &who).await {
         Ok((at, _)) => at,
         Err(Fatal(e)) => return error(status_for(&e.code), &e.code, e.message),
     };
@@ -655,10 +711,12 @@ async fn query(
         return stream_ndjson(at, started, timeout).await;
     }
     let mut out = Outcome::default();
+    let mut waited = None;
     let max_result = http.max_result;
     let run = async {
         while !out.done {
             match at.inbox.recv().await {
+                Some(f) if f.kind == Kind::Admitted => waited = admitted_wait(&f),
                 Some(f) if f.kind == Kind::Messages => {
                     if let Err(e) = absorb(&mut out, &f.payload) {
                         return Err(error(StatusCode::BAD_GATEWAY, "08P01", e));
@@ -732,7 +790,7 @@ async fn query(
         },
     };
     at.link.close(at.id).await;
-    response
+    with_queue_time(response, waited)
 }
 
 #[cfg(test)]
@@ -744,7 +802,8 @@ mod tests {
         assert_eq!(status_for("42P01"), StatusCode::BAD_REQUEST);
         assert_eq!(status_for("22012"), StatusCode::BAD_REQUEST);
         assert_eq!(status_for("57014"), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(status_for("53300"), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status_for("53300"), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(status_for("53200"), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(status_for("28P01"), StatusCode::BAD_GATEWAY);
         assert_eq!(status_for("XX000"), StatusCode::INTERNAL_SERVER_ERROR);
     }

@@ -29,6 +29,9 @@ struct Claims {
     exp: u64,
     /// Namespaces the token may reach.
     ns: Vec<String>,
+    /// Who the token is for: the client identity for fair admission.
+    #[serde(default)]
+    sub: Option<String>,
 }
 
 /// Why a token was refused (the message goes to the client: no secrets).
@@ -68,6 +71,11 @@ impl JwtVerifier {
 
     /// The namespaces a valid token may reach.
     pub fn verify(&self, token: &str) -> Result<Vec<String>, JwtError> {
+        self.verify_subject(token).map(|(ns, _)| ns)
+    }
+
+    /// The namespaces a valid token may reach, and its `sub` claim.
+    pub fn verify_subject(&self, token: &str) -> Result<(Vec<String>, Option<String>), JwtError> {
         use jsonwebtoken::errors::ErrorKind;
         let data =
             decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
@@ -92,7 +100,7 @@ impl JwtVerifier {
         if ns.is_empty() {
             return Err(JwtError::Invalid("claim ns names no namespace".into()));
         }
-        Ok(ns)
+        Ok((ns, data.claims.sub.filter(|s| !s.is_empty())))
     }
 }
 

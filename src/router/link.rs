@@ -30,7 +30,7 @@ use crate::proto::frame::{Frame, Kind};
 use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::stream::MaybeTls;
-use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4};
+use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4, HELLO_V5};
 
 /// One connection to one shard pod.
 pub struct Link {
@@ -44,6 +44,8 @@ pub struct Link {
     flow: bool,
     /// Whether the shard speaks version 4 (Open carries prepared statements).
     carries: bool,
+    /// Whether the shard speaks version 5 (Open names the client).
+    names: bool,
     /// Next session id to try (see [`free_id`]; taken under `sessions`).
     next_id: AtomicU32,
     /// Set when the connection failed; a new one is made on next use.
@@ -51,6 +53,19 @@ pub struct Link {
     /// The socket (a second handle), shut down when the link fails so that
     /// the reader blocked on it returns at once.
     socket: socket2::Socket,
+}
+
+/// Who a session is for, told to shards of link protocol version 5.
+#[derive(Debug, Clone, Default)]
+pub struct OpenAs {
+    /// The client identity: router user, or bearer token subject.
+    pub client: String,
+    /// Its admission weight.
+    pub weight: u32,
+    /// The session's cost tag (application_name).
+    pub tag: String,
+    /// Whether the shard should send `Admitted` frames (HTTP sessions).
+    pub report_admission: bool,
 }
 
 /// A link's byte stream: mutual TLS over TCP, or plain TCP when the
@@ -145,7 +160,13 @@ impl Link {
     ) -> std::io::Result<Arc<Link>> {
         let mut version = 0;
         let mut stream = None;
-        for (v, hello) in [(4, HELLO_V4), (3, HELLO_V3), (2, HELLO), (1, HELLO_V1)] {
+        for (v, hello) in [
+            (5, HELLO_V5),
+            (4, HELLO_V4),
+            (3, HELLO_V3),
+            (2, HELLO),
+            (1, HELLO_V1),
+        ] {
             let (mut s, socket) = dial(addr, shard, tls).await?;
             if greet(&mut s, hello).await? {
                 version = v;
@@ -159,7 +180,8 @@ impl Link {
                 "peer is not a shardpool shard",
             ));
         };
-        let (pings, flow, carries) = (version >= 2, version >= 3, version >= 4);
+        let (pings, flow, carries, names) =
+            (version >= 2, version >= 3, version >= 4, version >= 5);
         if version < 3 {
             tracing::info!(shard = %addr, version, "shard speaks an older link protocol: no per-session flow control{}", if pings { "" } else { ", no liveness checks" });
         }
@@ -172,6 +194,7 @@ impl Link {
             sessions: Mutex::default(),
             flow,
             carries,
+            names,
             next_id: AtomicU32::new(1),
             dead: AtomicBool::new(false),
             socket,
@@ -259,6 +282,7 @@ impl Link {
         self: &Arc<Self>,
         source: &str,
         statements: Option<&Bytes>,
+        who: &OpenAs,
     ) -> Option<(u32, Inbox, watch::Receiver<bool>)> {
         let (id, inbox, paused) = {
             let mut sessions = self.sessions.lock().ok()?;
@@ -270,6 +294,14 @@ impl Link {
             (id, inbox, paused)
         };
         let payload = match statements.filter(|s| self.carries && !s.is_empty()) {
+            _ if self.names => crate::proto::open::encode(
+                source,
+                &who.client,
+                who.weight,
+                &who.tag,
+                who.report_admission,
+                statements.map_or(&[][..], |s| &s[..]),
+            ),
             Some(s) => {
                 let mut p = BytesMut::with_capacity(source.len() + 1 + s.len());
                 p.extend_from_slice(source.as_bytes());

@@ -16,6 +16,7 @@ pub mod routes;
 pub mod session;
 pub mod statements;
 pub mod tls;
+pub mod weights;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -53,6 +54,11 @@ pub struct RouterConfig {
     /// Router users: lines `name:password:ns1,ns2` (password or SCRAM verifier).
     #[arg(long, env = "SHARDPOOL_ROUTER_USERS", hide_env_values = true)]
     pub users: String,
+    /// Admission weights: lines `identity=weight` (1-100; default 1). The
+    /// identity is a router user, a JWT's `sub`, or `token-` and the first
+    /// 8 hex digits of a static token's SHA-256.
+    #[arg(long, env = "SHARDPOOL_CLIENT_WEIGHTS", default_value = "")]
+    pub weights: String,
     /// How long to hold a session whose shard is handing over.
     #[arg(long, env = "SHARDPOOL_HANDOVER_TIMEOUT", default_value = "10s")]
     pub handover_timeout: String,
@@ -231,6 +237,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         &cfg.users,
         &cfg.http_tokens,
         cfg.jwt_key.as_deref(),
+        &cfg.weights,
         jwt_max_ttl,
     )
     .map_err(anyhow::Error::msg)?;

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::Router;
 use super::drain::{Drain, must_end, restarting};
-use super::link::Link;
+use super::link::{Link, OpenAs};
 use super::metrics::{Frontend, SourceFrontend};
 use super::pgwire::codec::{self, PgError};
 use super::pgwire::startup::{self, Handshake, StartupError};
@@ -96,7 +96,16 @@ pub async fn serve(
     };
     match hs {
         Handshake::Cancel { pid, secret } => router.cancel(pid, secret).await,
-        Handshake::Session { user, database, .. } => {
+        Handshake::Session {
+            user,
+            database,
+            params,
+        } => {
+            let app = params
+                .iter()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("");
             let tls = stream.is_tls();
             let span = tracing::info_span!("client", %peer, %user, %database, tls);
             let r = &router;
@@ -104,11 +113,11 @@ pub async fn serve(
                 match stream {
                     MaybeTls::Plain(mut tcp) => {
                         let (mut rd, mut wr) = tcp.split();
-                        session(&mut rd, &mut wr, r, &user, &database).await;
+                        session(&mut rd, &mut wr, r, &user, &database, app).await;
                     }
                     MaybeTls::Tls(tls) => {
                         let (mut rd, mut wr) = tokio::io::split(*tls);
-                        session(&mut rd, &mut wr, r, &user, &database).await;
+                        session(&mut rd, &mut wr, r, &user, &database, app).await;
                     }
                 }
             }
@@ -119,12 +128,18 @@ pub async fn serve(
 }
 
 /// Runs an authenticated session; a failure is told to the client.
-async fn session<R, W>(rd: &mut R, wr: &mut W, router: &Router, user: &str, database: &str)
-where
+async fn session<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    router: &Router,
+    user: &str,
+    database: &str,
+    app: &str,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    if let Err(Fatal(err)) = run(rd, wr, router, user, database).await {
+    if let Err(Fatal(err)) = run(rd, wr, router, user, database, app).await {
         if let Some((ns, name)) = source_name(database, router.default_namespace.as_deref()) {
             let known = router.routes.known(ns, name);
             router.metrics.error("pg", ns, name, known, &err.code);
@@ -154,6 +169,7 @@ pub(crate) async fn attach(
     ns: &str,
     name: &str,
     statements: Option<&Bytes>,
+    who: &OpenAs,
 ) -> Result<(Attached, Bytes), Fatal> {
     let deadline = tokio::time::Instant::now() + router.handover_timeout;
     let key = format!("{ns}/{name}");
@@ -161,7 +177,7 @@ pub(crate) async fn attach(
     loop {
         let attempt: Result<(), Option<Fatal>> = match router.routes.resolve(ns, name) {
             Ok((shard, addr)) => match router.links.get(addr, shard).await {
-                Ok(link) => match link.open(&key, statements).await {
+                Ok(link) => match link.open(&key, statements, who).await {
                     Some((id, mut inbox, paused)) => {
                         // Bounded by the hold deadline too: a shard that
                         // cannot open the session in time (its pool still
@@ -248,6 +264,7 @@ async fn run<R, W>(
     router: &Router,
     user: &str,
     database: &str,
+    app: &str,
 ) -> Result<(), Fatal>
 where
     R: AsyncRead + Unpin,
@@ -270,7 +287,13 @@ where
     // moves, the session checks at its next idle point whether its source
     // now lives elsewhere (a new Lease holder: an orphaned or replaced pod).
     let mut epoch = router.routes.epoch();
-    let (mut at, params) = attach(router, ns, name, None).await?;
+    let who = OpenAs {
+        client: user.to_string(),
+        weight: router.auth.current().weights.of(user),
+        tag: app.to_string(),
+        report_admission: false,
+    };
+    let (mut at, params) = attach(router, ns, name, None, &who).await?;
     let (pid, secret) = router.register(at.link.clone(), at.id);
     // Looked up once: the query path only bumps these.
     let queries = router
@@ -384,7 +407,7 @@ where
                     if !attached {
                         epoch = router.routes.epoch();
                         let statements = named.encoded().clone();
-                        let (a, _) = attach(router, ns, name, Some(&statements)).await?;
+                        let (a, _) = attach(router, ns, name, Some(&statements), &who).await?;
                         router.retarget(pid, a.link.clone(), a.id);
                         at = a;
                         attached = true;
@@ -450,6 +473,11 @@ where
                             }
                         }
                     }
+                    Some(f) if f.kind == Kind::Notice => {
+                        // Says nothing of whether the batch ran: the
+                        // session stays replayable.
+                        wr.write_all(&f.payload).await.map_err(|_| fatal("08006", "client gone"))?;
+                    }
                     Some(f) if f.kind == Kind::Closed && f.payload.is_empty() => {
                         // The server's own FATAL was already passed on.
                         attached = false;
@@ -463,7 +491,7 @@ where
                             router.metrics.replayed.inc();
                             epoch = router.routes.epoch();
                             let statements = named.encoded().clone();
-                            let (a, _) = attach(router, ns, name, Some(&statements)).await?;
+                            let (a, _) = attach(router, ns, name, Some(&statements), &who).await?;
                             router.retarget(pid, a.link.clone(), a.id);
                             at = a;
                             for b in replay.batches() {

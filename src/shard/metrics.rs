@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 
+use super::clients::ClientMetrics;
 use super::registry::Registry;
 use crate::metrics::{SourceLabels, latency_buckets};
 
@@ -52,6 +53,8 @@ pub struct ShardMetrics {
     pub conflicts: Family<Refused, Counter>,
     /// Phase-change Events the rate limits held back.
     pub events_suppressed: Counter,
+    /// Per-client transactions and admission waits (bounded labels).
+    pub clients: Arc<ClientMetrics>,
 }
 
 impl ShardMetrics {
@@ -59,6 +62,7 @@ impl ShardMetrics {
     pub fn register(
         reg: &mut prometheus_client::registry::Registry,
         sources: Arc<Registry>,
+        client_series: usize,
     ) -> ShardMetrics {
         let m = ShardMetrics {
             checkout_wait: Histogram::new(latency_buckets()),
@@ -69,7 +73,18 @@ impl ShardMetrics {
             draining: Gauge::default(),
             conflicts: Family::default(),
             events_suppressed: Counter::default(),
+            clients: Arc::new(ClientMetrics::new(client_series)),
         };
+        reg.register(
+            "shardpool_client_transactions",
+            "Transactions admitted, by client identity (the busiest ones; the rest as other)",
+            m.clients.transactions.clone(),
+        );
+        reg.register(
+            "shardpool_client_admission_wait_seconds",
+            "Time a transaction waited for admission, by client identity (the busiest ones; the rest as other)",
+            m.clients.wait.clone(),
+        );
         // Both series from the start: a dashboard shows 0, not "no data",
         // on a shard that has not handed anything over yet.
         for direction in ["in", "out"] {
@@ -130,6 +145,14 @@ struct StateLabels {
     namespace: String,
     source: String,
     state: &'static str,
+}
+
+/// Labels of one admission-refusal series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    namespace: String,
+    source: String,
+    reason: &'static str,
 }
 
 /// Labels of one connect-outcome series.
@@ -252,6 +275,59 @@ impl Collector for SourcesCollector {
         for s in &all {
             let v = s.pool.manager().fenced_backends();
             ConstCounter::new(v).encode(m.encode_family(&labels(&s.key))?)?;
+        }
+
+        let mut m = enc.encode_descriptor(
+            "shardpool_admission_queued",
+            "Transactions of a source waiting for admission now.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &all {
+            let (queued, _) = s.admission.depth();
+            ConstGauge::new(i64::try_from(queued).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&labels(&s.key))?)?;
+        }
+
+        // Wait and refusal series only for sources that ever queued or
+        // refused: thousands of idle sources add nothing but series.
+        let contended: Vec<_> = all
+            .iter()
+            .filter(|s| {
+                let a = &s.admission.stats;
+                a.queued_total.load(Ordering::Relaxed) > 0
+                    || a.refused.iter().any(|r| r.load(Ordering::Relaxed) > 0)
+            })
+            .collect();
+        let mut m = enc.encode_descriptor(
+            "shardpool_admission_wait_seconds",
+            "Time from a transaction's arrival to its admission (sources that ever queued).",
+            None,
+            MetricType::Histogram,
+        )?;
+        for s in &contended {
+            s.admission
+                .stats
+                .wait
+                .encode(m.encode_family(&labels(&s.key))?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "shardpool_admission_refused",
+            "Transactions refused admission, by reason: queue_full (limits.maxQueued), timeout (pool.acquireTimeout), rate (limits.perClient.rate).",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &contended {
+            let l = labels(&s.key);
+            for (i, reason) in super::admission::REASONS.iter().enumerate() {
+                let ls = ReasonLabels {
+                    namespace: l.namespace.clone(),
+                    source: l.source.clone(),
+                    reason,
+                };
+                let v = s.admission.stats.refused[i].load(Ordering::Relaxed);
+                ConstCounter::new(v).encode(m.encode_family(&ls)?)?;
+            }
         }
         Ok(())
     }

@@ -13,7 +13,9 @@
 //! another holder owns the Lease. That is safe because a successor ends a
 //! predecessor's connections before opening its own ([`fence`]).
 
+pub mod admission;
 pub mod checkout;
+pub mod clients;
 pub mod connect_limit;
 pub mod fence;
 pub mod handover;
@@ -92,6 +94,10 @@ pub struct ShardConfig {
     /// (links.mutualTLS), which lets anything that reaches the port in.
     #[arg(long, env = "SHARDPOOL_LINK_TLS", default_value_t = true, action = clap::ArgAction::Set)]
     pub link_tls: bool,
+    /// Client identities with per-client metric series of their own (the
+    /// busiest ones); the rest count as `other`.
+    #[arg(long, env = "SHARDPOOL_CLIENT_SERIES", default_value_t = 20)]
+    pub client_series: usize,
 }
 
 impl ShardConfig {
@@ -126,7 +132,11 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     ready.set(true);
     let registry = Arc::new(registry::Registry::default());
     let mut prom = prometheus_client::registry::Registry::default();
-    let metrics = Arc::new(metrics::ShardMetrics::register(&mut prom, registry.clone()));
+    let metrics = Arc::new(metrics::ShardMetrics::register(
+        &mut prom,
+        registry.clone(),
+        cfg.client_series,
+    ));
     let connect_limit = Arc::new(connect_limit::ConnectLimit::new(cfg.connect_concurrency));
     connect_limit.register(&mut prom);
     let probe_addr = SocketAddr::new(cfg.pod_ip, cfg.metrics_port);

@@ -17,8 +17,12 @@ pub struct Source {
     pub key: String,
     /// Its pool.
     pub pool: Pool,
-    /// DataSource generation the pool was built from.
-    pub generation: i64,
+    /// DataSource generation the source is served at: the pool's, or a
+    /// later one that changed only `spec.limits` (applied in place).
+    pub generation: std::sync::atomic::AtomicI64,
+    /// The spec the pool was built from, without `limits`: a change to
+    /// anything in it rebuilds the pool.
+    pub pool_spec: String,
     /// ParameterStatus values of its server, learnt from the first connection.
     pub server_params: RwLock<Vec<(String, String)>>,
     /// Sessions currently holding a server connection (mid-transaction).
@@ -35,6 +39,8 @@ pub struct Source {
     pub secret_version: std::sync::Mutex<String>,
     /// Counters for the metrics endpoint.
     pub stats: SourceStats,
+    /// Admission in front of the pool (`spec.limits`).
+    pub admission: Arc<super::admission::Admission>,
 }
 
 /// A source's counters, bumped on the session path (relaxed atomics).
@@ -47,6 +53,11 @@ pub struct SourceStats {
 }
 
 impl Source {
+    /// DataSource generation the source is served at.
+    pub fn generation(&self) -> i64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// Sessions mid-transaction, or asking the pool for a connection.
     pub fn busy(&self) -> usize {
         self.busy.load(Ordering::SeqCst)

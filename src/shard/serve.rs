@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use super::admission::ClientId;
 use super::metrics::ShardMetrics;
 use super::registry::Registry;
 use super::session;
@@ -29,7 +30,7 @@ use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::pg;
 use crate::proto::stream::MaybeTls;
-use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4};
+use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4, HELLO_V5};
 
 /// Bound on a router's TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -163,7 +164,9 @@ where
     // Version 3 routers ping and pause sessions; version 2 routers ping;
     // version 1 routers (older releases) do neither.
     // Version 4 routers also send prepared statements with Open.
-    let carries = &hello == HELLO_V4;
+    // Version 5 routers also say who each session is for.
+    let names = &hello == HELLO_V5;
+    let carries = names || &hello == HELLO_V4;
     let flow = carries || &hello == HELLO_V3;
     let pinged = flow || &hello == HELLO;
     if !pinged && &hello != HELLO_V1 {
@@ -235,7 +238,20 @@ where
                     }
                 }
                 Kind::Open => {
-                    let (key, statements) = if carries {
+                    let mut client = ClientId::anonymous();
+                    let mut report = false;
+                    let (key, statements) = if names {
+                        let Some(open) = crate::proto::open::decode(&frame.payload) else {
+                            tracing::warn!(%peer, "malformed Open; closing router connection");
+                            break 'read;
+                        };
+                        client = ClientId {
+                            name: Arc::from(String::from_utf8_lossy(open.client).as_ref()),
+                            weight: open.weight,
+                        };
+                        report = open.report_admission;
+                        (open.key, open.statements)
+                    } else if carries {
                         crate::proto::split_open(&frame.payload)
                     } else {
                         (&frame.payload[..], &[][..])
@@ -272,6 +288,11 @@ where
                             id,
                             source,
                             statements,
+                            session::Peer {
+                                client,
+                                report_admission: report,
+                                notices: names,
+                            },
                             inbox,
                             paused,
                             outbox.clone(),
@@ -297,7 +318,13 @@ where
                         sessions.remove(&id);
                     }
                 }
-                Kind::Opened | Kind::Closed | Kind::Pong | Kind::Pause | Kind::Resume => {
+                Kind::Opened
+                | Kind::Closed
+                | Kind::Pong
+                | Kind::Pause
+                | Kind::Resume
+                | Kind::Notice
+                | Kind::Admitted => {
                     tracing::warn!(%peer, "router sent a shard-side frame; closing");
                     break 'read;
                 }

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use std::collections::VecDeque;
 
+use super::admission::{ClientId, Entry, Permit, Ticket};
 use super::checkout::{self, CheckoutError};
 use super::metrics::ShardMetrics;
 use super::pool::Conn;
@@ -52,6 +53,18 @@ impl Drop for Busy {
     }
 }
 
+/// Who the session is for, and what its router understands (from the
+/// link's protocol version and the Open frame).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client identity for admission (anonymous before version 5).
+    pub client: ClientId,
+    /// Send `Admitted` frames (the router's HTTP sessions ask).
+    pub report_admission: bool,
+    /// The router passes `Notice` frames on (version 5).
+    pub notices: bool,
+}
+
 /// A checked-out connection and what the session owes it.
 struct Held {
     conn: Conn,
@@ -62,6 +75,8 @@ struct Held {
     /// When the server last sent something (or was last sent a request
     /// while owing nothing): the answer deadline counts from here.
     heard: Instant,
+    /// The admission slot, given back with the connection.
+    _permit: Permit,
     _busy: Busy,
 }
 
@@ -82,13 +97,80 @@ enum Checkout {
     End,
 }
 
+/// What a session does while its transaction waits for admission.
+enum Waited {
+    Admitted(Permit),
+    /// Refused, or cancelled by the client: answered with this error.
+    Answer(&'static str, String),
+    /// The client left.
+    End,
+}
+
+/// Waits for admission: tells a waiting wire client so after
+/// `limits.noticeAfter`, gives up at `deadline`, and keeps reading the
+/// session's frames (a Cancel ends the wait with 57014, a Close or a lost
+/// link ends the session; anything else waits in `backlog`).
+#[allow(clippy::too_many_arguments)]
+async fn queue(
+    id: u32,
+    source: &Source,
+    mut ticket: Ticket,
+    deadline: Instant,
+    peer: &Peer,
+    outbox: &Outbox,
+    rx: &mut Inbox,
+    backlog: &mut VecDeque<Frame>,
+) -> Waited {
+    let asked = Instant::now();
+    let notice_at = asked + source.admission.limits().notice_after;
+    let mut noticed = !peer.notices;
+    loop {
+        tokio::select! {
+            biased;
+            p = ticket.admitted() => return Waited::Admitted(p),
+            () = tokio::time::sleep_until(deadline) => {
+                let e = ticket.timed_out();
+                return Waited::Answer("53300", format!("{}: {e}", source.key));
+            }
+            () = tokio::time::sleep_until(notice_at), if !noticed => {
+                noticed = true;
+                let text = match ticket.position() {
+                    0 => format!("shardpool: waiting for this client's rate limit on {} (limits.perClient.rate)", source.key),
+                    n => format!(
+                        "shardpool: all connections of {} are busy; this transaction is number {n} in the queue after {:.1}s",
+                        source.key,
+                        asked.elapsed().as_secs_f64()
+                    ),
+                };
+                let mut b = BytesMut::new();
+                pg::put_notice(&mut b, "NOTICE", "01000", &text);
+                let _ = outbox.send(Frame::new(id, Kind::Notice, b.freeze())).await;
+            }
+            f = rx.recv() => match f {
+                None => return Waited::End,
+                Some(f) if f.kind == Kind::Close => return Waited::End,
+                Some(f) if f.kind == Kind::Cancel => {
+                    return Waited::Answer("57014", "canceling statement due to user request (while it waited for a connection)".into());
+                }
+                Some(f) => backlog.push_back(f),
+            },
+        }
+    }
+}
+
 /// Takes a connection for the transaction that `frame` starts, or answers
-/// why not. Counted busy before asking, and re-checked for a drain after.
+/// why not: first a place under the source's admission limits, then a
+/// connection of its pool, both within acquireTimeout. Counted busy
+/// before asking, and re-checked for a drain after.
+#[allow(clippy::too_many_arguments)]
 async fn checkout(
     id: u32,
     source: &Arc<Source>,
     frame: &Frame,
+    peer: &Peer,
     outbox: &Outbox,
+    rx: &mut Inbox,
+    backlog: &mut VecDeque<Frame>,
     draining: &watch::Receiver<bool>,
     metrics: &ShardMetrics,
 ) -> Checkout {
@@ -104,7 +186,46 @@ async fn checkout(
     }
     let asked = Instant::now();
     let wait = source.pool.manager().settings().acquire_timeout;
-    let got = checkout::get(&source.pool, wait).await;
+    let deadline = asked + wait;
+    let refusal = match source.admission.enter(&peer.client, deadline) {
+        Ok(Entry::Admitted(p)) => Ok(p),
+        Ok(Entry::Queued(t)) => {
+            match queue(id, source, t, deadline, peer, outbox, rx, backlog).await {
+                Waited::Admitted(p) => Ok(p),
+                Waited::Answer(code, msg) => Err((code, msg)),
+                Waited::End => return Checkout::End,
+            }
+        }
+        Err(e) => Err(("53300", format!("{}: {e}", source.key))),
+    };
+    let permit = match refusal {
+        Ok(p) => p,
+        Err((code, msg)) => {
+            metrics.checkout_wait.observe(asked.elapsed().as_secs_f64());
+            if code == "53300" {
+                source.stats.checkout_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            return answer_error(id, frame, outbox, code, &msg).await;
+        }
+    };
+    metrics
+        .clients
+        .record(&peer.client.name, asked.elapsed().as_secs_f64());
+    if peer.report_admission {
+        let waited = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let _ = outbox
+            .send(Frame::new(
+                id,
+                Kind::Admitted,
+                Bytes::copy_from_slice(&waited.to_be_bytes()),
+            ))
+            .await;
+    }
+    let got = checkout::get(
+        &source.pool,
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .await;
     metrics.checkout_wait.observe(asked.elapsed().as_secs_f64());
     match got {
         Ok(conn) => {
@@ -114,6 +235,7 @@ async fn checkout(
                 pending: 0,
                 status: b'I',
                 heard: Instant::now(),
+                _permit: permit,
                 _busy: busy,
             })
         }
@@ -124,20 +246,26 @@ async fn checkout(
         }
         Err(e) => {
             source.stats.checkout_errors.fetch_add(1, Ordering::Relaxed);
-            let syncs = sync_points(&frame.payload);
-            let mut out = BytesMut::new();
-            pg::put_error(&mut out, "ERROR", e.sqlstate(), &e.to_string());
-            for _ in 0..syncs {
-                pg::put_ready(&mut out, b'I');
-            }
-            match outbox
-                .send(Frame::new(id, Kind::Messages, out.freeze()))
-                .await
-            {
-                Ok(()) => Checkout::Answered,
-                Err(_) => Checkout::End,
-            }
+            answer_error(id, frame, outbox, e.sqlstate(), &e.to_string()).await
         }
+    }
+}
+
+/// Answers the batch `frame` (a transaction that did not start) with an
+/// error, and a ReadyForQuery for each of its sync points.
+async fn answer_error(id: u32, frame: &Frame, outbox: &Outbox, code: &str, msg: &str) -> Checkout {
+    let syncs = sync_points(&frame.payload);
+    let mut out = BytesMut::new();
+    pg::put_error(&mut out, "ERROR", code, msg);
+    for _ in 0..syncs {
+        pg::put_ready(&mut out, b'I');
+    }
+    match outbox
+        .send(Frame::new(id, Kind::Messages, out.freeze()))
+        .await
+    {
+        Ok(()) => Checkout::Answered,
+        Err(_) => Checkout::End,
     }
 }
 
@@ -166,6 +294,7 @@ pub async fn run(
     id: u32,
     source: Arc<Source>,
     statements: Bytes,
+    peer: Peer,
     mut rx: Inbox,
     mut paused: watch::Receiver<bool>,
     outbox: Arc<Outbox>,
@@ -218,8 +347,14 @@ pub async fn run(
     let mut stmts = Statements::default();
     stmts.learn(&statements);
     let mut owed: VecDeque<Expect> = VecDeque::new();
+    // Frames that arrived while a transaction waited for admission.
+    let mut backlog: VecDeque<Frame> = VecDeque::new();
     loop {
         let frame = match held.as_mut() {
+            _ if !backlog.is_empty() => match backlog.pop_front() {
+                Some(f) => f,
+                None => continue,
+            },
             None => match rx.recv().await {
                 Some(f) => f,
                 None => break,
@@ -301,7 +436,19 @@ pub async fn run(
         match frame.kind {
             Kind::Messages => {
                 if held.is_none() {
-                    match checkout(id, &source, &frame, &outbox, &draining, &metrics).await {
+                    match checkout(
+                        id,
+                        &source,
+                        &frame,
+                        &peer,
+                        &outbox,
+                        &mut rx,
+                        &mut backlog,
+                        &draining,
+                        &metrics,
+                    )
+                    .await
+                    {
                         Checkout::Got(h) => held = Some(h),
                         Checkout::Answered => continue,
                         Checkout::End => return,

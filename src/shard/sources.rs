@@ -19,6 +19,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::time::Instant;
 
+use super::admission;
 use super::fence;
 use super::handover::{self, Step};
 use super::metrics::{Direction, ShardMetrics};
@@ -66,6 +67,56 @@ pub fn settings(
         statement_timeout: p.statement_timeout.as_deref().map(d).transpose()?,
     };
     Ok((params, settings))
+}
+
+/// The spec without `limits`: what the pool is built from.
+pub fn pool_spec(ds: &DataSource) -> String {
+    let mut spec = ds.spec.clone();
+    spec.limits = Default::default();
+    serde_json::to_string(&spec).unwrap_or_default()
+}
+
+/// A spec change that touched only `limits`: applied to the served
+/// source's admission in place (its pool and connections stay). False
+/// when the pool must be rebuilt.
+fn retune(registry: &Registry, key: &str, ds: &DataSource) -> bool {
+    let Some(s) = registry.get(key) else {
+        return false;
+    };
+    if s.pool_spec != pool_spec(ds) {
+        return false;
+    }
+    match limits(ds) {
+        Ok(l) => {
+            s.admission.set_limits(l);
+            let generation = ds.metadata.generation.unwrap_or(0);
+            s.generation.store(generation, Ordering::Relaxed);
+            tracing::info!(source = %key, generation, "admission limits changed; pool kept");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Admission limits from a DataSource spec (see [`crate::crd::LimitsSpec`]).
+pub fn limits(ds: &DataSource) -> Result<admission::Limits, String> {
+    let l = &ds.spec.limits;
+    let per = l.per_client.as_ref();
+    let rate = per
+        .and_then(|p| p.rate)
+        .filter(|r| r.is_finite() && *r > 0.0);
+    let burst = per.and_then(|p| p.burst).map(f64::from);
+    Ok(admission::Limits {
+        capacity: usize::try_from(ds.spec.pool.max_size).unwrap_or(1).max(1),
+        max_queued: usize::try_from(l.max_queued).unwrap_or(0),
+        notice_after: parse_duration(&l.notice_after).map_err(|e| e.to_string())?,
+        fair: l.fairness == crate::crd::Fairness::Fair,
+        max_concurrent: per
+            .and_then(|p| p.max_concurrent)
+            .and_then(|m| usize::try_from(m).ok())
+            .map(|m| m.max(1)),
+        rate: rate.map(|r| (r, burst.unwrap_or(r.ceil()).max(1.0))),
+    })
 }
 
 /// Reads a password from a Secret; returns it with the Secret's
@@ -171,7 +222,7 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
     let mut to_open = Vec::new();
     for ds in cx.store.state() {
         let k = handover::key(&ds);
-        let held = registry.get(&k).map(|s| s.generation);
+        let held = registry.get(&k).map(|s| s.generation());
         let step = handover::step(Some(&ds), shard, held, alive);
         seen.insert(k.clone());
         match step {
@@ -179,6 +230,7 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
             Step::AwaitRelease { from } => {
                 tracing::debug!(source = %k, from, "waiting for the previous shard to release the source");
             }
+            Step::Rebuild if retune(registry, &k, &ds) => {}
             Step::ClaimAndOpen | Step::Open | Step::Rebuild => to_open.push((k, ds, step)),
             Step::Release => release(cx, registry, &k, Some(&ds)),
         }
@@ -186,7 +238,7 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
     // Held sources whose DataSource is gone.
     for s in registry.all() {
         if !seen.contains(&s.key)
-            && handover::step(None, shard, Some(s.generation), alive) == Step::Release
+            && handover::step(None, shard, Some(s.generation()), alive) == Step::Release
         {
             release(cx, registry, &s.key, None);
         }
@@ -341,6 +393,7 @@ pub async fn report_ended(
 async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> {
     let client = cx.client;
     let (mut params, settings) = settings(ds, cx.shard, cx.token)?;
+    let limits = limits(ds)?;
     let ns = ds.namespace().unwrap_or_default();
     if ds.spec.tls.mode == crate::crd::TlsMode::VerifyFull {
         let r = ds
@@ -363,7 +416,8 @@ async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> 
     Ok(Source {
         key: handover::key(ds),
         pool,
-        generation: ds.metadata.generation.unwrap_or(0),
+        generation: ds.metadata.generation.unwrap_or(0).into(),
+        pool_spec: pool_spec(ds),
         server_params: Default::default(),
         busy: Default::default(),
         retired: Default::default(),
@@ -371,6 +425,7 @@ async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> 
         secret: (ns, r.name.clone(), r.key.clone()),
         secret_version: std::sync::Mutex::new(version),
         stats: Default::default(),
+        admission: Arc::new(admission::Admission::new(limits)),
     })
 }
 

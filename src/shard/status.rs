@@ -104,7 +104,7 @@ pub fn observe(s: &super::registry::Source, min_idle: usize) -> Observed {
         phase,
         counts,
         last_error: health.last_error,
-        generation: s.generation,
+        generation: s.generation(),
     }
 }
 
