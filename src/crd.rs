@@ -220,6 +220,9 @@ pub enum Fairness {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("!has(self.burst) || has(self.rate)").message("burst needs rate").field_path(".burst"))]
+// The API server checks a whole-number value against the minimum cut to a
+// whole number (0), so `rate: 0` would pass the range alone.
+#[x_kube(validation = kube::core::Rule::new("!has(self.rate) || self.rate >= 0.01").message("rate must be at least 0.01 per second").field_path(".rate"))]
 pub struct PerClientSpec {
     /// Most transactions of one client running at once, 1-1000; more wait
     /// in the queue.
@@ -238,6 +241,13 @@ pub struct PerClientSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub burst: Option<i32>,
+    /// Longest one statement of a client may run: past it the shard
+    /// cancels it on the warehouse (the client gets SQLSTATE 57014, after
+    /// a NOTICE naming this limit). A ceiling the client cannot raise with
+    /// SET, unlike pool.statementTimeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub statement_timeout: Option<String>,
 }
 
 fn default_max_queued() -> i32 {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Admission: each source's owning shard bounds how many transactions wait
@@ -490,4 +491,114 @@ print("\n".join(notices))
 		t.Fatal(err)
 	}
 	t.Logf("psql and psycopg got the NOTICE; HTTP queued %.0f ms behind a 1.5 s transaction", ms)
+}
+
+// Tags attribute cost: a leading /* shardpool:tag=... */ comment, the
+// client's application_name and the HTTP request's "tag" each count
+// transactions, server time and rows under their tag.
+func TestTagsAttributeCost(t *testing.T) {
+	ip, biPW := installed(t)
+	token := installCredential(t, "router-http-token")
+	admissionSource(t, "tagged", "{minIdle: 1, maxSize: 2}", "{}")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	// dash-1: 5 transactions of 10 rows, one of them 30 ms long.
+	c := routerAs(ctx, t, ip, "bi", biPW, "tenants.tagged")
+	for i := 0; i < 4; i++ {
+		if _, err := c.Exec(ctx, "/* shardpool:tag=dash-1 */ select generate_series(1, 10)"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.Exec(ctx, "/* shardpool:tag=dash-1 */ select generate_series(1, 10), pg_sleep(0.03)"); err != nil {
+		t.Fatal(err)
+	}
+	// Untagged: not counted under any tag.
+	if _, err := c.Exec(ctx, "select generate_series(1, 3)"); err != nil {
+		t.Fatal(err)
+	}
+	c.Close(ctx)
+	// etl-nightly: application_name, 3 transactions of 4 rows.
+	for i := 0; i < 3; i++ {
+		if _, errOut, err := psqlRouter(t, ip, biPW, "tenants.tagged application_name=etl-nightly", "-c", "select generate_series(1, 4)"); err != nil {
+			t.Fatalf("psql: %v\n%s", err, errOut)
+		}
+	}
+	// api-report: HTTP, 2 transactions of 7 rows.
+	for i := 0; i < 2; i++ {
+		if code, r, _ := postQuery(t, ip, token, "tenants", "tagged", `{"sql": "select generate_series(1, 7)", "tag": "api-report"}`); code != 200 {
+			t.Fatalf("HTTP: %d %+v", code, r.Error)
+		}
+	}
+
+	want := map[string][2]float64{"dash-1": {5, 50}, "etl-nightly": {3, 12}, "api-report": {2, 14}}
+	eventually(t, 10*time.Second, "tag metrics", func() (bool, error) {
+		for tag, w := range want {
+			l := map[string]string{"namespace": "tenants", "source": "tagged", "tag": tag}
+			n, _ := shardMetric(t, "shardpool_tag_transactions_total", l)
+			rows, _ := shardMetric(t, "shardpool_tag_rows_total", l)
+			if n != w[0] || rows != w[1] {
+				return false, fmt.Errorf("%s: %v transactions, %v rows; want %v, %v", tag, n, rows, w[0], w[1])
+			}
+		}
+		return true, nil
+	})
+	secs, _ := shardMetric(t, "shardpool_tag_server_seconds_total", map[string]string{"source": "tagged", "tag": "dash-1"})
+	if secs < 0.03 || secs > 5 {
+		t.Errorf("dash-1 server seconds %v, want at least the 30 ms sleep", secs)
+	}
+	other, _ := shardMetric(t, "shardpool_tag_transactions_total", map[string]string{"source": "tagged", "tag": "other"})
+	if other != 0 {
+		t.Errorf("%v transactions under other; three tags are far below the bound", other)
+	}
+	t.Logf("dash-1: 5 transactions, 50 rows, %.3f s on the server; etl-nightly: 3, 12; api-report: 2, 14", secs)
+}
+
+// limits.perClient.statementTimeout is a ceiling the client cannot raise:
+// a statement running past it is cancelled on the warehouse (57014), after
+// a NOTICE that names the limit.
+func TestPerClientStatementTimeoutCancels(t *testing.T) {
+	ip, biPW := installed(t)
+	admissionSource(t, "ceiling", "{minIdle: 1, maxSize: 2}", "{perClient: {statementTimeout: 1s}}")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfg, err := pgx.ParseConfig(fmt.Sprintf("host=%s port=5432 user=bi dbname=tenants.ceiling sslmode=disable connect_timeout=10", ip))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Password = biPW
+	var notices []string
+	var mu sync.Mutex
+	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) {
+		mu.Lock()
+		notices = append(notices, n.Message)
+		mu.Unlock()
+	}
+	c, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(context.Background())
+	// Raising the server-side timeout does not lift the ceiling.
+	if _, err := c.Exec(ctx, "set statement_timeout = 0"); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	_, err = c.Exec(ctx, "select pg_sleep(10)")
+	el := time.Since(t0)
+	if sqlstate(err) != "57014" || el > 3*time.Second {
+		t.Fatalf("want 57014 after about 1 s, got %v after %v", err, el)
+	}
+	mu.Lock()
+	got := strings.Join(notices, "\n")
+	mu.Unlock()
+	if !strings.Contains(got, "limits.perClient.statementTimeout") {
+		t.Errorf("no NOTICE naming the limit; notices: %q", got)
+	}
+	// The session and the connection go on.
+	var one int
+	if err := c.QueryRow(ctx, "select 1").Scan(&one); err != nil || one != 1 {
+		t.Fatalf("after the cancel: %v", err)
+	}
+	t.Logf("cancelled after %v with %q", el.Round(time.Millisecond), got)
 }

@@ -88,6 +88,14 @@ func TestDataSourceSchemaRejectsBadResources(t *testing.T) {
 		{"empty-user", withField("user", `user: ""`), []string{"spec.user", "at least 1"}},
 		{"host-with-space", withField("host", "host: db host"), []string{"spec.host", "should match"}},
 		{"paused-not-bool", goodSpec + "  paused: \"yes\"\n", []string{"spec.paused", "boolean"}},
+		{"max-queued-negative", goodSpec + "  limits: {maxQueued: -1}\n", []string{"spec.limits.maxQueued", "greater than or equal to 0"}},
+		{"unknown-fairness", goodSpec + "  limits: {fairness: Random}\n", []string{"spec.limits.fairness", "Unsupported value", "Arrival"}},
+		{"notice-after-words", goodSpec + "  limits: {noticeAfter: 2 seconds}\n", []string{"spec.limits.noticeAfter", "should match"}},
+		{"burst-without-rate", goodSpec + "  limits: {perClient: {burst: 5}}\n", []string{"spec.limits.perClient.burst", "burst needs rate"}},
+		{"rate-zero", goodSpec + "  limits: {perClient: {rate: 0}}\n", []string{"spec.limits.perClient.rate", "at least 0.01"}},
+		{"rate-tiny", goodSpec + "  limits: {perClient: {rate: 0.001}}\n", []string{"spec.limits.perClient.rate", "greater than or equal to 0.01"}},
+		{"max-concurrent-zero", goodSpec + "  limits: {perClient: {maxConcurrent: 0}}\n", []string{"spec.limits.perClient.maxConcurrent", "greater than or equal to 1"}},
+		{"client-statement-timeout-days", goodSpec + "  limits: {perClient: {statementTimeout: 1d}}\n", []string{"spec.limits.perClient.statementTimeout", "should match"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -123,15 +131,16 @@ func TestDataSourceSchemaAcceptsGoodResources(t *testing.T) {
 			"  tls: {mode: verify-full, caSecretRef: {name: ca, key: ca.crt}}\n  pool: {minIdle: 0, maxSize: 1000}\n  paused: true\n",
 		"database-63-bytes": withField("database", "database: "+strings.Repeat("é", 31)+"x"),
 		"legacy-auth-tls":   withField("tls", "tls: {mode: require}") + "  allowLegacyPasswordAuth: true\n",
+		"limits":            goodSpec + "  limits: {maxQueued: 0, noticeAfter: 500ms, fairness: Arrival, perClient: {maxConcurrent: 4, rate: 0.5, burst: 2, statementTimeout: 30s}}\n",
 	}
 	for name, spec := range good {
 		if _, stderr, err := kubectl(t, dataSource(ns, name, spec), "apply", "-f", "-"); err != nil {
 			t.Errorf("%s rejected: %v\n%s", name, err, stderr)
 		}
 	}
-	out, _, err := kubectl(t, "", "get", "datasource", "minimal", "-n", ns, "-o", "jsonpath={.spec.port} {.spec.pool.minIdle} {.spec.pool.maxSize} {.spec.tls.mode} {.spec.pool.connectTimeout}")
-	if err != nil || out != "5432 1 10 prefer 10s" {
-		t.Errorf("defaults: got %q (%v), want \"5432 1 10 prefer 10s\"", out, err)
+	out, _, err := kubectl(t, "", "get", "datasource", "minimal", "-n", ns, "-o", "jsonpath={.spec.port} {.spec.pool.minIdle} {.spec.pool.maxSize} {.spec.tls.mode} {.spec.pool.connectTimeout} {.spec.limits.maxQueued} {.spec.limits.noticeAfter} {.spec.limits.fairness}")
+	if err != nil || out != "5432 1 10 prefer 10s 1000 2s Fair" {
+		t.Errorf("defaults: got %q (%v), want \"5432 1 10 prefer 10s 1000 2s Fair\"", out, err)
 	}
 	var header string
 	eventually(t, 10*time.Second, "kubectl get dsrc lists the sources", func() (bool, error) {

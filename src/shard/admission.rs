@@ -39,6 +39,8 @@ pub struct Limits {
     pub max_concurrent: Option<usize>,
     /// Per-client token bucket: transactions per second and bucket size.
     pub rate: Option<(f64, f64)>,
+    /// Longest a statement may run before the shard cancels it.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -50,6 +52,7 @@ impl Default for Limits {
             fair: true,
             max_concurrent: None,
             rate: None,
+            statement_timeout: None,
         }
     }
 }
@@ -149,6 +152,9 @@ pub struct Admission {
     state: Mutex<State>,
     /// Counters for the metrics endpoint.
     pub stats: AdmissionStats,
+    /// limits.statement_timeout in microseconds (0: none), read once per
+    /// transaction without the lock.
+    ceiling_us: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -200,6 +206,7 @@ impl Admission {
     /// A queue with these limits.
     pub fn new(limits: Limits) -> Admission {
         Admission {
+            ceiling_us: AtomicU64::new(ceiling_us(&limits)),
             state: Mutex::new(State {
                 limits,
                 running: 0,
@@ -221,9 +228,19 @@ impl Admission {
     /// Replaces the limits (a spec change); waiters are let in if the new
     /// ones allow.
     pub fn set_limits(&self, limits: Limits) {
+        self.ceiling_us
+            .store(ceiling_us(&limits), Ordering::Relaxed);
         let mut st = self.lock();
         st.limits = limits;
         st.dispatch();
+    }
+
+    /// limits.perClient.statementTimeout, if set.
+    pub fn statement_ceiling(&self) -> Option<Duration> {
+        match self.ceiling_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// The limits in force.
@@ -321,6 +338,12 @@ impl Admission {
         st.forget_if_idle(client, Instant::now());
         st.dispatch();
     }
+}
+
+fn ceiling_us(l: &Limits) -> u64 {
+    l.statement_timeout.map_or(0, |d| {
+        u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+    })
 }
 
 impl State {

@@ -329,6 +329,56 @@ impl Collector for SourcesCollector {
                 ConstCounter::new(v).encode(m.encode_family(&ls)?)?;
             }
         }
+
+        // Costs by tag: only sources whose transactions carried tags.
+        let tagged: Vec<_> = all
+            .iter()
+            .map(|s| (s, s.tags.snapshot()))
+            .filter(|(_, t)| !t.is_empty())
+            .collect();
+        for (name, help, pick) in [
+            (
+                "shardpool_tag_transactions",
+                "Transactions by source and query tag (leading /* shardpool:tag=... */ comment, application_name or HTTP tag; the busiest tags per source, the rest as other).",
+                0,
+            ),
+            (
+                "shardpool_tag_server_seconds",
+                "Time transactions held a server connection, by source and query tag.",
+                1,
+            ),
+            (
+                "shardpool_tag_rows",
+                "Rows the server returned, by source and query tag.",
+                2,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (s, costs) in &tagged {
+                let l = labels(&s.key);
+                for (tag, c) in costs {
+                    let ls = TagLabels {
+                        namespace: l.namespace.clone(),
+                        source: l.source.clone(),
+                        tag: tag.to_string(),
+                    };
+                    match pick {
+                        0 => ConstCounter::new(c.transactions).encode(m.encode_family(&ls)?)?,
+                        1 => ConstCounter::new(c.server_time.as_secs_f64())
+                            .encode(m.encode_family(&ls)?)?,
+                        _ => ConstCounter::new(c.rows).encode(m.encode_family(&ls)?)?,
+                    }
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// Labels of one tag-cost series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TagLabels {
+    namespace: String,
+    source: String,
+    tag: String,
 }

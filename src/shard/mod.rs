@@ -30,7 +30,9 @@ pub mod server;
 pub mod session;
 pub mod sources;
 pub mod status;
+pub mod tags;
 pub mod tls;
+pub mod topn;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};

@@ -41,6 +41,8 @@ pub struct Source {
     pub stats: SourceStats,
     /// Admission in front of the pool (`spec.limits`).
     pub admission: Arc<super::admission::Admission>,
+    /// Costs by query tag.
+    pub tags: Arc<super::tags::TagCosts>,
 }
 
 /// A source's counters, bumped on the session path (relaxed atomics).

@@ -240,6 +240,7 @@ where
                 Kind::Open => {
                     let mut client = ClientId::anonymous();
                     let mut report = false;
+                    let mut tag = None;
                     let (key, statements) = if names {
                         let Some(open) = crate::proto::open::decode(&frame.payload) else {
                             tracing::warn!(%peer, "malformed Open; closing router connection");
@@ -250,6 +251,7 @@ where
                             weight: open.weight,
                         };
                         report = open.report_admission;
+                        tag = crate::shard::tags::session_tag(&String::from_utf8_lossy(open.tag));
                         (open.key, open.statements)
                     } else if carries {
                         crate::proto::split_open(&frame.payload)
@@ -290,6 +292,7 @@ where
                             statements,
                             session::Peer {
                                 client,
+                                tag,
                                 report_admission: report,
                                 notices: names,
                             },

@@ -139,6 +139,8 @@ pub struct Ready {
     /// The transaction status of the last one ('I', 'T' or 'E'); 'I' when
     /// there is none.
     pub last_status: u8,
+    /// DataRow messages in the chunk (rows returned, for cost attribution).
+    pub rows: u64,
 }
 
 impl Default for Ready {
@@ -146,6 +148,7 @@ impl Default for Ready {
         Ready {
             count: 0,
             last_status: b'I',
+            rows: 0,
         }
     }
 }
@@ -437,7 +440,9 @@ impl ServerConn {
             let mut walk = pg::messages(&self.rbuf);
             let mut fatal = false;
             for m in walk.by_ref() {
-                if m.tag == b'Z' {
+                if m.tag == b'D' {
+                    ready.rows += 1;
+                } else if m.tag == b'Z' {
                     ready.count += 1;
                     ready.last_status = m.body().first().copied().unwrap_or(b'I');
                 } else if m.tag == b'E' && pg::is_fatal(m.body()) {

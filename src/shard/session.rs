@@ -26,6 +26,7 @@ use super::pool::Conn;
 use super::prepared::{self, Expect, Statements};
 use super::registry::Source;
 use super::server;
+use super::tags::{self, Charge};
 use crate::proto::flow::Inbox;
 use crate::proto::frame::{Frame, Kind};
 use crate::proto::outbox::Outbox;
@@ -59,6 +60,8 @@ impl Drop for Busy {
 pub struct Peer {
     /// The client identity for admission (anonymous before version 5).
     pub client: ClientId,
+    /// The session's cost tag (application_name, or the HTTP `tag`).
+    pub tag: Option<Arc<str>>,
     /// Send `Admitted` frames (the router's HTTP sessions ask).
     pub report_admission: bool,
     /// The router passes `Notice` frames on (version 5).
@@ -75,6 +78,15 @@ struct Held {
     /// When the server last sent something (or was last sent a request
     /// while owing nothing): the answer deadline counts from here.
     heard: Instant,
+    /// What the transaction cost, recorded under its tag at its end.
+    charge: Option<Charge>,
+    /// limits.perClient.statementTimeout: a request unanswered this long
+    /// is cancelled on the server.
+    ceiling: Option<Duration>,
+    /// When the oldest unanswered request was sent.
+    asked: Instant,
+    /// A cancel was sent for that request.
+    cancelled: bool,
     /// The admission slot, given back with the connection.
     _permit: Permit,
     _busy: Busy,
@@ -230,7 +242,19 @@ async fn checkout(
     match got {
         Ok(conn) => {
             source.stats.transactions.fetch_add(1, Ordering::Relaxed);
+            let charge = tags::comment_tag(&frame.payload)
+                .or_else(|| peer.tag.clone())
+                .map(|tag| Charge {
+                    costs: source.tags.clone(),
+                    tag,
+                    since: Instant::now(),
+                    rows: 0,
+                });
             Checkout::Got(Held {
+                charge,
+                ceiling: source.admission.statement_ceiling(),
+                asked: Instant::now(),
+                cancelled: false,
                 conn,
                 pending: 0,
                 status: b'I',
@@ -267,6 +291,22 @@ async fn answer_error(id: u32, frame: &Frame, outbox: &Outbox, code: &str, msg: 
         Ok(()) => Checkout::Answered,
         Err(_) => Checkout::End,
     }
+}
+
+/// Asks the server to cancel what runs on `conn` (in the background).
+fn cancel_running(source: &Source, conn: &Conn) {
+    let p = source.pool.manager().params();
+    let (host, port, pid, secret) = (
+        p.host.clone(),
+        p.port,
+        conn.backend_pid,
+        conn.backend_secret,
+    );
+    tokio::spawn(async move {
+        if let Err(e) = server::cancel(&host, port, pid, secret).await {
+            tracing::warn!(error = %e, "cancel request failed");
+        }
+    });
 }
 
 /// Ends a connection whose state is unknown: asks the server to cancel
@@ -343,6 +383,10 @@ pub async fn run(
     let answer_timer = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(answer_timer);
     let mut armed = false;
+    // limits.perClient.statementTimeout, when set: one timer like the above.
+    let ceiling_timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(ceiling_timer);
+    let mut ceiling_armed = false;
     let mut held: Option<Held> = None;
     let mut stmts = Statements::default();
     stmts.learn(&statements);
@@ -376,6 +420,12 @@ pub async fn run(
                                 if ready.count > 0 {
                                     h.pending = h.pending.saturating_sub(ready.count);
                                     h.status = ready.last_status;
+                                    // The next request's time starts now.
+                                    h.asked = h.heard;
+                                    h.cancelled = false;
+                                }
+                                if let Some(c) = h.charge.as_mut() {
+                                    c.rows += ready.rows;
                                 }
                                 let chunk = prepared::filter(chunk.freeze(), &mut owed);
                                 if outbox.send(Frame::new(id, Kind::Messages, chunk)).await.is_err() {
@@ -422,6 +472,24 @@ pub async fn run(
                         let _ = outbox.send(Frame::new(id, Kind::Closed, pg::error("FATAL", "08006", &msg))).await;
                         return;
                     }
+                    () = &mut ceiling_timer, if ceiling_armed => {
+                        ceiling_armed = false;
+                        let (Some(limit), true, false) = (h.ceiling, h.pending > 0, h.cancelled) else { continue };
+                        if h.asked.elapsed() < limit {
+                            ceiling_timer.as_mut().reset(h.asked + limit);
+                            ceiling_armed = true;
+                            continue;
+                        }
+                        h.cancelled = true;
+                        cancel_running(&source, &h.conn);
+                        if peer.notices {
+                            let mut b = BytesMut::new();
+                            pg::put_notice(&mut b, "NOTICE", "01000", &format!(
+                                "shardpool: cancelling the statement: it ran past limits.perClient.statementTimeout ({limit:?}) of {}", source.key));
+                            let _ = outbox.send(Frame::new(id, Kind::Notice, b.freeze())).await;
+                        }
+                        continue;
+                    }
                     () = source.kill.cancelled() => {
                         if let Some(h) = held.take() {
                             discard(&source, h.conn);
@@ -458,11 +526,17 @@ pub async fn run(
                 let syncs = sync_points(&frame.payload);
                 if h.pending == 0 {
                     h.heard = Instant::now();
+                    h.asked = h.heard;
+                    h.cancelled = false;
                 }
                 h.pending += syncs;
                 if let (Some(limit), false, true) = (answer_within, armed, h.pending > 0) {
                     answer_timer.as_mut().reset(h.heard + limit);
                     armed = true;
+                }
+                if let (Some(limit), false, true) = (h.ceiling, ceiling_armed, h.pending > 0) {
+                    ceiling_timer.as_mut().reset(h.asked + limit);
+                    ceiling_armed = true;
                 }
                 let bytes = if prepared::needs_rewrite(&frame.payload) {
                     let r = prepared::rewrite(&frame.payload, &mut stmts, &h.conn.prepared);
@@ -482,18 +556,7 @@ pub async fn run(
             }
             Kind::Cancel => {
                 if let Some(h) = held.as_ref() {
-                    let p = source.pool.manager().params();
-                    let (host, port, pid, secret) = (
-                        p.host.clone(),
-                        p.port,
-                        h.conn.backend_pid,
-                        h.conn.backend_secret,
-                    );
-                    tokio::spawn(async move {
-                        if let Err(e) = server::cancel(&host, port, pid, secret).await {
-                            tracing::warn!(error = %e, "cancel request failed");
-                        }
-                    });
+                    cancel_running(&source, &h.conn);
                 }
             }
             Kind::Close => break,

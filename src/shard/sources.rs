@@ -116,6 +116,11 @@ pub fn limits(ds: &DataSource) -> Result<admission::Limits, String> {
             .and_then(|m| usize::try_from(m).ok())
             .map(|m| m.max(1)),
         rate: rate.map(|r| (r, burst.unwrap_or(r.ceil()).max(1.0))),
+        statement_timeout: per
+            .and_then(|p| p.statement_timeout.as_deref())
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| e.to_string())?,
     })
 }
 
@@ -426,6 +431,7 @@ async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> 
         secret_version: std::sync::Mutex::new(version),
         stats: Default::default(),
         admission: Arc::new(admission::Admission::new(limits)),
+        tags: Default::default(),
     })
 }
 
