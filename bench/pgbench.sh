@@ -4,7 +4,11 @@
 # (transaction mode), through two PgBouncers in a row (the same two hops as
 # router -> shard: the cost of the path's length apart from the software),
 # and through shardpool (router -> shard -> warehouse, release build, on the
-# local cluster).
+# local cluster), to two sources of the same database: `sp` with admission
+# on (the default: every transaction goes through its source's admission
+# queue, no limit reached) and `noadm` with it bypassed (annotation
+# shardpool.dev/benchmark-bypass-admission), so `sp/noadm` is what
+# admission costs.
 #
 #   bench/pgbench.sh                 # 16 and 64 clients, 3 rounds of 10 s each
 #   CLIENTS="16 64" DURATION=20 REPEAT=5 bench/pgbench.sh
@@ -94,10 +98,27 @@ spec:
   passwordSecretRef: {name: bench-warehouse, key: password}
   tls: {mode: disable}
   pool: {minIdle: $POOL, maxSize: $POOL}
+---
+apiVersion: shardpool.dev/v1alpha1
+kind: DataSource
+metadata:
+  name: benchraw
+  namespace: tenants
+  annotations: {shardpool.dev/benchmark-bypass-admission: "true"}
+spec:
+  host: $WAREHOUSE_PGHOST
+  port: $WAREHOUSE_PGPORT
+  database: bench
+  user: $WAREHOUSE_PGUSER
+  passwordSecretRef: {name: bench-warehouse, key: password}
+  tls: {mode: disable}
+  pool: {minIdle: $POOL, maxSize: $POOL}
 YAML
-for _ in $(seq 1 120); do
-  [ "$(kc -n tenants get datasource bench -o jsonpath='{.status.phase}')" = Ready ] && break
-  sleep 0.5
+for src in bench benchraw; do
+  for _ in $(seq 1 120); do
+    [ "$(kc -n tenants get datasource $src -o jsonpath='{.status.phase}')" = Ready ] && break
+    sleep 0.5
+  done
 done
 ROUTER_IP=$(kc -n shardpool-system get pods -l app.kubernetes.io/component=router -o jsonpath='{.items[0].status.podIP}')
 ROUTER_PW=$(cat "$LOCALKUBE_STATE/install/router-bi")
@@ -166,12 +187,15 @@ SHARD_IDX=$(kc -n tenants get datasource bench -o jsonpath='{.status.shard}')
 SHARD_IP=$(kc -n shardpool-system get pods -l "shardpool.dev/shard=$SHARD_IDX" -o jsonpath='{.items[0].status.podIP}')
 ROUTER_PID=$(listener_pid "$ROUTER_IP" 5432)
 SHARD_PID=$(listener_pid "$SHARD_IP" 6432)
+RAW_IDX=$(kc -n tenants get datasource benchraw -o jsonpath='{.status.shard}')
+RAW_IP=$(kc -n shardpool-system get pods -l "shardpool.dev/shard=$RAW_IDX" -o jsonpath='{.items[0].status.podIP}')
+RAW_PID=$(listener_pid "$RAW_IP" 6432)
 # PIN=1: the warehouse's postmaster and its backends (new ones inherit it)
 # on CPU 0, PgBouncer, router and shard on CPU 1; all by pid.
 if [ "$PIN" = 1 ]; then
   PM_PID=$(head -n 1 "$LOCALKUBE_STATE/warehouse/postmaster.pid")
   for p in "$PM_PID" $(pgrep -P "$PM_PID"); do taskset -a -c -p 0 "$p" >/dev/null; done
-  for p in "$PGB_PID" "$PGB2_PID" "$ROUTER_PID" "$SHARD_PID"; do taskset -a -c -p 1 "$p" >/dev/null; done
+  for p in "$PGB_PID" "$PGB2_PID" "$ROUTER_PID" "$SHARD_PID" "$RAW_PID"; do taskset -a -c -p 1 "$p" >/dev/null; done
 fi
 PERF="$(command -v perf || true)"
 if [ -n "$PERF" ] && ! "$PERF" stat -e task-clock -p "$PGB_PID" -- sleep 0.1 >/dev/null 2>&1; then PERF=""; fi
@@ -200,6 +224,7 @@ measure() {
     pgbouncer) args=(127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID") ;;
     pgbouncer2) args=(127.0.0.1 "$PGB2_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID,$PGB2_PID") ;;
     shardpool) args=("$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi); groups=("$ROUTER_PID" "$SHARD_PID") ;;
+    noadm) args=("$ROUTER_IP" 5432 tenants.benchraw "$ROUTER_PW" bi); groups=("$ROUTER_PID" "$RAW_PID") ;;
   esac
   pids=("${groups[@]}") # kernel time comes from /proc, with or without perf
   [ -n "$PERF" ] || groups=()
@@ -240,12 +265,13 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
   if [ -n "$CLIENTS" ]; then
     echo "# throughput: medians of $REPEAT rounds of $DURATION s per target"
     echo "# us: CPU time per query of PgBouncer, of both PgBouncers of pgb x2, of the router and of the shard; ks: the kernel's part of it (system time); cs: context switches per query (router + shard for sp); steal: CPU time taken by the hypervisor"
-    printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %5s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb ks" "x2 ks" "rtr ks" "shd ks" "pgb cs" "sp cs" steal
+    echo "# noadm: shardpool with admission bypassed; sp/noa: what admission leaves of the throughput (1.000 = free)"
+    printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %5s %7s %6s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb ks" "x2 ks" "rtr ks" "shd ks" "pgb cs" "sp cs" steal noadm sp/noa
     for c in $CLIENTS; do
       for mode in simple extended prepared; do
         j=$(( c < 2 ? 1 : 2 ))
         rows=()
-        for _ in $(seq "$REPEAT"); do
+        for round in $(seq "$REPEAT"); do
           d=$(measure direct -M $mode -c "$c" -j $j -T "$DURATION")
           b="0 0 - - - - - -"
           b2="0 0 - - - - - -"
@@ -253,23 +279,32 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
             b=$(measure pgbouncer -M $mode -c "$c" -j $j -T "$DURATION")
             b2=$(measure pgbouncer2 -M $mode -c "$c" -j $j -T "$DURATION")
           fi
-          s=$(measure shardpool -M $mode -c "$c" -j $j -T "$DURATION")
-          rows+=("$d $b $b2 $s")
+          # With and without admission in turns, so neither always runs first.
+          if [ $((round % 2)) = 1 ]; then
+            s=$(measure shardpool -M $mode -c "$c" -j $j -T "$DURATION")
+            r=$(measure noadm -M $mode -c "$c" -j $j -T "$DURATION")
+          else
+            r=$(measure noadm -M $mode -c "$c" -j $j -T "$DURATION")
+            s=$(measure shardpool -M $mode -c "$c" -j $j -T "$DURATION")
+          fi
+          rows+=("$d $b $b2 $s $r")
         done
         # fields per round, 8 per target (tps steal cpuA csA cpuB csB kA kB):
-        # direct 1-8, pgbouncer 9-16, pgbouncer2 17-24, shardpool 25-32
+        # direct 1-8, pgbouncer 9-16, pgbouncer2 17-24, shardpool 25-32,
+        # shardpool without admission 33-40
         col() { printf '%s\n' "${rows[@]}" | awk -v k="$1" '$k != "-" {print $k}' | median; }
         ratio() { printf '%s\n' "${rows[@]}" | awk -v a="$1" -v b="$2" '$b > 0 {printf "%.3f\n", $a / $b}' | median; }
         spcs=$(printf '%s\n' "${rows[@]}" | awk '$28 != "-" && $30 != "-" {printf "%.2f\n", $28 + $30}' | median)
         steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($2 + $10 + $18 + $26) / 4}' | median)
-        ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $9, $17, $25}')")
-        printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %4.0f%%\n' "$c" "$mode" \
+        ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $9, $17, $25, $33}')")
+        printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %4.0f%% %7.0f %6.3f\n' "$c" "$mode" \
           "$(col 1)" "$(col 9)" "$(col 17)" "$(col 25)" \
           "$(ratio 25 9 | sed 's/^-$/0/')" "$(ratio 25 17 | sed 's/^-$/0/')" "$(ratio 25 1 | sed 's/^-$/0/')" \
-          "$(col 11)" "$(col 19)" "$(col 27)" "$(col 29)" "$(col 15)" "$(col 23)" "$(col 31)" "$(col 32)" "$(col 12)" "$spcs" "$steal"
+          "$(col 11)" "$(col 19)" "$(col 27)" "$(col 29)" "$(col 15)" "$(col 23)" "$(col 31)" "$(col 32)" "$(col 12)" "$spcs" "$steal" \
+          "$(col 33)" "$(ratio 25 33 | sed 's/^-$/0/')"
       done
     done
-    echo "# each round's tps, direct/pgbouncer/pgbouncer x2/shardpool:"
+    echo "# each round's tps, direct/pgbouncer/pgbouncer x2/shardpool/shardpool without admission:"
     printf '#   %s\n' "${ROUNDS[@]}"
     echo
   fi

@@ -16,7 +16,7 @@
 //! one map lookup, and the permit's drop takes the lock once more.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -41,7 +41,16 @@ pub struct Limits {
     pub rate: Option<(f64, f64)>,
     /// Longest a statement may run before the shard cancels it.
     pub statement_timeout: Option<Duration>,
+    /// Admit everything at once, without bookkeeping or per-client series
+    /// (the pool alone bounds the connections): only for measuring what
+    /// admission costs (bench/pgbench.sh), set by the DataSource
+    /// annotation [`BYPASS_ANNOTATION`].
+    pub bypass: bool,
 }
+
+/// DataSource annotation that turns admission off for the source
+/// (`"true"`): a benchmark's baseline, not a setting for production.
+pub const BYPASS_ANNOTATION: &str = "shardpool.dev/benchmark-bypass-admission";
 
 impl Default for Limits {
     fn default() -> Self {
@@ -53,6 +62,7 @@ impl Default for Limits {
             max_concurrent: None,
             rate: None,
             statement_timeout: None,
+            bypass: false,
         }
     }
 }
@@ -155,6 +165,8 @@ pub struct Admission {
     /// limits.statement_timeout in microseconds (0: none), read once per
     /// transaction without the lock.
     ceiling_us: AtomicU64,
+    /// limits.bypass, read without the lock.
+    bypass: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -207,6 +219,7 @@ impl Admission {
     pub fn new(limits: Limits) -> Admission {
         Admission {
             ceiling_us: AtomicU64::new(ceiling_us(&limits)),
+            bypass: AtomicBool::new(limits.bypass),
             state: Mutex::new(State {
                 limits,
                 running: 0,
@@ -230,9 +243,15 @@ impl Admission {
     pub fn set_limits(&self, limits: Limits) {
         self.ceiling_us
             .store(ceiling_us(&limits), Ordering::Relaxed);
+        self.bypass.store(limits.bypass, Ordering::Relaxed);
         let mut st = self.lock();
         st.limits = limits;
         st.dispatch();
+    }
+
+    /// Whether admission is bypassed (see [`Limits::bypass`]).
+    pub fn bypassed(&self) -> bool {
+        self.bypass.load(Ordering::Relaxed)
     }
 
     /// limits.perClient.statementTimeout, if set.
@@ -258,6 +277,12 @@ impl Admission {
     /// `deadline`. Refused at once when the queue is full or the client's
     /// token bucket cannot refill in time.
     pub fn enter(self: &Arc<Self>, client: &ClientId, deadline: Instant) -> Result<Entry, Refused> {
+        if self.bypassed() {
+            return Ok(Entry::Admitted(Permit {
+                admission: None,
+                client: client.name.clone(),
+            }));
+        }
         let now = Instant::now();
         let mut st = self.lock();
         let st = &mut *st;
@@ -294,7 +319,7 @@ impl Admission {
             st.running += 1;
             self.stats.wait.observe(0.0);
             return Ok(Entry::Admitted(Permit {
-                admission: self.clone(),
+                admission: Some(self.clone()),
                 client: client.name.clone(),
             }));
         }
@@ -427,13 +452,16 @@ impl State {
 /// One admitted transaction's slot; given back when dropped.
 #[derive(Debug)]
 pub struct Permit {
-    admission: Arc<Admission>,
+    /// None when admission is bypassed: nothing to give back.
+    admission: Option<Arc<Admission>>,
     client: Arc<str>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.release(&self.client);
+        if let Some(a) = &self.admission {
+            a.release(&self.client);
+        }
     }
 }
 
@@ -475,7 +503,7 @@ impl Ticket {
         let waited = self.asked.elapsed().as_secs_f64();
         self.admission.stats.wait.observe(waited);
         Permit {
-            admission: self.admission.clone(),
+            admission: Some(self.admission.clone()),
             client: self.client.name.clone(),
         }
     }

@@ -220,9 +220,11 @@ async fn checkout(
             return answer_error(id, frame, outbox, code, &msg).await;
         }
     };
-    metrics
-        .clients
-        .record(&peer.client.name, asked.elapsed().as_secs_f64());
+    if !source.admission.bypassed() {
+        metrics
+            .clients
+            .record(&peer.client.name, asked.elapsed().as_secs_f64());
+    }
     if peer.report_admission {
         let waited = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
         let _ = outbox

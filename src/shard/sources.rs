@@ -121,6 +121,10 @@ pub fn limits(ds: &DataSource) -> Result<admission::Limits, String> {
             .map(parse_duration)
             .transpose()
             .map_err(|e| e.to_string())?,
+        bypass: ds
+            .annotations()
+            .get(admission::BYPASS_ANNOTATION)
+            .is_some_and(|v| v == "true"),
     })
 }
 
