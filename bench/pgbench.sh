@@ -4,11 +4,11 @@
 # (transaction mode), through two PgBouncers in a row (the same two hops as
 # router -> shard: the cost of the path's length apart from the software),
 # and through shardpool (router -> shard -> warehouse, release build, on the
-# local cluster), to two sources of the same database: `sp` with admission
-# on (the default: every transaction goes through its source's admission
-# queue, no limit reached) and `noadm` with it bypassed (annotation
-# shardpool.dev/benchmark-bypass-admission), so `sp/noadm` is what
-# admission costs.
+# local cluster), twice: `sp` with admission on (the default: every
+# transaction goes through its source's admission queue, no limit
+# reached) and `noadm` with it bypassed on the same source, shard process
+# and links (annotation shardpool.dev/benchmark-bypass-admission, set for
+# that run only), so `sp/noa` is what admission costs.
 #
 #   bench/pgbench.sh                 # 16 and 64 clients, 3 rounds of 10 s each
 #   CLIENTS="16 64" DURATION=20 REPEAT=5 bench/pgbench.sh
@@ -98,27 +98,10 @@ spec:
   passwordSecretRef: {name: bench-warehouse, key: password}
   tls: {mode: disable}
   pool: {minIdle: $POOL, maxSize: $POOL}
----
-apiVersion: shardpool.dev/v1alpha1
-kind: DataSource
-metadata:
-  name: benchraw
-  namespace: tenants
-  annotations: {shardpool.dev/benchmark-bypass-admission: "true"}
-spec:
-  host: $WAREHOUSE_PGHOST
-  port: $WAREHOUSE_PGPORT
-  database: bench
-  user: $WAREHOUSE_PGUSER
-  passwordSecretRef: {name: bench-warehouse, key: password}
-  tls: {mode: disable}
-  pool: {minIdle: $POOL, maxSize: $POOL}
 YAML
-for src in bench benchraw; do
-  for _ in $(seq 1 120); do
-    [ "$(kc -n tenants get datasource $src -o jsonpath='{.status.phase}')" = Ready ] && break
-    sleep 0.5
-  done
+for _ in $(seq 1 120); do
+  [ "$(kc -n tenants get datasource bench -o jsonpath='{.status.phase}')" = Ready ] && break
+  sleep 0.5
 done
 ROUTER_IP=$(kc -n shardpool-system get pods -l app.kubernetes.io/component=router -o jsonpath='{.items[0].status.podIP}')
 ROUTER_PW=$(cat "$LOCALKUBE_STATE/install/router-bi")
@@ -187,15 +170,12 @@ SHARD_IDX=$(kc -n tenants get datasource bench -o jsonpath='{.status.shard}')
 SHARD_IP=$(kc -n shardpool-system get pods -l "shardpool.dev/shard=$SHARD_IDX" -o jsonpath='{.items[0].status.podIP}')
 ROUTER_PID=$(listener_pid "$ROUTER_IP" 5432)
 SHARD_PID=$(listener_pid "$SHARD_IP" 6432)
-RAW_IDX=$(kc -n tenants get datasource benchraw -o jsonpath='{.status.shard}')
-RAW_IP=$(kc -n shardpool-system get pods -l "shardpool.dev/shard=$RAW_IDX" -o jsonpath='{.items[0].status.podIP}')
-RAW_PID=$(listener_pid "$RAW_IP" 6432)
 # PIN=1: the warehouse's postmaster and its backends (new ones inherit it)
 # on CPU 0, PgBouncer, router and shard on CPU 1; all by pid.
 if [ "$PIN" = 1 ]; then
   PM_PID=$(head -n 1 "$LOCALKUBE_STATE/warehouse/postmaster.pid")
   for p in "$PM_PID" $(pgrep -P "$PM_PID"); do taskset -a -c -p 0 "$p" >/dev/null; done
-  for p in "$PGB_PID" "$PGB2_PID" "$ROUTER_PID" "$SHARD_PID" "$RAW_PID"; do taskset -a -c -p 1 "$p" >/dev/null; done
+  for p in "$PGB_PID" "$PGB2_PID" "$ROUTER_PID" "$SHARD_PID"; do taskset -a -c -p 1 "$p" >/dev/null; done
 fi
 PERF="$(command -v perf || true)"
 if [ -n "$PERF" ] && ! "$PERF" stat -e task-clock -p "$PGB_PID" -- sleep 0.1 >/dev/null 2>&1; then PERF=""; fi
@@ -224,8 +204,9 @@ measure() {
     pgbouncer) args=(127.0.0.1 "$PGB_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID") ;;
     pgbouncer2) args=(127.0.0.1 "$PGB2_PORT" bench "$WAREHOUSE_PGPASSWORD" "$WAREHOUSE_PGUSER"); groups=("$PGB_PID,$PGB2_PID") ;;
     shardpool) args=("$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi); groups=("$ROUTER_PID" "$SHARD_PID") ;;
-    noadm) args=("$ROUTER_IP" 5432 tenants.benchraw "$ROUTER_PW" bi); groups=("$ROUTER_PID" "$RAW_PID") ;;
+    noadm) args=("$ROUTER_IP" 5432 tenants.bench "$ROUTER_PW" bi); groups=("$ROUTER_PID" "$SHARD_PID") ;;
   esac
+  if [ "$target" = noadm ]; then bypass true; fi
   pids=("${groups[@]}") # kernel time comes from /proc, with or without perf
   [ -n "$PERF" ] || groups=()
   for i in "${!groups[@]}"; do
@@ -239,6 +220,7 @@ measure() {
   s1=$(cpu_snapshot)
   for i in "${!pids[@]}"; do k1[i]=$(kernel_ticks "${pids[$i]}"); done
   for i in "${!perfpids[@]}"; do kill -INT "${perfpids[$i]}" 2>/dev/null || true; wait "${perfpids[$i]}" 2>/dev/null || true; done
+  if [ "$target" = noadm ]; then bypass false; fi
   n=$(echo "$res" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' | head -n 1)
   tps=$(echo "$res" | tps)
   steal=$(echo "$s0 $s1" | awk '{printf "%.0f", ($4 > $2 ? 100 * ($3 - $1) / ($4 - $2) : 0)}')
@@ -252,6 +234,17 @@ measure() {
     if [ "${n:-0}" -gt 0 ]; then kern[i]=$(awk -v t="$((k1[i] - k0[i]))" -v hz="$CLK_TCK" -v n="$n" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'); fi
   done
   echo "${tps:-0} $steal ${out[*]} ${kern[*]}"
+}
+# bypass true|false: admission of the bench source off (on) for the next
+# run; the shard applies an annotation within milliseconds of the watch
+# event, 2 s are given.
+bypass() {
+  if [ "$1" = true ]; then
+    kc -n tenants annotate datasource bench shardpool.dev/benchmark-bypass-admission=true --overwrite >/dev/null
+  else
+    kc -n tenants annotate datasource bench shardpool.dev/benchmark-bypass-admission- >/dev/null
+  fi
+  sleep 2
 }
 median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else print v[int((NR + 1) / 2)]}'; }
 

@@ -310,3 +310,53 @@ func TestLinkCertificatesRotateWithoutBreakingLinks(t *testing.T) {
 	})
 	t.Logf("%s answered through a new link to the replacement of %s", shard0, oldHolder)
 }
+
+// A version 5 Open names the client; one whose fields do not parse closes
+// that link only (the shard answers the greeting, then nothing), and a
+// well-formed one on a new link opens its session.
+func TestLinkV5OpenIsCheckedPerLink(t *testing.T) {
+	installed(t)
+	c := client(t)
+	pods, err := c.CoreV1().Pods(systemNS).List(context.Background(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=shard,shardpool.dev/shard=0"})
+	if err != nil || len(pods.Items) == 0 || pods.Items[0].Status.PodIP == "" {
+		t.Fatalf("shard 0 pod: %v", err)
+	}
+	addr := net.JoinHostPort(pods.Items[0].Status.PodIP, "6432")
+	routerCert, ca := linkSecret(t, "shardpool-link-router")
+	try := func(payload string) []byte {
+		raw, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer raw.Close()
+		conn := tls.Client(raw, &tls.Config{ServerName: "shard-0.shardpool." + systemNS + ".shardpool.link", RootCAs: ca, Certificates: []tls.Certificate{routerCert}, MinVersion: tls.VersionTLS13})
+		_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+		var b bytes.Buffer
+		b.WriteString("SHPOOL05")
+		_ = binary.Write(&b, binary.BigEndian, uint32(1))
+		b.WriteByte('O')
+		_ = binary.Write(&b, binary.BigEndian, uint32(len(payload)))
+		b.WriteString(payload)
+		if _, err := conn.Write(b.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		var got []byte
+		buf := make([]byte, 4096)
+		for len(got) < 8+9 {
+			n, err := conn.Read(buf)
+			got = append(got, buf[:n]...)
+			if err != nil {
+				break
+			}
+		}
+		return got
+	}
+	bad := try("tenants/acme\x00bi\x00heavy\x00\x00\x00")
+	if !bytes.Equal(bad, []byte("SHPOOL05")) {
+		t.Errorf("malformed Open: want the greeting and then a closed link, got %q", bad)
+	}
+	good := try("tenants/acme\x00bi\x003\x00dash\x00\x00")
+	if len(good) < 8+9 || good[8+4] != 'o' {
+		t.Fatalf("well-formed version 5 Open: the session did not open: %q", good)
+	}
+}

@@ -180,9 +180,15 @@ struct State {
     vtime: f64,
     /// Ticket numbers, and the tags of arrival order.
     seq: u64,
-    /// Clients with something running, waiting, or a bucket not yet full.
+    /// Clients with something running, waiting, or a bucket not yet
+    /// full; idle ones until the next sweep.
     clients: HashMap<Arc<str>, Client>,
+    /// Size of `clients` at which idle entries are swept.
+    sweep_at: usize,
 }
+
+/// Idle client entries kept at least until the map has this many.
+const SWEEP_MIN: usize = 64;
 
 #[derive(Debug, Default)]
 struct Client {
@@ -227,6 +233,7 @@ impl Admission {
                 vtime: 0.0,
                 seq: 0,
                 clients: HashMap::new(),
+                sweep_at: SWEEP_MIN,
             }),
             stats: AdmissionStats::default(),
         }
@@ -247,6 +254,17 @@ impl Admission {
         let mut st = self.lock();
         st.limits = limits;
         st.dispatch();
+    }
+
+    /// Turns the bypass on or off (the annotation changed). Transactions
+    /// admitted under the other setting end as they were admitted.
+    pub fn set_bypass(&self, on: bool) {
+        if self.bypass.swap(on, Ordering::Relaxed) != on {
+            tracing::info!(
+                bypass = on,
+                "admission bypass changed (benchmark annotation)"
+            );
+        }
     }
 
     /// Whether admission is bypassed (see [`Limits::bypass`]).
@@ -286,14 +304,19 @@ impl Admission {
         let now = Instant::now();
         let mut st = self.lock();
         let st = &mut *st;
-        let limits = &st.limits;
+        let (rate_limit, capacity, max_queued, cap) = (
+            st.limits.rate,
+            st.limits.capacity,
+            st.limits.max_queued,
+            st.limits.max_concurrent.unwrap_or(usize::MAX),
+        );
         // The token bucket first: a transaction over the rate waits for its
         // token (reserved now), or is refused at once if it cannot come.
         let mut ready_at = None;
-        if let Some((rate, burst)) = limits.rate {
+        if let Some((rate, burst)) = rate_limit {
             let interval = Duration::from_secs_f64(1.0 / rate);
             let tolerance = interval.mul_f64((burst - 1.0).max(0.0));
-            let c = st.clients.entry(client.name.clone()).or_default();
+            let c = st.client(&client.name, now);
             let tat = c.tat.map_or(now, |t| t.max(now));
             let allowed = tat.checked_sub(tolerance).unwrap_or(now).max(now);
             if allowed > deadline {
@@ -312,9 +335,9 @@ impl Admission {
             // Checked below: a refusal for a full queue gives it back.
             c.tat = Some(tat + interval);
         }
-        let cap = limits.max_concurrent.unwrap_or(usize::MAX);
-        let c = st.clients.entry(client.name.clone()).or_default();
-        if ready_at.is_none() && st.running < limits.capacity && c.running < cap {
+        let running = st.running;
+        let c = st.client(&client.name, now);
+        if ready_at.is_none() && running < capacity && c.running < cap {
             c.running += 1;
             st.running += 1;
             self.stats.wait.observe(0.0);
@@ -323,19 +346,20 @@ impl Admission {
                 client: client.name.clone(),
             }));
         }
-        if st.queued >= limits.max_queued {
-            if let Some((rate, _)) = limits.rate {
+        if st.queued >= max_queued {
+            if let (Some((rate, _)), Some(c)) = (rate_limit, st.clients.get_mut(&client.name)) {
                 // The token was not used.
                 if let Some(t) = c.tat.as_mut() {
                     *t -= Duration::from_secs_f64(1.0 / rate);
                 }
             }
             self.stats.refused[0].fetch_add(1, Ordering::Relaxed);
-            let max = limits.max_queued;
             st.forget_if_idle(&client.name, now);
-            return Err(Refused::QueueFull(max));
+            return Err(Refused::QueueFull(max_queued));
         }
-        c.tickets += 1;
+        if let Some(c) = st.clients.get_mut(&client.name) {
+            c.tickets += 1;
+        }
         st.queued += 1;
         st.seq += 1;
         self.stats.queued_total.fetch_add(1, Ordering::Relaxed);
@@ -360,7 +384,6 @@ impl Admission {
         if let Some(c) = st.clients.get_mut(client) {
             c.running = c.running.saturating_sub(1);
         }
-        st.forget_if_idle(client, Instant::now());
         st.dispatch();
     }
 }
@@ -427,6 +450,22 @@ impl State {
                 }
             }
         }
+    }
+
+    /// The entry of `client`, made when missing. Idle entries are kept
+    /// (no map insert and remove per transaction on the hot path) and
+    /// swept once the map has doubled since the last sweep.
+    fn client(&mut self, client: &Arc<str>, now: Instant) -> &mut Client {
+        if !self.clients.contains_key(client) {
+            if self.clients.len() >= self.sweep_at {
+                self.clients.retain(|_, c| {
+                    c.running > 0 || c.tickets > 0 || c.tat.is_some_and(|t| t > now)
+                });
+                self.sweep_at = (2 * self.clients.len()).max(SWEEP_MIN);
+            }
+            self.clients.insert(client.clone(), Client::default());
+        }
+        self.clients.entry(client.clone()).or_default()
     }
 
     /// Drops a client's entry once nothing of it is left (its fairness tag

@@ -5,6 +5,7 @@
 //! Lock discipline: `book` is a std Mutex held for one map update per
 //! transaction (after admission, off the wait), never across an await.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -34,8 +35,17 @@ pub struct ClientMetrics {
     pub transactions: Family<ClientLabel, Counter>,
     /// Time from asking to admission, by client.
     pub wait: WaitFamily,
-    /// Who is labelled; see the lock discipline.
-    book: Mutex<TopN>,
+    /// Who is labelled, and the series handles of each label (so the hot
+    /// path neither formats a label nor looks one up in the families);
+    /// see the lock discipline.
+    book: Mutex<Book>,
+}
+
+#[derive(Debug)]
+struct Book {
+    top: TopN,
+    /// Handles by label; `None` key: `other`.
+    series: HashMap<Option<Arc<str>>, (Counter, Histogram)>,
 }
 
 impl ClientMetrics {
@@ -44,34 +54,45 @@ impl ClientMetrics {
         ClientMetrics {
             transactions: Family::default(),
             wait: Family::new_with_constructor(wait_histogram),
-            book: Mutex::new(TopN::new(top)),
+            book: Mutex::new(Book {
+                top: TopN::new(top),
+                series: HashMap::new(),
+            }),
         }
     }
 
     /// Records one admitted transaction of `client` that waited `wait`
     /// seconds for admission.
     pub fn record(&self, client: &Arc<str>, wait: f64) {
-        let seen = self
-            .book
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .see(client);
-        if let Some(gone) = seen.evicted {
-            let gone = ClientLabel {
-                client: gone.to_string(),
-            };
-            self.transactions.remove(&gone);
-            self.wait.remove(&gone);
-        }
-        let label = ClientLabel {
-            client: if seen.labelled {
-                client.to_string()
-            } else {
-                OTHER.to_string()
-            },
+        let (counter, histogram) = {
+            let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = book.top.see(client);
+            if let Some(gone) = seen.evicted {
+                book.series.remove(&Some(gone.clone()));
+                let gone = ClientLabel {
+                    client: gone.to_string(),
+                };
+                self.transactions.remove(&gone);
+                self.wait.remove(&gone);
+            }
+            let key = seen.labelled.then(|| client.clone());
+            match book.series.get(&key) {
+                Some(h) => h.clone(),
+                None => {
+                    let label = ClientLabel {
+                        client: key.as_deref().unwrap_or(OTHER).to_string(),
+                    };
+                    let h = (
+                        self.transactions.get_or_create(&label).clone(),
+                        self.wait.get_or_create(&label).clone(),
+                    );
+                    book.series.insert(key, h.clone());
+                    h
+                }
+            }
         };
-        self.transactions.get_or_create(&label).inc();
-        self.wait.get_or_create(&label).observe(wait);
+        counter.inc();
+        histogram.observe(wait);
     }
 }
 

@@ -121,11 +121,15 @@ pub fn limits(ds: &DataSource) -> Result<admission::Limits, String> {
             .map(parse_duration)
             .transpose()
             .map_err(|e| e.to_string())?,
-        bypass: ds
-            .annotations()
-            .get(admission::BYPASS_ANNOTATION)
-            .is_some_and(|v| v == "true"),
+        bypass: bypass_annotated(ds),
     })
+}
+
+/// Whether the DataSource carries [`admission::BYPASS_ANNOTATION`]: "true".
+fn bypass_annotated(ds: &DataSource) -> bool {
+    ds.annotations()
+        .get(admission::BYPASS_ANNOTATION)
+        .is_some_and(|v| v == "true")
 }
 
 /// Reads a password from a Secret; returns it with the Secret's
@@ -231,7 +235,12 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
     let mut to_open = Vec::new();
     for ds in cx.store.state() {
         let k = handover::key(&ds);
-        let held = registry.get(&k).map(|s| s.generation());
+        let served = registry.get(&k);
+        let held = served.as_ref().map(|s| s.generation());
+        if let Some(s) = &served {
+            // An annotation, not the spec: no new generation.
+            s.admission.set_bypass(bypass_annotated(&ds));
+        }
         let step = handover::step(Some(&ds), shard, held, alive);
         seen.insert(k.clone());
         match step {

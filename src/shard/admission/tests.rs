@@ -218,10 +218,18 @@ async fn a_grant_racing_a_give_up_returns_the_slot() {
 }
 
 #[tokio::test]
-async fn idle_clients_are_forgotten() {
+async fn idle_clients_are_swept() {
     let adm = Arc::new(Admission::new(limits(2)));
-    for i in 0..100 {
+    let busy = client("busy", 1);
+    let _held = admitted(adm.enter(&busy, far()));
+    for i in 0..1000 {
         drop(admitted(adm.enter(&client(&format!("c{i}"), 1), far())));
     }
-    assert!(adm.lock().clients.is_empty());
+    let st = adm.lock();
+    assert!(
+        st.clients.len() <= SWEEP_MIN,
+        "{} entries",
+        st.clients.len()
+    );
+    assert!(st.clients.contains_key("busy"), "an entry in use stays");
 }
