@@ -255,11 +255,12 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
   echo "# pgb x2: two PgBouncers in a row (client -> PgBouncer -> PgBouncer -> PostgreSQL), the same two hops as router -> shard"
   if [ "$PIN" = 1 ]; then echo "# PIN=1: pgbench and PostgreSQL pinned to CPU 0, PgBouncer(s), router and shard to CPU 1"; fi
   ROUNDS=()
+  ALL=()
   if [ -n "$CLIENTS" ]; then
     echo "# throughput: medians of $REPEAT rounds of $DURATION s per target"
     echo "# us: CPU time per query of PgBouncer, of both PgBouncers of pgb x2, of the router and of the shard; ks: the kernel's part of it (system time); cs: context switches per query (router + shard for sp); steal: CPU time taken by the hypervisor"
-    echo "# noadm: shardpool with admission bypassed; sp/noa: what admission leaves of the throughput (1.000 = free)"
-    printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %5s %7s %6s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb ks" "x2 ks" "rtr ks" "shd ks" "pgb cs" "sp cs" steal noadm sp/noa
+    echo "# noadm: shardpool with admission bypassed; sp/noa: what admission leaves of the throughput (1.000 = free); noa us: the shard's CPU time per query without admission"
+    printf '%-7s %-8s %7s %7s %7s %7s %6s %6s %6s %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %5s %7s %6s %6s\n' clients mode direct pgb "pgb x2" sp sp/pgb "sp/x2" sp/dir "pgb us" "x2 us" "rtr us" "shd us" "pgb ks" "x2 ks" "rtr ks" "shd ks" "pgb cs" "sp cs" steal noadm sp/noa "noa us"
     for c in $CLIENTS; do
       for mode in simple extended prepared; do
         j=$(( c < 2 ? 1 : 2 ))
@@ -289,14 +290,18 @@ out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
         ratio() { printf '%s\n' "${rows[@]}" | awk -v a="$1" -v b="$2" '$b > 0 {printf "%.3f\n", $a / $b}' | median; }
         spcs=$(printf '%s\n' "${rows[@]}" | awk '$28 != "-" && $30 != "-" {printf "%.2f\n", $28 + $30}' | median)
         steal=$(printf '%s\n' "${rows[@]}" | awk '{print ($2 + $10 + $18 + $26) / 4}' | median)
+        ALL+=("${rows[@]}")
         ROUNDS+=("$c $mode: $(printf '%s\n' "${rows[@]}" | awk '{printf "%s%.0f/%.0f/%.0f/%.0f/%.0f", (NR > 1 ? ", " : ""), $1, $9, $17, $25, $33}')")
-        printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %4.0f%% %7.0f %6.3f\n' "$c" "$mode" \
+        printf '%-7s %-8s %7.0f %7.0f %7.0f %7.0f %6.2f %6.2f %6.2f %7s %7s %7s %7s %6s %6s %6s %6s %6s %6s %4.0f%% %7.0f %6.3f %6s\n' "$c" "$mode" \
           "$(col 1)" "$(col 9)" "$(col 17)" "$(col 25)" \
           "$(ratio 25 9 | sed 's/^-$/0/')" "$(ratio 25 17 | sed 's/^-$/0/')" "$(ratio 25 1 | sed 's/^-$/0/')" \
           "$(col 11)" "$(col 19)" "$(col 27)" "$(col 29)" "$(col 15)" "$(col 23)" "$(col 31)" "$(col 32)" "$(col 12)" "$spcs" "$steal" \
-          "$(col 33)" "$(ratio 25 33 | sed 's/^-$/0/')"
+          "$(col 33)" "$(ratio 25 33 | sed 's/^-$/0/')" "$(col 37)"
       done
     done
+    amed=$(printf '%s\n' "${ALL[@]}" | awk '$33 > 0 {printf "%.4f\n", $25 / $33}' | median)
+    printf '%s\n' "${ALL[@]}" | awk -v med="$amed" '$33 > 0 {n++; m += $25 / $33; s += $25; t += $33} END {
+      if (n > 0) printf "# admission over all %d rounds: sp/noa median %.3f, mean %.3f, total throughput ratio %.3f\n", n, med, m / n, s / t }'
     echo "# each round's tps, direct/pgbouncer/pgbouncer x2/shardpool/shardpool without admission:"
     printf '#   %s\n' "${ROUNDS[@]}"
     echo

@@ -183,11 +183,11 @@ pub struct DataSourceSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct LimitsSpec {
-    /// Most transactions waiting for a connection at once, 0-100000. Past
+    /// Most transactions waiting for a connection at once, 0-10000. Past
     /// it a transaction is refused at once (SQLSTATE 53300, HTTP 429); one
     /// still waiting after pool.acquireTimeout is refused the same way.
     #[serde(default = "default_max_queued")]
-    #[schemars(range(min = 0, max = 100000))]
+    #[schemars(range(min = 0, max = 10000))]
     pub max_queued: i32,
     /// A PostgreSQL client whose transaction has waited this long gets a
     /// NOTICE saying it is queued and at which position.

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"context"
+	"encoding/base64"
 	"fmt"
 	"net/http"
 	"os"
@@ -601,4 +602,59 @@ func TestPerClientStatementTimeoutCancels(t *testing.T) {
 		t.Fatalf("after the cancel: %v", err)
 	}
 	t.Logf("cancelled after %v with %q", el.Round(time.Millisecond), got)
+}
+
+// Weights from the router's auth Secret (key `weights`) reach the shard's
+// queue: with both users keeping the pool busy, a user of weight 3 gets
+// about three transactions for every one of a user of weight 1.
+func TestAdmissionWeightsShareThePool(t *testing.T) {
+	ip, biPW := installed(t)
+	opsPW := opsPassword(t)
+	admissionSource(t, "weighted", "{minIdle: 2, maxSize: 2, acquireTimeout: 20s}", "{}")
+	patch := func(weights string) {
+		t.Helper()
+		var p string
+		if weights == "" {
+			p = `[{"op": "remove", "path": "/data/weights"}]`
+		} else {
+			p = fmt.Sprintf(`[{"op": "add", "path": "/data/weights", "value": %q}]`, base64.StdEncoding.EncodeToString([]byte(weights)))
+		}
+		if _, errOut, err := kubectl(t, "", "-n", systemNS, "patch", "secret", "shardpool-router-auth", "--type=json", "-p", p); err != nil {
+			t.Fatalf("patch the auth Secret: %v\n%s", err, errOut)
+		}
+	}
+	patch("# BI backends\nbi=3\nops=1\n")
+	t.Cleanup(func() { patch("") })
+
+	share := func() (float64, int64, int64) {
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		a := runLoops(ctx, t, &wg, []string{ip}, "ops", opsPW, "tenants.weighted", "select pg_sleep(0.05)", 8)
+		b := runLoops(ctx, t, &wg, []string{ip}, "bi", biPW, "tenants.weighted", "select pg_sleep(0.05)", 8)
+		time.Sleep(time.Second)
+		a0, b0 := a.done.Load(), b.done.Load()
+		time.Sleep(4 * time.Second)
+		an, bn := a.done.Load()-a0, b.done.Load()-b0
+		cancel()
+		wg.Wait()
+		if len(a.errors)+len(b.errors) > 0 {
+			t.Fatalf("errors: ops %v bi %v", a.errors, b.errors)
+		}
+		return float64(bn) / float64(an+bn), an, bn
+	}
+	// The router applies a new Secret version within seconds; sessions
+	// take the weight in force when they open.
+	var got float64
+	var an, bn int64
+	deadline := time.Now().Add(45 * time.Second)
+	for {
+		got, an, bn = share()
+		if (got > 0.68 && got < 0.82) || time.Now().After(deadline) {
+			break
+		}
+	}
+	t.Logf("weights bi=3, ops=1: bi ran %d, ops %d transactions in 4 s: bi's share %.2f (3/4 = 0.75)", bn, an, got)
+	if got <= 0.68 || got >= 0.82 {
+		t.Errorf("bi's share %.2f, want about 0.75", got)
+	}
 }

@@ -95,7 +95,8 @@ pub enum Refused {
     QueueFull(usize),
     /// Waited pool.acquireTimeout without being admitted.
     #[error(
-        "waited pool.acquireTimeout ({waited:?}) in this source's queue without a free connection{}",
+        "waited pool.acquireTimeout ({}) in this source's queue without a free connection{}",
+        secs(.waited),
         if *.capped { format!(" (this client already ran limits.perClient.maxConcurrent = {} transactions)", .max_concurrent) } else { String::new() }
     )]
     Timeout {
@@ -108,7 +109,8 @@ pub enum Refused {
     },
     /// The client's token bucket would not refill before the deadline.
     #[error(
-        "client over limits.perClient.rate ({rate}/s, burst {burst}) for this source; next transaction possible in {retry_in:?}"
+        "client over limits.perClient.rate ({rate}/s, burst {burst}) for this source; next transaction possible in {}",
+        secs(.retry_in)
     )]
     Rate {
         /// The configured rate.
@@ -128,6 +130,15 @@ impl Refused {
             Refused::Timeout { .. } => "timeout",
             Refused::Rate { .. } => "rate",
         }
+    }
+}
+
+/// A duration for a message: `1.2s`, `350ms`.
+fn secs(d: &Duration) -> String {
+    if *d >= Duration::from_secs(1) {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }
 
@@ -478,7 +489,9 @@ impl State {
         }
     }
 
-    /// Queued transactions that go before the one with this finish tag.
+    /// Queued transactions that go before the one with this finish tag: a
+    /// scan under the lock, once per NOTICE, over at most limits.maxQueued
+    /// (the CRD bounds it at 10,000).
     fn ahead_of(&self, finish: f64, seq: u64) -> usize {
         self.clients
             .values()
