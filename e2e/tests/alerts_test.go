@@ -103,7 +103,9 @@ func TestAlertRules(t *testing.T) {
 		}
 	}
 
-	// Every metric the rules select is exported by a running pod.
+	// Every metric the rules select is exported by a running pod: it has
+	// samples, or (series that exist only once something happened, such as
+	// admission refusals) its family is declared by a # TYPE line.
 	var exported []string
 	for _, component := range []string{"operator", "shard", "router"} {
 		for pod, ip := range podIPs(t, component) {
@@ -112,6 +114,16 @@ func TestAlertRules(t *testing.T) {
 				t.Fatalf("metrics of %s: %v", pod, err)
 			}
 			exported = append(exported, lines...)
+			for _, m := range typeLine.FindAllStringSubmatch(rawMetrics(t, ip), -1) {
+				switch m[2] {
+				case "counter":
+					exported = append(exported, m[1]+"_total ")
+				case "histogram":
+					exported = append(exported, m[1]+"_bucket ", m[1]+"_sum ", m[1]+"_count ")
+				default:
+					exported = append(exported, m[1]+" ")
+				}
+			}
 		}
 	}
 	has := func(name string) bool {
