@@ -123,12 +123,12 @@ pub enum Refused {
 }
 
 impl Refused {
-    /// The metric label of the reason.
-    pub fn reason(&self) -> &'static str {
+    /// Its place in [`REASONS`] and [`AdmissionStats::refused`].
+    fn index(&self) -> usize {
         match self {
-            Refused::QueueFull(_) => "queue_full",
-            Refused::Timeout { .. } => "timeout",
-            Refused::Rate { .. } => "rate",
+            Refused::QueueFull(_) => 0,
+            Refused::Timeout { .. } => 1,
+            Refused::Rate { .. } => 2,
         }
     }
 }
@@ -154,6 +154,14 @@ pub struct AdmissionStats {
     pub wait: Histogram,
     /// Transactions that had to queue (not admitted at once).
     pub queued_total: AtomicU64,
+}
+
+impl AdmissionStats {
+    /// Counts a refusal and hands it back.
+    fn refuse(&self, r: Refused) -> Refused {
+        self.refused[r.index()].fetch_add(1, Ordering::Relaxed);
+        r
+    }
 }
 
 impl Default for AdmissionStats {
@@ -331,14 +339,13 @@ impl Admission {
             let tat = c.tat.map_or(now, |t| t.max(now));
             let allowed = tat.checked_sub(tolerance).unwrap_or(now).max(now);
             if allowed > deadline {
-                self.stats.refused[2].fetch_add(1, Ordering::Relaxed);
                 let retry_in = allowed - now;
                 st.forget_if_idle(&client.name, now);
-                return Err(Refused::Rate {
+                return Err(self.stats.refuse(Refused::Rate {
                     rate,
                     burst,
                     retry_in,
-                });
+                }));
             }
             if allowed > now {
                 ready_at = Some(allowed);
@@ -364,9 +371,8 @@ impl Admission {
                     *t -= Duration::from_secs_f64(1.0 / rate);
                 }
             }
-            self.stats.refused[0].fetch_add(1, Ordering::Relaxed);
             st.forget_if_idle(&client.name, now);
-            return Err(Refused::QueueFull(max_queued));
+            return Err(self.stats.refuse(Refused::QueueFull(max_queued)));
         }
         if let Some(c) = st.clients.get_mut(&client.name) {
             c.tickets += 1;
@@ -581,12 +587,11 @@ impl Ticket {
             (Some(cap), Some(c)) => c.running >= cap,
             _ => false,
         };
-        self.admission.stats.refused[1].fetch_add(1, Ordering::Relaxed);
-        Refused::Timeout {
+        self.admission.stats.refuse(Refused::Timeout {
             waited: self.asked.elapsed(),
             capped,
             max_concurrent: cap.unwrap_or(0),
-        }
+        })
     }
 }
 
