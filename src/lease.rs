@@ -456,3 +456,26 @@ mod tests;
 pub fn shard_lease_name(index: u32) -> String {
     format!("shardpool-shard-{index}")
 }
+
+/// Whether `lease` has a holder whose claim has not run out at `now` (as
+/// its watchers see it: renewTime plus leaseDurationSeconds, 15 s when
+/// unset; a holder with no renewTime yet counts as live).
+pub fn has_live_holder(lease: &Lease, now: Timestamp) -> bool {
+    let Some(spec) = lease.spec.as_ref() else {
+        return false;
+    };
+    if spec.holder_identity.as_deref().is_none_or(str::is_empty) {
+        return false;
+    }
+    let duration = k8s_openapi::jiff::SignedDuration::from_secs(i64::from(
+        spec.lease_duration_seconds.unwrap_or(15),
+    ));
+    match spec.renew_time.as_ref() {
+        Some(t) => {
+            t.0.checked_add(duration)
+                .map(|end| end > now)
+                .unwrap_or(true)
+        }
+        None => true,
+    }
+}

@@ -154,6 +154,12 @@ func TestScaleBench(t *testing.T) {
 	r.say("steady state, %.0f s after everything was Ready:", st.window.Seconds())
 	r.say("  writes to the %d DataSources (status or spec, seen by a watch): %.1f per minute (target 0)", s.N, st.sourceWrites)
 	r.say("  Events written by shardpool's components: %.1f per minute", st.events)
+	for _, line := range topCounts(st.writeKinds, 8) {
+		r.say("    DataSource writes in the window, %s", line)
+	}
+	for _, line := range topCounts(st.eventKinds, 8) {
+		r.say("    Events in the window, %s", line)
+	}
 	leases := slices.Sorted(maps.Keys(st.leaseRenewals))
 	for _, k := range leases {
 		r.say("  Lease %s renewed %.1f times per minute (the holder's heartbeat: one per shard and one for the operator, whatever the source count)", k, st.leaseRenewals[k])
@@ -231,4 +237,23 @@ func TestScaleBench(t *testing.T) {
 	if twice > 0 {
 		t.Errorf("%d sources moved more than once", twice)
 	}
+}
+
+// topCounts lists the n largest counts as "count x key", largest first.
+func topCounts(m map[string]int, n int) []string {
+	keys := slices.SortedFunc(maps.Keys(m), func(a, b string) int {
+		if m[a] != m[b] {
+			return m[b] - m[a]
+		}
+		return strings.Compare(a, b)
+	})
+	var out []string
+	for i, k := range keys {
+		if i == n {
+			out = append(out, fmt.Sprintf("%d more kinds", len(keys)-n))
+			break
+		}
+		out = append(out, fmt.Sprintf("%d x %s", m[k], k))
+	}
+	return out
 }

@@ -69,6 +69,60 @@ type srcState struct {
 	open          int64
 	// among: the shard count of the operator's last pass over it.
 	among int64
+	// lastError as written.
+	lastError string
+	// writer: the field manager of the newest managedFields entry.
+	writer string
+}
+
+// changeOf names what a write changed between two states of a source, and
+// who wrote it, e.g. "shardpool-shard: phase Ready->Connecting".
+func changeOf(prev, next srcState) string {
+	var parts []string
+	if prev.phase != next.phase {
+		parts = append(parts, "phase "+prev.phase+"->"+next.phase)
+	}
+	if prev.shard != next.shard {
+		parts = append(parts, "shard")
+	}
+	if prev.servedBy != next.servedBy {
+		parts = append(parts, "servedBy")
+	}
+	if prev.among != next.among {
+		parts = append(parts, fmt.Sprintf("assignedAmong %d->%d", prev.among, next.among))
+	}
+	if prev.gen != next.gen {
+		parts = append(parts, "generation")
+	}
+	if prev.observed != next.observed {
+		parts = append(parts, "observedGeneration")
+	}
+	if prev.lastError != next.lastError {
+		e := next.lastError
+		if len(e) > 60 {
+			e = e[:60]
+		}
+		parts = append(parts, fmt.Sprintf("lastError %q", e))
+	}
+	if prev.open != next.open {
+		parts = append(parts, "connections")
+	}
+	if len(parts) == 0 {
+		parts = append(parts, "other fields")
+	}
+	return next.writer + ": " + strings.Join(parts, ", ")
+}
+
+// newestManager is the field manager of the most recent managedFields entry.
+func newestManager(u *unstructured.Unstructured) string {
+	var who string
+	var at time.Time
+	for _, m := range u.GetManagedFields() {
+		if m.Time != nil && !m.Time.Time.Before(at) {
+			at, who = m.Time.Time, m.Manager
+		}
+	}
+	return who
 }
 
 // sourceWatch follows every DataSource of a namespace.
@@ -82,6 +136,16 @@ type sourceWatch struct {
 	moves map[string]int
 	// writes counts the changes to DataSources seen (spec or status).
 	writes int
+	// kinds counts the writes by what they changed and who wrote them
+	// (changeOf).
+	kinds map[string]int
+}
+
+// kindsSnapshot copies the writes counted by kind.
+func (w *sourceWatch) kindsSnapshot() map[string]int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.kinds)
 }
 
 func (w *sourceWatch) writeCount() int {
@@ -119,6 +183,8 @@ func stateOf(u *unstructured.Unstructured) srcState {
 	s.servedBy, _ = nested(o, "status", "servedBy").(string)
 	s.open = asInt(nested(o, "status", "connections", "open"))
 	s.among = asInt(nested(o, "status", "assignedAmong"))
+	s.lastError, _ = nested(o, "status", "lastError").(string)
+	s.writer = newestManager(u)
 	return s
 }
 
@@ -128,7 +194,7 @@ func watchSources(t *testing.T, ns string) *sourceWatch {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &sourceWatch{stop: make(chan struct{}), m: map[string]srcState{}, moves: map[string]int{}}
+	w := &sourceWatch{stop: make(chan struct{}), m: map[string]srcState{}, moves: map[string]int{}, kinds: map[string]int{}}
 	f := dynamicinformer.NewFilteredDynamicSharedInformerFactory(dc, 0, ns, nil)
 	inf := f.ForResource(dataSourcesGVR).Informer()
 	put := func(obj any) {
@@ -149,6 +215,7 @@ func watchSources(t *testing.T, ns string) *sourceWatch {
 				if nu, ok := n.(*unstructured.Unstructured); ok && ou.GetResourceVersion() != nu.GetResourceVersion() {
 					w.mu.Lock()
 					w.writes++
+					w.kinds[changeOf(stateOf(ou), stateOf(nu))]++
 					w.mu.Unlock()
 				}
 			}
@@ -749,6 +816,11 @@ type steadyState struct {
 	writes map[string]float64
 	// sourceWrites: changes to the run's DataSources per minute.
 	sourceWrites float64
+	// writeKinds: those changes by what they changed and who wrote them
+	// (count in the window).
+	writeKinds map[string]int
+	// eventKinds: shardpool's Events in the window by reason and note.
+	eventKinds map[string]int
 	// leaseRenewals: writes per minute to each Lease of the release.
 	leaseRenewals map[string]float64
 	// events: Events per minute written by shardpool's components.
@@ -778,6 +850,7 @@ func measureSteady(t *testing.T, w *sourceWatch, window time.Duration) steadySta
 		}
 	}()
 	sw0 := w.writeCount()
+	k0 := w.kindsSnapshot()
 	eventsFrom := time.Now()
 	procs := map[string]procInfo{}
 	for _, role := range []string{"operator", "shard", "router"} {
@@ -816,6 +889,13 @@ func measureSteady(t *testing.T, w *sourceWatch, window time.Duration) steadySta
 	}
 	leaseWatch.Stop()
 	res.sourceWrites = float64(w.writeCount()-sw0) / elapsed.Minutes()
+	res.writeKinds = map[string]int{}
+	for k, v := range w.kindsSnapshot() {
+		if d := v - k0[k]; d > 0 {
+			res.writeKinds[k] = d
+		}
+	}
+	res.eventKinds = map[string]int{}
 	res.leaseRenewals = map[string]float64{}
 	renewalsMu.Lock()
 	for k, v := range renewals {
@@ -839,6 +919,11 @@ func measureSteady(t *testing.T, w *sourceWatch, window time.Duration) steadySta
 		}
 		if last.After(eventsFrom) {
 			res.events++
+			note := e.Note
+			if len(note) > 50 {
+				note = note[:50]
+			}
+			res.eventKinds[e.Reason+" ("+note+")"]++
 		}
 	}
 	res.events /= elapsed.Minutes()

@@ -22,7 +22,7 @@
 //! with 57P01 and the router holds them.
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
@@ -46,24 +46,9 @@ pub fn wanted(ds: &DataSource, shard: u32) -> bool {
 
 /// Whether the shard with this index has a live Lease holder.
 pub fn shard_alive(leases: &Store<Lease>, namespace: &str, shard: u32) -> bool {
-    let Some(lease) = leases.get(&ObjectRef::new(&lease_name(shard)).within(namespace)) else {
-        return false;
-    };
-    let Some(spec) = lease.spec.as_ref() else {
-        return false;
-    };
-    if spec.holder_identity.as_deref().is_none_or(str::is_empty) {
-        return false;
-    }
-    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
-    match spec.renew_time.as_ref() {
-        Some(t) => {
-            t.0.checked_add(duration)
-                .map(|end| end > Timestamp::now())
-                .unwrap_or(true)
-        }
-        None => true,
-    }
+    leases
+        .get(&ObjectRef::new(&lease_name(shard)).within(namespace))
+        .is_some_and(|l| crate::lease::has_live_holder(&l, Timestamp::now()))
 }
 
 /// Whether `shard` may open the source now: nobody else serves it, or the
