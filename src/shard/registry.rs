@@ -2,9 +2,10 @@
 //!
 //! Lock discipline: `sources` is a std RwLock held only to look up, insert
 //! or remove an `Arc<Source>`; never across an await. Lookups happen once
-//! per session open, not per query.
+//! per session open, not per query. `demand` is a std Mutex held only to
+//! note or test a key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -76,7 +77,15 @@ impl Source {
 pub struct Registry {
     /// key -> source; see the module's lock discipline.
     sources: RwLock<HashMap<String, Arc<Source>>>,
+    /// Keys that a router asked for and this shard does not serve (yet):
+    /// a shard taking over hundreds of sources opens these first, since
+    /// clients are waiting on them. Bounded by [`DEMAND_KEYS`].
+    demand: std::sync::Mutex<HashSet<String>>,
 }
+
+/// Most keys remembered as asked for (a router asking for sources that do
+/// not exist cannot grow the set).
+pub const DEMAND_KEYS: usize = 10_000;
 
 impl Registry {
     /// The source with this key, if served.
@@ -90,6 +99,35 @@ impl Registry {
             .write()
             .ok()?
             .insert(source.key.clone(), source)
+    }
+
+    /// Notes that a client asked for `key`, which is not served here.
+    pub fn note_demand(&self, key: &str) {
+        if let Ok(mut d) = self.demand.lock() {
+            if d.len() < DEMAND_KEYS {
+                d.insert(key.to_owned());
+            }
+        }
+    }
+
+    /// Whether a client asked for `key` since it was last opened; forgets it.
+    pub fn take_demand(&self, key: &str) -> bool {
+        self.demand
+            .lock()
+            .map(|mut d| d.remove(key))
+            .unwrap_or(false)
+    }
+
+    /// Whether a client asked for `key` and it is still not served.
+    pub fn demanded(&self, key: &str) -> bool {
+        self.demand.lock().map(|d| d.contains(key)).unwrap_or(false)
+    }
+
+    /// Keeps only the noted demand for which `keep` holds.
+    pub fn retain_demand(&self, keep: impl Fn(&str) -> bool) {
+        if let Ok(mut d) = self.demand.lock() {
+            d.retain(|k| keep(k));
+        }
     }
 
     /// Removes a source.
@@ -108,5 +146,29 @@ impl Registry {
     /// Sessions mid-transaction, over all sources.
     pub fn busy(&self) -> usize {
         self.all().iter().map(|s| s.busy()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demand_is_remembered_until_taken_and_bounded() {
+        let r = Registry::default();
+        assert!(!r.demanded("t/a"));
+        r.note_demand("t/a");
+        r.note_demand("t/a");
+        assert!(r.demanded("t/a"));
+        assert!(r.take_demand("t/a"));
+        assert!(!r.demanded("t/a"), "opened: forgotten");
+        assert!(!r.take_demand("t/a"));
+        for i in 0..DEMAND_KEYS + 50 {
+            r.note_demand(&format!("t/s{i}"));
+        }
+        assert!(r.demanded("t/s0"));
+        assert!(!r.demanded(&format!("t/s{}", DEMAND_KEYS)), "bounded");
+        r.retain_demand(|k| k == "t/s1");
+        assert!(r.demanded("t/s1") && !r.demanded("t/s0"));
     }
 }

@@ -272,6 +272,7 @@ where
                         continue;
                     }
                     let Some(source) = registry.get(&key) else {
+                        registry.note_demand(&key);
                         let msg = pg::error(
                             "FATAL",
                             pg::DRAINING,

@@ -270,8 +270,20 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
         });
     }
     // Claim and build concurrently (API round trips dominate at scale);
-    // connection attempts are bounded separately by `connect_limit`.
-    let results: Vec<(String, i64, Result<Option<Source>, String>)> = futures::stream::iter(to_open)
+    // connection attempts are bounded separately by `connect_limit`. Each
+    // source serves as soon as it is built, not when the whole batch is
+    // (a shard taking over 750 sources kept every one unserved until the
+    // last claim came back: 9-23 s in the full-size rollout), and sources
+    // a client is waiting for go first, picked when a slot frees up.
+    let mut pending: std::collections::VecDeque<_> = to_open.into();
+    let next = std::iter::from_fn(move || {
+        let i = pending
+            .iter()
+            .position(|(k, _, _)| registry.demanded(k))
+            .unwrap_or(0);
+        pending.remove(i)
+    });
+    let mut built = futures::stream::iter(next)
         .map(|(k, ds, step)| async move {
             let generation = ds.metadata.generation.unwrap_or(0);
             if step == Step::ClaimAndOpen {
@@ -297,13 +309,12 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
             let r = build(cx, &ds).await.map(Some);
             (k, generation, r)
         })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    for (k, generation, r) in results {
+        .buffer_unordered(16);
+    while let Some((k, generation, r)) = built.next().await {
         match r {
             Ok(None) => {}
             Ok(Some(source)) => {
+                registry.take_demand(&k);
                 if let Ok(mut f) = failures.lock() {
                     f.remove(&k);
                 }
@@ -324,6 +335,15 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
             }
         }
     }
+    // Demand for sources not (or no longer) coming here is forgotten.
+    registry.retain_demand(|k| {
+        let (ns, name) = k.split_once('/').unwrap_or(("", k));
+        registry.get(k).is_none()
+            && cx
+                .store
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some_and(|ds| handover::wanted(&ds, shard))
+    });
 }
 
 /// Takes a source that left this shard out of the registry, and in the
