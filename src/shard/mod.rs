@@ -20,6 +20,7 @@ pub mod connect_limit;
 pub mod fence;
 pub mod handover;
 pub mod metrics;
+pub mod opening;
 pub mod phase_events;
 pub mod pool;
 pub mod prepared;
@@ -290,7 +291,8 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
     let mut resync = tokio::time::interval(Duration::from_secs(30));
     let maintaining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    sources::sync(&sync_cx, &registry, &failures).await;
+    let mut opening = opening::Opening::default();
+    sources::sync(&sync_cx, &registry, &failures, &mut opening);
     loop {
         tokio::select! {
             _ = &mut term => break,
@@ -311,17 +313,21 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 return Ok(3);
             }
             _ = changed.notified() => {
-                sources::sync(&sync_cx, &registry, &failures).await;
+                sources::sync(&sync_cx, &registry, &failures, &mut opening);
+            }
+            done = opening.next_done() => {
+                sources::opened(&sync_cx, &registry, &failures, done);
+                opening.refill(&sync_cx, &registry);
             }
             _ = resync.tick() => {
                 // Retry sources that failed to build (e.g. a Secret created later).
                 if let Ok(mut f) = failures.lock() {
                     f.clear();
                 }
-                sources::sync(&sync_cx, &registry, &failures).await;
+                sources::sync(&sync_cx, &registry, &failures, &mut opening);
             }
             _ = status_tick.tick() => {
-                sources::sync(&sync_cx, &registry, &failures).await;
+                sources::sync(&sync_cx, &registry, &failures, &mut opening);
             }
             _ = tick.tick() => {
                 metrics.lease_valid.set(i64::from(validity.may_act()));
@@ -339,6 +345,9 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         }
     }
 
+    // Sources still being claimed are left: none has a connection yet, and
+    // a claim that landed names this shard, whose successor may open it.
+    drop(opening);
     // Drain: no new transactions; running ones finish within the deadline,
     // the rest are ended; the Lease is released only when no server
     // connection is open.

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::connect_limit::ConnectLimit;
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -225,10 +224,16 @@ pub struct SyncContext<'a> {
 }
 
 /// Brings the registry in line with the DataSources, one [`handover::step`]
-/// per source: opens sources assigned here (after the previous owner
-/// released them), rebuilds changed ones, drains and releases the ones
-/// that left.
-pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<BuildFailures>) {
+/// per source: queues the sources to open (assigned here, after the
+/// previous owner released them) and to rebuild on `opening`, drains and
+/// releases the ones that left. Makes no API call of its own (releases run
+/// in the background), so a pass is quick however many sources it queues.
+pub fn sync<'a>(
+    cx: &'a SyncContext<'a>,
+    registry: &Registry,
+    failures: &Mutex<BuildFailures>,
+    opening: &mut super::opening::Opening<'a>,
+) {
     let shard = cx.shard;
     let alive = |k: u32| handover::shard_alive(cx.leases, cx.namespace, k);
     let mut seen: HashSet<String> = HashSet::new();
@@ -269,72 +274,8 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
                 .is_some_and(|ds| handover::wanted(&ds, shard))
         });
     }
-    // Claim and build concurrently (API round trips dominate at scale);
-    // connection attempts are bounded separately by `connect_limit`. Each
-    // source serves as soon as it is built, not when the whole batch is
-    // (a shard taking over 750 sources kept every one unserved until the
-    // last claim came back: 9-23 s in the full-size rollout), and sources
-    // a client is waiting for go first, picked when a slot frees up.
-    let mut pending: std::collections::VecDeque<_> = to_open.into();
-    let next = std::iter::from_fn(move || {
-        let i = pending
-            .iter()
-            .position(|(k, _, _)| registry.demanded(k))
-            .unwrap_or(0);
-        pending.remove(i)
-    });
-    let mut built = futures::stream::iter(next)
-        .map(|(k, ds, step)| async move {
-            let generation = ds.metadata.generation.unwrap_or(0);
-            if step == Step::ClaimAndOpen {
-                match handover::claim(cx.client, &ds, shard, cx.pod).await {
-                    Ok(()) => {}
-                    Err(e) if crate::crd::is_conflict(&e) => {
-                        cx.metrics
-                            .conflicts
-                            .get_or_create(&super::metrics::Refused { write: "claim" })
-                            .inc();
-                        tracing::debug!(source = %k, "not claimed: the DataSource changed since it was read; deciding again");
-                        return (k, generation, Ok(None));
-                    }
-                    Err(e) => {
-                        return (k, generation, Err(format!("cannot claim the source: {e}")));
-                    }
-                }
-                cx.metrics
-                    .handovers
-                    .get_or_create(&Direction { direction: "in" })
-                    .inc();
-            }
-            let r = build(cx, &ds).await.map(Some);
-            (k, generation, r)
-        })
-        .buffer_unordered(16);
-    while let Some((k, generation, r)) = built.next().await {
-        match r {
-            Ok(None) => {}
-            Ok(Some(source)) => {
-                registry.take_demand(&k);
-                if let Ok(mut f) = failures.lock() {
-                    f.remove(&k);
-                }
-                tracing::info!(source = %k, generation, "pool created");
-                if let Some(old) = registry.insert(Arc::new(source)) {
-                    // A rebuild: the old pool drains beside the new one.
-                    let deadline = Instant::now() + cx.drain_timeout;
-                    tokio::spawn(async move {
-                        drain(&old, deadline).await;
-                    });
-                }
-            }
-            Err(e) => {
-                tracing::warn!(source = %k, error = %e, "cannot serve source");
-                if let Ok(mut f) = failures.lock() {
-                    f.insert(k, e);
-                }
-            }
-        }
-    }
+    opening.plan(to_open);
+    opening.refill(cx, registry);
     // Demand for sources not (or no longer) coming here is forgotten.
     registry.retain_demand(|k| {
         let (ns, name) = k.split_once('/').unwrap_or(("", k));
@@ -344,6 +285,73 @@ pub async fn sync(cx: &SyncContext<'_>, registry: &Registry, failures: &Mutex<Bu
                 .get(&ObjectRef::new(name).within(ns))
                 .is_some_and(|ds| handover::wanted(&ds, shard))
     });
+}
+
+/// Claims (when `step` says so) and builds one source; see
+/// [`super::opening`].
+pub async fn open_one(
+    cx: &SyncContext<'_>,
+    k: String,
+    ds: Arc<DataSource>,
+    step: Step,
+) -> (String, i64, Result<Option<Source>, String>) {
+    let shard = cx.shard;
+    let generation = ds.metadata.generation.unwrap_or(0);
+    if step == Step::ClaimAndOpen {
+        match handover::claim(cx.client, &ds, shard, cx.pod).await {
+            Ok(()) => {}
+            Err(e) if crate::crd::is_conflict(&e) => {
+                cx.metrics
+                    .conflicts
+                    .get_or_create(&super::metrics::Refused { write: "claim" })
+                    .inc();
+                tracing::debug!(source = %k, "not claimed: the DataSource changed since it was read; deciding again");
+                return (k, generation, Ok(None));
+            }
+            Err(e) => {
+                return (k, generation, Err(format!("cannot claim the source: {e}")));
+            }
+        }
+        cx.metrics
+            .handovers
+            .get_or_create(&Direction { direction: "in" })
+            .inc();
+    }
+    let r = build(cx, &ds).await.map(Some);
+    (k, generation, r)
+}
+
+/// Puts a source [`open_one`] built into service (or records why it could
+/// not be built).
+pub fn opened(
+    cx: &SyncContext<'_>,
+    registry: &Registry,
+    failures: &Mutex<BuildFailures>,
+    (k, generation, r): (String, i64, Result<Option<Source>, String>),
+) {
+    match r {
+        Ok(None) => {}
+        Ok(Some(source)) => {
+            registry.take_demand(&k);
+            if let Ok(mut f) = failures.lock() {
+                f.remove(&k);
+            }
+            tracing::info!(source = %k, generation, "pool created");
+            if let Some(old) = registry.insert(Arc::new(source)) {
+                // A rebuild: the old pool drains beside the new one.
+                let deadline = Instant::now() + cx.drain_timeout;
+                tokio::spawn(async move {
+                    drain(&old, deadline).await;
+                });
+            }
+        }
+        Err(e) => {
+            tracing::warn!(source = %k, error = %e, "cannot serve source");
+            if let Ok(mut f) = failures.lock() {
+                f.insert(k, e);
+            }
+        }
+    }
 }
 
 /// Takes a source that left this shard out of the registry, and in the
