@@ -208,7 +208,11 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     );
     // Secret metadata only (no values in memory): a changed resourceVersion
     // of a referenced Secret triggers one read of that Secret.
-    let secrets = secrets::SecretWatch::new(clients.watches.clone(), cfg.secrets_cluster_wide);
+    let secrets = Arc::new(secrets::SecretWatch::new(
+        clients.watches.clone(),
+        cfg.secrets_cluster_wide,
+    ));
+    let secret_cache = secrets::SecretCache::default();
     // Synced while standby: a pod that takes the Lease over (a rollout)
     // opens its sources at once instead of listing thousands first.
     let synced = async {
@@ -271,6 +275,8 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         metrics: &metrics,
         recorder: &recorder,
         drain_timeout,
+        secrets: &secrets,
+        secret_cache: &secret_cache,
     };
     let failures: Arc<Mutex<status::BuildFailures>> = Arc::default();
     // Status and rotated passwords on a task of their own: their API calls
@@ -278,7 +284,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     tokio::spawn(report(
         client.clone(),
         store.clone(),
-        secrets,
+        secrets.clone(),
         cfg.index,
         cfg.pod_name.clone(),
         registry.clone(),
@@ -395,7 +401,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
 async fn report(
     client: Client,
     store: Store<DataSource>,
-    secrets: secrets::SecretWatch,
+    secrets: Arc<secrets::SecretWatch>,
     shard: u32,
     pod: String,
     registry: Arc<registry::Registry>,

@@ -89,6 +89,55 @@ impl SecretWatch {
     }
 }
 
+/// (namespace, name) of a Secret.
+type SecretKey = (String, String);
+
+/// Most Secrets whose values a shard keeps (see [`SecretCache`]).
+const CACHE_ENTRIES: usize = 4096;
+
+/// Secret values a shard read, by namespace/name, with the
+/// resourceVersion they were read at. A shard taking over hundreds of
+/// sources that share a Secret reads it once, not once per source (one
+/// API round trip less per source in a handover). An entry is used only
+/// while the metadata watch shows the same resourceVersion; a Secret the
+/// watch has not seen is read again.
+///
+/// Lock discipline: held only to look up or store an entry.
+#[derive(Default)]
+pub struct SecretCache {
+    /// (namespace, name) -> (resourceVersion, the Secret).
+    entries: Mutex<HashMap<SecretKey, (String, Arc<Secret>)>>,
+}
+
+impl std::fmt::Debug for SecretCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.entries.lock().map(|e| e.len()).unwrap_or(0);
+        write!(f, "SecretCache({n} entries)")
+    }
+}
+
+impl SecretCache {
+    /// The Secret `ns/name` as read at `version`, if it was.
+    pub fn get(&self, ns: &str, name: &str, version: &str) -> Option<Arc<Secret>> {
+        let e = self.entries.lock().ok()?;
+        let (v, s) = e.get(&(ns.to_string(), name.to_string()))?;
+        (v == version).then(|| s.clone())
+    }
+
+    /// Keeps `secret` as read (at its own resourceVersion).
+    pub fn put(&self, ns: &str, name: &str, secret: Arc<Secret>) {
+        let Some(version) = secret.metadata.resource_version.clone() else {
+            return;
+        };
+        if let Ok(mut e) = self.entries.lock() {
+            if e.len() >= CACHE_ENTRIES {
+                e.clear();
+            }
+            e.insert((ns.to_string(), name.to_string()), (version, secret));
+        }
+    }
+}
+
 impl Drop for SecretWatch {
     fn drop(&mut self) {
         if let Ok(map) = self.namespaces.lock() {
@@ -96,5 +145,36 @@ impl Drop for SecretWatch {
                 task.abort();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(version: &str) -> Arc<Secret> {
+        let mut s = Secret::default();
+        s.metadata.resource_version = Some(version.into());
+        Arc::new(s)
+    }
+
+    #[test]
+    fn a_cached_secret_is_used_only_at_the_version_it_was_read() {
+        let c = SecretCache::default();
+        assert!(c.get("t", "pw", "1").is_none());
+        c.put("t", "pw", secret("1"));
+        assert!(c.get("t", "pw", "1").is_some());
+        assert!(
+            c.get("t", "pw", "2").is_none(),
+            "a newer version is read again"
+        );
+        assert!(c.get("u", "pw", "1").is_none());
+        c.put("t", "pw", secret("2"));
+        assert!(c.get("t", "pw", "1").is_none());
+        assert!(c.get("t", "pw", "2").is_some());
+        for i in 0..CACHE_ENTRIES + 1 {
+            c.put("t", &format!("s{i}"), secret("1"));
+        }
+        assert!(c.entries.lock().expect("lock").len() <= CACHE_ENTRIES);
     }
 }

@@ -139,6 +139,33 @@ pub async fn read_secret(
     name: &str,
     key: &str,
 ) -> Result<(String, String), String> {
+    let secret = fetch_secret(client, ns, name).await?;
+    value_of(&secret, ns, name, key)
+}
+
+/// Like [`read_secret`], through the shard's cache: the Secret is read
+/// from the API server only when the metadata watch does not show the
+/// version read before.
+async fn read_secret_cached(
+    cx: &SyncContext<'_>,
+    ns: &str,
+    name: &str,
+    key: &str,
+) -> Result<(String, String), String> {
+    let watched = cx
+        .secrets
+        .get(ns, name)
+        .and_then(|m| m.metadata.resource_version.clone());
+    if let Some(s) = watched.and_then(|v| cx.secret_cache.get(ns, name, &v)) {
+        return value_of(&s, ns, name, key);
+    }
+    let secret = Arc::new(fetch_secret(cx.client, ns, name).await?);
+    cx.secret_cache.put(ns, name, secret.clone());
+    value_of(&secret, ns, name, key)
+}
+
+/// Reads Secret `ns/name`; errors say why without any value.
+async fn fetch_secret(client: &Client, ns: &str, name: &str) -> Result<Secret, String> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = api.get_opt(name).await.map_err(|e| match e {
         kube::Error::Api(s) if s.code == 403 => format!(
@@ -146,7 +173,11 @@ pub async fn read_secret(
         ),
         e => format!("reading secret {ns}/{name}: {e}"),
     })?;
-    let secret = secret.ok_or_else(|| format!("secret {ns}/{name} not found"))?;
+    secret.ok_or_else(|| format!("secret {ns}/{name} not found"))
+}
+
+/// The UTF-8 value of `key` in `secret`, with the Secret's resourceVersion.
+fn value_of(secret: &Secret, ns: &str, name: &str, key: &str) -> Result<(String, String), String> {
     let value = secret
         .data
         .as_ref()
@@ -156,7 +187,7 @@ pub async fn read_secret(
         .map_err(|_| format!("secret {ns}/{name} key {key:?} is not UTF-8"))?;
     Ok((
         password,
-        secret.metadata.resource_version.unwrap_or_default(),
+        secret.metadata.resource_version.clone().unwrap_or_default(),
     ))
 }
 
@@ -221,6 +252,10 @@ pub struct SyncContext<'a> {
     /// How long a source leaving this shard may take to finish its
     /// transactions before they are ended.
     pub drain_timeout: Duration,
+    /// Secret metadata (which version of each Secret is current).
+    pub secrets: &'a SecretWatch,
+    /// Secret values read, by version.
+    pub secret_cache: &'a super::secrets::SecretCache,
 }
 
 /// Brings the registry in line with the DataSources, one [`handover::step`]
@@ -437,7 +472,6 @@ pub async fn report_ended(
 }
 
 async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> {
-    let client = cx.client;
     let (mut params, settings) = settings(ds, cx.shard, cx.token)?;
     let limits = limits(ds)?;
     let ns = ds.namespace().unwrap_or_default();
@@ -448,12 +482,12 @@ async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> 
             .ca_secret_ref
             .as_ref()
             .ok_or("tls mode verify-full needs caSecretRef")?;
-        let (ca, _) = read_secret(client, &ns, &r.name, &r.key).await?;
+        let (ca, _) = read_secret_cached(cx, &ns, &r.name, &r.key).await?;
         params.tls = TlsSettings::new(crate::crd::TlsMode::VerifyFull, Some(&ca))
             .map_err(|e| format!("secret {ns}/{} key {:?}: {e}", r.name, r.key))?;
     }
     let r = &ds.spec.password_secret_ref;
-    let (password, version) = read_secret(client, &ns, &r.name, &r.key).await?;
+    let (password, version) = read_secret_cached(cx, &ns, &r.name, &r.key).await?;
     let prefix = fence::identity(&ns, &ds.name_any(), cx.shard, cx.token).prefix;
     let manager = Manager::new(params, settings, password, cx.connect_limit.clone())
         .with_validity(cx.validity.clone())
