@@ -2,8 +2,8 @@
 //! sources assigned to shard K, only while it holds the Lease
 //! `shardpool-shard-K`, and runs routers' sessions on them.
 //!
-//! Life of a shard process: standby (waiting for the Lease; ready, so a
-//! rollout can proceed), then serving (pools warm, endpoint open), then on
+//! Life of a shard process: standby (caches synced, waiting for the Lease;
+//! ready, so a rollout can proceed), then serving (pools warm, endpoint open), then on
 //! SIGTERM draining (no new transactions, running ones finish until the
 //! deadline, the rest are ended), closing pools and releasing the Lease.
 //!
@@ -49,6 +49,10 @@ use tokio::sync::watch;
 use crate::crd::DataSource;
 use crate::health::{self, Ready};
 use crate::lease::{self, LeaseConfig};
+
+/// Least time between two passes over the DataSources started by watch
+/// changes (see the main loop).
+const SYNC_SPACING: Duration = Duration::from_millis(50);
 
 /// Shard settings, from flags and the pod's environment.
 #[derive(Debug, Clone, clap::Args)]
@@ -131,8 +135,10 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let term = crate::shutdown::signal();
     tokio::pin!(term);
 
-    // Probes: a standby is ready (a rollout may proceed past it).
-    ready.set(true);
+    // Probes: a standby turns ready once its caches have synced (below),
+    // so a rollout stops the old pod only when the new one could take over
+    // at once (listing 6,000 DataSources took 11 s under load, and was
+    // 11 s of every handover of the full-size rollout).
     let registry = Arc::new(registry::Registry::default());
     let mut prom = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::ShardMetrics::register(
@@ -229,6 +235,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
             return Ok(0);
         }
     }
+    ready.set(true);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     tracing::info!(shard = cfg.index, "standby: waiting for the lease");
     let Some(held) = lease::acquire(leases, lease_cfg, &mut term).await else {
@@ -299,6 +306,10 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let maintaining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut opening = opening::Opening::default();
     sources::sync(&sync_cx, &registry, &failures, &mut opening);
+    // Passes over every DataSource run at most every SYNC_SPACING: at
+    // thousands of sources the watch reports hundreds of changes a second
+    // (status writes during a warm-up), and one pass covers them all.
+    let mut last_sync = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = &mut term => break,
@@ -319,6 +330,8 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 return Ok(3);
             }
             _ = changed.notified() => {
+                tokio::time::sleep_until(last_sync + SYNC_SPACING).await;
+                last_sync = tokio::time::Instant::now();
                 sources::sync(&sync_cx, &registry, &failures, &mut opening);
             }
             done = opening.next_done() => {
