@@ -20,6 +20,7 @@
 #   bench/scale.sh                                  # N=6000 CONNS=12 SHARDS=8
 #   N=1000 CONNS=4 SHARDS=4 FRONTS=2 bench/scale.sh # a smaller setting
 #   CONNECT_LIMIT=64 bench/scale.sh                 # shard.connectLimit
+#   FRONT_POOL=4 bench/scale.sh                     # server connections per front (default 16)
 #   KEEP_CLUSTER=1 bench/scale.sh                   # leave the cluster and fronts running
 #
 # It brings up its own local cluster in bench/.work/state (stop a `make
@@ -36,6 +37,7 @@ CONNS="${CONNS:-12}"
 MAX="${MAX:-16}"
 SHARDS="${SHARDS:-8}"
 FRONTS="${FRONTS:-6}"
+FRONT_POOL="${FRONT_POOL:-16}"
 FRONT_BASE="${FRONT_BASE:-16500}"
 CONNECT_LIMIT="${CONNECT_LIMIT:-32}"
 READY_LIMIT="${READY_LIMIT:-600}"
@@ -107,7 +109,7 @@ for ((k = 0; k < FRONTS; k++)); do ports="$ports $((FRONT_BASE + k))"; done
 {
   echo "# shardpool scale benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB"
   echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; $("$PGBOUNCER" --version | head -n 1) x $FRONTS as the warehouse side"
-  echo "# N=$N CONNS=$CONNS MAX=$MAX SHARDS=$SHARDS FRONTS=$FRONTS CONNECT_LIMIT=$CONNECT_LIMIT"
+  echo "# N=$N CONNS=$CONNS MAX=$MAX SHARDS=$SHARDS FRONTS=$FRONTS FRONT_POOL=$FRONT_POOL CONNECT_LIMIT=$CONNECT_LIMIT"
 } > "$OUT"
 
 log "running the measurement (e2e/tests/scalebench_test.go)"
@@ -117,7 +119,7 @@ SCALE_OUT="$OUT" SCALE_N="$N" SCALE_CONNS="$CONNS" SCALE_MAX="$MAX" SCALE_FRONT_
   SCALE_READY_LIMIT="$READY_LIMIT" SCALE_STEADY_SECONDS="$STEADY_SECONDS" \
   go test -tags scalebench ./tests/ -count=1 -timeout 60m -v -run '^TestScaleBench$' > "$BENCH/.work/scale-test.log" 2>&1 && status=0 || status=$?
 grep -E '^\s*(--- |FAIL|ok|PASS)|_test.go:[0-9]+:' "$BENCH/.work/scale-test.log" | tail -n 60 >&2 || true
-echo "# rerun: N=$N CONNS=$CONNS MAX=$MAX SHARDS=$SHARDS FRONTS=$FRONTS CONNECT_LIMIT=$CONNECT_LIMIT bench/scale.sh" >> "$OUT"
+echo "# rerun: N=$N CONNS=$CONNS MAX=$MAX SHARDS=$SHARDS FRONTS=$FRONTS FRONT_POOL=$FRONT_POOL CONNECT_LIMIT=$CONNECT_LIMIT bench/scale.sh" >> "$OUT"
 cat "$OUT"
 log "results in $OUT (test log: bench/.work/scale-test.log)"
 exit "$status"
