@@ -550,11 +550,16 @@ func TestFaults(t *testing.T) {
 	// shard drains, closes and acknowledges, and only then the new one opens.
 	helmSet(t, "shard.count=3")
 	t.Cleanup(func() { helmSet(t, "shard.count=2") })
+	// Sources move to shard 2 only once it holds its Lease; the assignment
+	// read as "before" must be the one among 3 shards, not the one the
+	// operator had when helm returned.
+	shardsUp(t, 3)
 	before := e.shardsOf(t)
 	all := append(append([]string{}, steady...), movers...)
 	var moved []string
 	e.row(t, "rescale 3 -> 4 shards, every source under load", all, func(t *testing.T) string {
 		helmSet(t, "shard.count=4")
+		shardsUp(t, 4)
 		after := e.shardsOf(t)
 		for name, s := range after {
 			if s != before[name] {

@@ -76,6 +76,21 @@ func notPlaced(t *testing.T, ns string) string {
 	return ""
 }
 
+// shardsUp waits until n shards run, each holding its Lease (sources move
+// to a new shard only then, and a change of shard.count restarts the
+// operator, whose successor decides: the assignment read right after helm
+// returns may still be the old one).
+func shardsUp(t *testing.T, n int) {
+	t.Helper()
+	eventually(t, 120*time.Second, fmt.Sprintf("%d shards running, each holding its Lease", n), func() (bool, error) {
+		why := shardsSettled(t, n, nil)
+		if why == "" {
+			why = shardLeasesHeld(t, n)
+		}
+		return why == "", fmt.Errorf("%s", why)
+	})
+}
+
 // shardLeasesHeld says which of shards 0..n-1 has no Lease holder yet
 // ("" when all have one).
 func shardLeasesHeld(t *testing.T, n int) string {
@@ -137,6 +152,7 @@ func TestRescaleMovesWithoutOverlap(t *testing.T) {
 	// warehouse check for overlap and the tenants sources for query load.
 	t.Cleanup(func() { helmSet(t, "shard.count=2") })
 	helmSet(t, "shard.count=3")
+	shardsUp(t, 3)
 	before := settledAt(t, ns, n)
 
 	// Query load on the example sources while shards come and go.
@@ -213,6 +229,7 @@ func TestRescaleMovesWithoutOverlap(t *testing.T) {
 	}()
 
 	helmSet(t, "shard.count=4")
+	shardsUp(t, 4)
 	after := settledAt(t, ns, n)
 	moved := 0
 	for name, s := range after {
@@ -230,6 +247,7 @@ func TestRescaleMovesWithoutOverlap(t *testing.T) {
 	}
 
 	helmSet(t, "shard.count=3")
+	shardsUp(t, 3)
 	back := settledAt(t, ns, n)
 	for name, s := range back {
 		if s != after[name] && after[name] != "3" {
