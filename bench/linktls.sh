@@ -40,27 +40,12 @@ trap '"$ROOT/e2e/down.sh" >/dev/null 2>&1 || true' EXIT
 # shellcheck disable=SC1091
 source "$LOCALKUBE_STATE/env"
 kc() { kubectl --kubeconfig "$KUBECONFIG" "$@"; }
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 HELM="$ROOT/e2e/.bin/helm"
 
 log "bench database (scale $SCALE) and DataSource tenants/bench (pool $POOL)"
-export PGSSLMODE=disable
-export PGHOST="$WAREHOUSE_PGHOST" PGPORT="$WAREHOUSE_PGPORT" PGUSER="$WAREHOUSE_PGUSER" PGPASSWORD="$WAREHOUSE_PGPASSWORD"
-psql -q -d postgres -c "DROP DATABASE IF EXISTS bench" -c "CREATE DATABASE bench"
-pgbench -i -q -s "$SCALE" bench >/dev/null 2>&1
-kc -n tenants create secret generic bench-warehouse --from-literal=password="$WAREHOUSE_PGPASSWORD" --dry-run=client -o yaml | kc apply -f - >/dev/null
-cat <<YAML | kc apply -f - >/dev/null
-apiVersion: shardpool.dev/v1alpha1
-kind: DataSource
-metadata: {name: bench, namespace: tenants}
-spec:
-  host: $WAREHOUSE_PGHOST
-  port: $WAREHOUSE_PGPORT
-  database: bench
-  user: $WAREHOUSE_PGUSER
-  passwordSecretRef: {name: bench-warehouse, key: password}
-  tls: {mode: disable}
-  pool: {minIdle: $POOL, maxSize: $POOL}
-YAML
+bench_source "$SCALE" "$POOL"
 ROUTER_PW=$(cat "$LOCALKUBE_STATE/install/router-bi")
 
 # ready_pods COMPONENT SINCE -> how many of its pods are Ready, not
@@ -78,7 +63,6 @@ for p in items:
         ok += 1
 print(ok, len(items))' "$2"
 }
-listener_pid() { ss -ltnpH "src $1:$2" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -n 1; }
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 CLK_TCK=$(getconf CLK_TCK)
 SHARDS=$(kc -n "$SYS" get deploy -l app.kubernetes.io/component=shard -o name | wc -l)

@@ -79,30 +79,11 @@ trap cleanup EXIT
 # shellcheck disable=SC1091
 source "$LOCALKUBE_STATE/env"
 kc() { kubectl --kubeconfig "$KUBECONFIG" "$@"; }
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
 log "preparing the bench database (scale $SCALE) and its DataSource (pool $POOL)"
-export PGSSLMODE=disable # every path plain TCP, as PgBouncer here
-export PGHOST="$WAREHOUSE_PGHOST" PGPORT="$WAREHOUSE_PGPORT" PGUSER="$WAREHOUSE_PGUSER" PGPASSWORD="$WAREHOUSE_PGPASSWORD"
-psql -q -d postgres -c "DROP DATABASE IF EXISTS bench" -c "CREATE DATABASE bench"
-pgbench -i -q -s "$SCALE" bench >/dev/null 2>&1
-kc -n tenants create secret generic bench-warehouse --from-literal=password="$WAREHOUSE_PGPASSWORD" --dry-run=client -o yaml | kc apply -f - >/dev/null
-cat <<YAML | kc apply -f - >/dev/null
-apiVersion: shardpool.dev/v1alpha1
-kind: DataSource
-metadata: {name: bench, namespace: tenants}
-spec:
-  host: $WAREHOUSE_PGHOST
-  port: $WAREHOUSE_PGPORT
-  database: bench
-  user: $WAREHOUSE_PGUSER
-  passwordSecretRef: {name: bench-warehouse, key: password}
-  tls: {mode: disable}
-  pool: {minIdle: $POOL, maxSize: $POOL}
-YAML
-for _ in $(seq 1 120); do
-  [ "$(kc -n tenants get datasource bench -o jsonpath='{.status.phase}')" = Ready ] && break
-  sleep 0.5
-done
+bench_source "$SCALE" "$POOL"
 ROUTER_IP=$(kc -n shardpool-system get pods -l app.kubernetes.io/component=router -o jsonpath='{.items[0].status.podIP}')
 ROUTER_PW=$(cat "$LOCALKUBE_STATE/install/router-bi")
 
@@ -165,7 +146,6 @@ tps() { sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -n 1; }
 
 # The processes whose CPU time is counted: PgBouncer, and the router and
 # the shard serving the bench source (found by their listening sockets).
-listener_pid() { ss -ltnpH "src $1:$2" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -n 1; }
 SHARD_IDX=$(kc -n tenants get datasource bench -o jsonpath='{.status.shard}')
 SHARD_IP=$(kc -n shardpool-system get pods -l "shardpool.dev/shard=$SHARD_IDX" -o jsonpath='{.items[0].status.podIP}')
 ROUTER_PID=$(listener_pid "$ROUTER_IP" 5432)
