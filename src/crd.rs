@@ -350,7 +350,9 @@ pub struct PoolSpec {
     #[serde(default = "default_idle_timeout")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
     pub idle_timeout: String,
-    /// Connections are replaced after this long, when idle.
+    /// Connections are replaced after this long: each at a random moment
+    /// in the last tenth of it, one at a time per source (at most one a
+    /// second).
     #[serde(default = "default_max_lifetime")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
     pub max_lifetime: String,
@@ -451,9 +453,10 @@ pub enum Phase {
     Pending,
     // The shard is opening the pool.
     Connecting,
-    // minIdle connections are open and queries are served.
+    // minIdle connections were opened and no attempt failed since: queries
+    // are served (a connection being renewed or replaced keeps it Ready).
     Ready,
-    // Serving, but below minIdle or with recent connection errors.
+    // Serving, but recent connection attempts failed.
     Degraded,
     // spec.paused is true: the pool is closed.
     Paused,

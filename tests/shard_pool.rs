@@ -371,3 +371,107 @@ async fn light_load_after_a_burst_trims_to_what_is_used() {
     }
     assert_eq!(seen, "1", "the server sees one connection left");
 }
+
+/// The backend pids of the pool's idle connections (all of them when
+/// nothing is checked out).
+fn idle_pids(pool: &pool::Pool) -> std::collections::BTreeSet<i32> {
+    let mut pids = std::collections::BTreeSet::new();
+    pool.retain(|conn, _| {
+        pids.insert(conn.backend_pid);
+        true
+    });
+    pids
+}
+
+#[test]
+fn renewal_times_spread_over_the_last_tenth_of_the_lifetime() {
+    let created = std::time::Instant::now();
+    let life = Duration::from_secs(1000);
+    let at: Vec<Duration> = (0..200)
+        .map(|_| pool::retire_at(created, life).expect("in range") - created)
+        .collect();
+    assert!(
+        at.iter().all(|d| *d <= life && *d >= life - life / 10),
+        "{at:?}"
+    );
+    let distinct: std::collections::BTreeSet<_> = at.iter().collect();
+    assert!(
+        distinct.len() > 150,
+        "spread, not one instant: {}",
+        distinct.len()
+    );
+}
+
+#[tokio::test]
+async fn connections_past_their_lifetime_are_renewed_one_at_a_time() {
+    let pg = TestPg::start("renew");
+    let app = "shardpool/t/renew/0";
+    let mut s = settings(6, 8);
+    s.max_lifetime = Duration::from_secs(2);
+    let pool = pool::build(Manager::new(
+        params(&pg, app),
+        s,
+        pg.password.clone(),
+        Arc::new(ConnectLimit::new(8)),
+    ))
+    .expect("pool");
+    while pool::maintain(&pool).await > 0 {}
+    let first = idle_pids(&pool);
+    assert_eq!(first.len(), 6);
+    // Maintenance every 100 ms for 9 s: every connection passes its
+    // lifetime (1.8-2 s) within the same 0.2 s, and renewals go one a
+    // second.
+    let mut prev = first.clone();
+    let mut renewed_in_one_pass = 0;
+    let mut renewals = Vec::new();
+    let started = std::time::Instant::now();
+    let until = started + Duration::from_millis(9000);
+    while std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool::maintain(&pool).await;
+        let now = idle_pids(&pool);
+        assert_eq!(now.len(), 6, "minIdle open after every pass: {now:?}");
+        let gone = prev.difference(&now).count();
+        renewed_in_one_pass = renewed_in_one_pass.max(gone);
+        if gone > 0 {
+            renewals.push(started.elapsed());
+        }
+        prev = now;
+    }
+    let closest = renewals
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .min()
+        .unwrap_or(Duration::MAX);
+    assert!(
+        closest >= pool::RENEW_SPACING - Duration::from_millis(150),
+        "renewals {renewals:?}: two within {closest:?}"
+    );
+    assert_eq!(
+        renewed_in_one_pass, 1,
+        "connections renewed in one maintenance pass (at most 1, or the pool drops below minIdle)"
+    );
+    assert!(
+        first.is_disjoint(&prev),
+        "every connection was renewed after its lifetime: {first:?} -> {prev:?}"
+    );
+    // The warehouse sees the new connections only.
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = pg.psql(
+            "postgres",
+            &format!("SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity WHERE application_name = '{app}'"),
+        );
+        let want: Vec<String> = prev.iter().map(|p| p.to_string()).collect();
+        if seen == want.join(",") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want: Vec<String> = prev.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        seen,
+        want.join(","),
+        "the server holds exactly the pool's connections"
+    );
+}

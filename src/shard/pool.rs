@@ -85,6 +85,13 @@ pub struct Manager {
     /// Set once the pool first held minIdle connections and its size cap
     /// was lifted to maxSize (see [`warm_up_cap`]).
     warm: AtomicBool,
+    /// When a connection past its lifetime was last closed for renewal
+    /// (milliseconds from `origin`, 0: never): renewals of one pool are
+    /// [`RENEW_SPACING`] apart, whichever path (maintenance or checkout)
+    /// closes them. Compare-and-swap only, no lock.
+    renewed_at_ms: AtomicU64,
+    /// Time origin of `renewed_at_ms`.
+    origin: Instant,
     /// Outcome of the latest attempt, for status and backoff.
     health: Mutex<Health>,
     /// Successful connection attempts (metrics).
@@ -142,6 +149,8 @@ impl Manager {
             closing: AtomicBool::new(false),
             opening: AtomicUsize::new(0),
             warm: AtomicBool::new(false),
+            renewed_at_ms: AtomicU64::new(0),
+            origin: Instant::now(),
             health: Mutex::default(),
             connects_ok: AtomicU64::new(0),
             connects_failed: AtomicU64::new(0),
@@ -214,6 +223,28 @@ impl Manager {
         if let Ok(mut p) = self.password.write() {
             *p = password;
         }
+    }
+
+    /// Takes the pool's renewal turn: true when no connection was closed
+    /// for renewal in the last [`RENEW_SPACING`] (the caller closes one).
+    fn may_renew(&self) -> bool {
+        let now = u64::try_from(self.origin.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.renewed_at_ms.load(Ordering::Acquire);
+        let spacing = u64::try_from(RENEW_SPACING.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now.saturating_sub(last) < spacing {
+            return false;
+        }
+        self.renewed_at_ms
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Whether the pool has held minIdle connections since it was built
+    /// (a pool refilling after a connection ended stays warm).
+    pub fn is_warm(&self) -> bool {
+        self.warm.load(Ordering::Acquire)
     }
 
     /// Recent connection outcome.
@@ -378,7 +409,10 @@ impl managed::Manager for Manager {
             return Err(ConnectError::NoLease);
         }
         self.record(&result);
-        result
+        result.map(|mut conn| {
+            conn.retire_at = retire_at(conn.created, self.settings.max_lifetime);
+            conn
+        })
     }
 
     async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ConnectError> {
@@ -387,7 +421,7 @@ impl managed::Manager for Manager {
                 "connection closed or in an unknown state",
             ));
         }
-        if conn.created.elapsed() > self.settings.max_lifetime {
+        if conn.expired(Instant::now()) && self.may_renew() {
             return Err(RecycleError::message("max lifetime reached"));
         }
         Ok(())
@@ -448,28 +482,65 @@ pub fn build(manager: Manager) -> Result<Pool, managed::BuildError> {
         .build()
 }
 
-/// One maintenance pass: drop idle connections past idleTimeout (keeping
-/// minIdle) or maxLifetime, then open connections up to minIdle. Returns
-/// how many were opened. Backs off while the source keeps failing.
+/// The part of maxLifetime by which a connection's renewal may come early,
+/// at random: a tenth.
+const LIFETIME_SPREAD: u32 = 10;
+
+/// When a connection opened at `created` is renewed: maxLifetime less a
+/// random part of up to a tenth of it, so that the connections a warm-up
+/// or a handover opened together are not all renewed together (6,000
+/// sources warmed in the same minutes would otherwise reconnect 72,000
+/// times in the same minutes an hour later).
+pub fn retire_at(created: Instant, lifetime: Duration) -> Option<Instant> {
+    let early = (lifetime / LIFETIME_SPREAD).mul_f64(rand::random::<f64>());
+    created.checked_add(lifetime.saturating_sub(early))
+}
+
+/// Least time between two renewals of one pool's connections: renewal
+/// goes one connection at a time, and the maintenance tick (500 ms)
+/// replaces each before the next goes, so a pool is never more than one
+/// below minIdle for it. A connection past its lifetime waits for its
+/// turn (still serving); a pool renews at most one connection a second.
+pub const RENEW_SPACING: Duration = Duration::from_secs(1);
+
+/// One maintenance pass: drop idle connections that broke or sat past
+/// idleTimeout (keeping minIdle), renew one past its lifetime when it is
+/// the pool's turn ([`RENEW_SPACING`]), then open connections up to
+/// minIdle. Returns how many were
+/// opened. Backs off while the source keeps failing.
 pub async fn maintain(pool: &Pool) -> usize {
     let manager = pool.manager();
     let s = manager.settings.clone();
+    let now = Instant::now();
     // Trim: retain sees only idle connections. Recently used ones stay and
     // count towards minIdle; stale ones stay only to make up minIdle.
-    let usable =
-        |conn: &ServerConn| conn.created.elapsed() <= s.max_lifetime && conn.idle_and_alive();
+    let usable = |conn: &ServerConn| !conn.expired(now) && conn.idle_and_alive();
     let mut fresh = 0usize;
+    // The idle connection longest past its renewal time: renewed first.
+    let mut overdue: Option<(Instant, i32)> = None;
     // A retain that keeps everything: deadpool's only look at idle objects.
     pool.retain(|conn, m| {
         if usable(conn) && m.last_used() <= s.idle_timeout {
             fresh += 1;
         }
+        if let Some(at) = conn.retire_at.filter(|_| conn.expired(now)) {
+            if overdue.is_none_or(|(o, _)| at < o) {
+                overdue = Some((at, conn.backend_pid));
+            }
+        }
         true
     });
     let mut stale_quota = s.min_idle.saturating_sub(fresh);
     let removed = pool.retain(|conn, m| {
-        if !usable(conn) {
+        if !conn.idle_and_alive() {
             return false;
+        }
+        if conn.expired(now) {
+            // Past its lifetime: the most overdue one is closed (and
+            // replaced below) when it is the pool's turn to renew; the
+            // others keep serving until a later turn.
+            let first = overdue.is_some_and(|(_, pid)| pid == conn.backend_pid);
+            return !(first && manager.may_renew());
         }
         if m.last_used() <= s.idle_timeout {
             return true;

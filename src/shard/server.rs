@@ -165,8 +165,11 @@ pub struct ServerConn {
     pub backend_secret: i32,
     /// ParameterStatus values as of the end of startup.
     pub params: Vec<(String, String)>,
-    /// When it was opened (for maxLifetime).
+    /// When it was opened.
     pub created: Instant,
+    /// When the pool renews it (maxLifetime less a random part of it, set
+    /// by the pool that opened it; None: kept until it breaks).
+    pub retire_at: Option<Instant>,
     /// Set when its state is unknown (I/O error, abandoned mid-transaction):
     /// the pool discards it instead of reusing it.
     pub broken: bool,
@@ -210,6 +213,7 @@ impl ServerConn {
             backend_secret: 0,
             params: Vec::new(),
             created: Instant::now(),
+            retire_at: None,
             broken: false,
             prepared: Default::default(),
             auth: AuthMethod::None,
@@ -555,6 +559,11 @@ impl ServerConn {
         frontend::terminate(&mut out);
         let _ = self.stream.write_all(&out).await;
         let _ = self.stream.shutdown().await;
+    }
+
+    /// Whether it is due for renewal at `now` (see `retire_at`).
+    pub fn expired(&self, now: Instant) -> bool {
+        self.retire_at.is_some_and(|at| now >= at)
     }
 
     /// Whether an idle connection is still usable: the server has neither

@@ -81,30 +81,46 @@ pub struct Observed {
 /// Computes the phase of a served source.
 pub fn observe(s: &super::registry::Source, min_idle: usize) -> Observed {
     let counts = pool::counts(&s.pool);
-    let health = s.pool.manager().health();
-    let (connected, _) = s.pool.manager().connects();
-    let phase = if counts.0 >= min_idle && health.failures == 0 {
+    let manager = s.pool.manager();
+    let health = manager.health();
+    let (connected, _) = manager.connects();
+    Observed {
+        phase: phase_of(counts.0, min_idle, manager.is_warm(), &health, connected),
+        counts,
+        last_error: health.last_error,
+        generation: s.generation(),
+    }
+}
+
+/// The phase of a served source from its open connections, whether its
+/// pool has been warm (held minIdle) since it was built, its recent
+/// connection outcome and its successful connects (pure).
+///
+/// A warm pool refilling without a failed attempt stays Ready: renewing a
+/// connection after maxLifetime, or replacing one the server closed, is
+/// upkeep, not a change a status write or an Event should tell (at 72,000
+/// connections renewed hourly that would be thousands of writes a minute).
+pub fn phase_of(
+    open: usize,
+    min_idle: usize,
+    warm: bool,
+    health: &pool::Health,
+    connected: u64,
+) -> Phase {
+    if (open >= min_idle || warm) && health.failures == 0 {
         Phase::Ready
     } else if health.fencing {
         // The warehouse refused fencing: configured, reachable, not opened.
         Phase::Degraded
-    } else if health.failures > 0 && counts.0 == 0 && connected == 0 {
+    } else if health.failures > 0 && open == 0 && connected == 0 {
         // Never connected on this shard: misconfigured or unreachable. A
         // source that served and now fails (a warehouse restarting, a
         // network fault) is Degraded instead, and recovers on its own.
         Phase::Error
     } else if health.failures > 0 {
         Phase::Degraded
-    } else if counts.0 >= min_idle {
-        Phase::Ready
     } else {
         Phase::Connecting
-    };
-    Observed {
-        phase,
-        counts,
-        last_error: health.last_error,
-        generation: s.generation(),
     }
 }
 
@@ -409,5 +425,37 @@ mod due_tests {
             due(Some(&old), &now, Some("20"), Some("u2")),
             "a new object with the same name and phase has no status yet"
         );
+    }
+}
+
+#[cfg(test)]
+mod phase_tests {
+    use super::*;
+
+    fn failing(n: u32) -> pool::Health {
+        pool::Health {
+            last_error: (n > 0).then(|| "connection refused".into()),
+            failures: n,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_warm_pool_refilling_without_failures_stays_ready() {
+        let ok = failing(0);
+        // Warming: below minIdle and never warm.
+        assert_eq!(phase_of(3, 12, false, &ok, 3), Phase::Connecting);
+        assert_eq!(phase_of(12, 12, false, &ok, 12), Phase::Ready);
+        // One connection renewed after maxLifetime (or closed by the
+        // server) and not yet replaced: still Ready.
+        assert_eq!(phase_of(11, 12, true, &ok, 13), Phase::Ready);
+        // The refill fails: Degraded; never connected at all: Error.
+        assert_eq!(phase_of(11, 12, true, &failing(1), 13), Phase::Degraded);
+        assert_eq!(phase_of(0, 12, false, &failing(2), 0), Phase::Error);
+        let fencing = pool::Health {
+            fencing: true,
+            ..failing(1)
+        };
+        assert_eq!(phase_of(0, 12, false, &fencing, 0), Phase::Degraded);
     }
 }
