@@ -1,11 +1,23 @@
 //! The endpoints every role serves on its metrics port: `/healthz` (the
-//! process is alive), `/readyz` (it should receive traffic) and `/metrics`
-//! (Prometheus, OpenMetrics text, with the role's own metrics and
-//! `shardpool_runtime_workers`, the threads running its tasks).
+//! process is alive and its runtime makes progress), `/readyz` (it should
+//! receive traffic) and `/metrics` (Prometheus, OpenMetrics text, with the
+//! role's own metrics and `shardpool_runtime_workers`, the threads running
+//! its tasks).
+//!
+//! They are served by a thread of their own with a one-thread runtime, not
+//! by the role's runtime: a shard whose runtime is saturated (releasing or
+//! warming thousands of sources on one worker thread while the host's CPU
+//! is taken) still answers its probes, so the liveness probe does not kill
+//! a busy process and throw its pools away. What liveness checks instead is
+//! progress: a heartbeat task on the role's runtime stamps the time every
+//! 250 ms, and `/healthz` fails once no stamp came for [`STALL_LIMIT`] (a
+//! runtime wedged by a task that never yields). A frozen process (SIGSTOP)
+//! answers nothing at all, as before.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -49,13 +61,66 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
     )
 }
 
-/// Serves the probes and metrics on `addr` until `shutdown` resolves.
-pub async fn serve(
+/// How long the role's runtime may go without running its heartbeat
+/// before `/healthz` reports it stalled.
+pub const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often the heartbeat stamps the time.
+const BEAT_EVERY: Duration = Duration::from_millis(250);
+
+/// The last time the role's runtime ran its heartbeat task.
+#[derive(Debug, Clone)]
+struct Heartbeat {
+    origin: Instant,
+    /// Milliseconds from `origin` to the latest beat; written by the
+    /// heartbeat task on the role's runtime, read by the probe thread.
+    last_ms: Arc<AtomicU64>,
+    limit: Duration,
+}
+
+impl Heartbeat {
+    fn since_last(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
+}
+
+async fn healthz(State(beat): State<Heartbeat>) -> (StatusCode, String) {
+    let quiet = beat.since_last();
+    if quiet > beat.limit {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "runtime stalled: no progress for {:.1}s\n",
+                quiet.as_secs_f64()
+            ),
+        )
+    } else {
+        (StatusCode::OK, "ok\n".into())
+    }
+}
+
+/// Starts the probes and metrics on `addr`, on their own thread, until
+/// `shutdown` resolves, and the heartbeat on the current runtime. Binds
+/// before returning (a taken port is an error here, not a silent process
+/// without probes); returns the bound address.
+pub fn spawn(
+    addr: SocketAddr,
+    ready: Ready,
+    registry: Registry,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
+    spawn_with(addr, ready, registry, shutdown, STALL_LIMIT)
+}
+
+/// [`spawn`] with a stall limit of its own (tests).
+pub fn spawn_with(
     addr: SocketAddr,
     ready: Ready,
     mut registry: Registry,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+    stall_limit: Duration,
+) -> std::io::Result<SocketAddr> {
     let workers = Gauge::<i64>::default();
     workers.set(
         i64::try_from(tokio::runtime::Handle::current().metrics().num_workers())
@@ -66,18 +131,118 @@ pub async fn serve(
         "Threads running this process's tasks (SHARDPOOL_WORKER_THREADS; 1 = one thread)",
         workers,
     );
+    let beat = Heartbeat {
+        origin: Instant::now(),
+        last_ms: Arc::default(),
+        limit: stall_limit,
+    };
+    let stamp = beat.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(BEAT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let ms = u64::try_from(stamp.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+            stamp.last_ms.store(ms, Ordering::Relaxed);
+        }
+    });
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
     let registry = Arc::new(registry);
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(ready)
+        .route("/healthz", get(healthz))
+        .with_state(beat)
+        .merge(
+            Router::new()
+                .route("/readyz", get(readyz))
+                .with_state(ready),
+        )
         .merge(
             Router::new()
                 .route("/metrics", get(metrics))
                 .with_state(registry),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("probes".into())
+        .spawn(move || {
+            let served = runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            });
+            if let Err(e) = served {
+                tracing::error!(error = %e, "probe endpoint stopped");
+            }
+        })?;
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// The status code of `GET path`, or None without an answer in 1 s.
+    fn status(addr: SocketAddr, path: &str) -> Option<u16> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[test]
+    fn probes_answer_while_the_runtime_is_busy_and_fail_once_it_stalls() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ready = Ready::default();
+        ready.set(true);
+        let addr = rt
+            .block_on(async {
+                spawn_with(
+                    SocketAddr::from(([127, 0, 0, 1], 0)),
+                    ready,
+                    Registry::default(),
+                    std::future::pending(),
+                    Duration::from_millis(1500),
+                )
+            })
+            .expect("probes");
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(status(addr, "/healthz"), Some(200));
+        // A task that never yields takes the runtime's only worker for 4 s.
+        rt.spawn(async { std::thread::sleep(Duration::from_secs(4)) });
+        std::thread::sleep(Duration::from_millis(300));
+        let asked = Instant::now();
+        assert_eq!(
+            status(addr, "/healthz"),
+            Some(200),
+            "busy, within the limit"
+        );
+        assert_eq!(status(addr, "/readyz"), Some(200));
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            asked.elapsed()
+        );
+        // Past the stall limit: live no more.
+        std::thread::sleep(Duration::from_millis(1700));
+        assert_eq!(status(addr, "/healthz"), Some(503));
+        // The task ends; the heartbeat resumes.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(status(addr, "/healthz"), Some(200));
+    }
 }

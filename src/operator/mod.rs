@@ -86,12 +86,12 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
     ready.set(true);
     let mut prom = prometheus_client::registry::Registry::default();
     let metrics = metrics::OperatorMetrics::register(&mut prom);
-    tokio::spawn(health::serve(
+    health::spawn(
         SocketAddr::new(cfg.pod_ip, cfg.metrics_port),
         ready.clone(),
         prom,
         std::future::pending(),
-    ));
+    )?;
     let term = crate::shutdown::signal();
     tokio::pin!(term);
 

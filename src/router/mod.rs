@@ -269,12 +269,12 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
     let ready = Ready::default();
     let mut prom = prometheus_client::registry::Registry::default();
     let metrics = metrics::RouterMetrics::register(&mut prom);
-    tokio::spawn(health::serve(
+    health::spawn(
         SocketAddr::new(cfg.pod_ip, cfg.metrics_port),
         ready.clone(),
         prom,
         std::future::pending(),
-    ));
+    )?;
 
     let shards = watcher::Config::default().labels("app.kubernetes.io/component=shard");
     let changed = Arc::new(crate::watch::Changed::default());

@@ -150,9 +150,9 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     connect_limit.register(&mut prom);
     let probe_addr = SocketAddr::new(cfg.pod_ip, cfg.metrics_port);
     let mut probe_stop = stop_rx.clone();
-    tokio::spawn(health::serve(probe_addr, ready.clone(), prom, async move {
+    health::spawn(probe_addr, ready.clone(), prom, async move {
         let _ = probe_stop.wait_for(|s| *s).await;
-    }));
+    })?;
 
     let duration = Duration::from_secs(cfg.lease_seconds.max(1));
     let (renew_every, retry_every, request_timeout) = LeaseConfig::timings(duration);
