@@ -683,15 +683,8 @@ func (e *faultsEnv) shardsOf(t *testing.T) map[string]string {
 	t.Helper()
 	var shards map[string]string
 	eventually(t, 120*time.Second, "every fault source Ready on its assigned shard", func() (bool, error) {
-		a := assignments(t, e.ns)
-		shards = map[string]string{}
-		for name, v := range a {
-			if v[1] != "Ready" || v[0] != v[2] {
-				return false, fmt.Errorf("%s: %v", name, v)
-			}
-			shards[name] = v[0]
-		}
-		if why := notPlaced(t, e.ns); why != "" {
+		var why string
+		if shards, why = settled(t, e.ns); why != "" {
 			return false, fmt.Errorf("%s", why)
 		}
 		return len(shards) > 0, nil

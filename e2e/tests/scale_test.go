@@ -48,32 +48,65 @@ func assignments(t *testing.T, ns string) map[string][3]string {
 	return m
 }
 
-// settledAt waits until every source is Ready and served by its assigned shard.
-// On timeout it prints what the shards logged about the first source that
-// was not settled.
-// notPlaced names a source of ns that the operator has not yet placed
-// among the current shard count (one Deployment per shard), or says why
-// it cannot tell; "" when every source is placed. A new shard attracts
-// sources only once its Lease has a holder, so after a rescale this is
-// what says the moves were made.
-func notPlaced(t *testing.T, ns string) string {
+// settled reads, in one request, every source of ns and says which is not
+// settled yet ("" when none): Ready and served by its assigned shard
+// (servingShard = shard), and placed by the operator among the current
+// shard count (assignedAmong = the number of shard Deployments; a move the
+// operator still defers keeps the count it was placed among). It returns
+// each source's shard. One read, not one per field: the operator may
+// write a move between two reads, and a check that saw the old shard in
+// one and the new count in the other took an unfinished rescale for done.
+func settled(t *testing.T, ns string) (map[string]string, string) {
 	t.Helper()
 	ds, err := client(t).AppsV1().Deployments(systemNS).List(context.Background(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=shard"})
 	if err != nil {
-		return err.Error()
+		return nil, err.Error()
 	}
 	want := strconv.Itoa(len(ds.Items))
-	out, _, err := kubectl(t, "", "-n", ns, "get", "datasources", "-o", `jsonpath={range .items[*]}{.metadata.name} {.status.assignedAmong}{"\n"}{end}`)
+	out, _, err := kubectl(t, "", "-n", ns, "get", "datasources", "-o", `jsonpath={range .items[*]}{.metadata.name} {.status.shard}/{.status.phase}/{.status.servingShard}/{.status.assignedAmong}{"\n"}{end}`)
 	if err != nil {
-		return err.Error()
+		return nil, err.Error()
 	}
+	shards := map[string]string{}
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 1 || (len(f) == 2 && f[1] != want) {
-			return fmt.Sprintf("%s placed among %v shards, not %s", f[0], f[1:], want)
+		name, fields, _ := strings.Cut(line, " ")
+		f := strings.Split(fields, "/")
+		if len(f) != 4 {
+			return nil, fmt.Sprintf("%s: status %q", name, fields)
 		}
+		if f[1] != "Ready" || f[0] != f[2] {
+			return nil, fmt.Sprintf("%s: shard %s, phase %s, servingShard %s", name, f[0], f[1], f[2])
+		}
+		if f[3] != want {
+			return nil, fmt.Sprintf("%s placed among %q shards, not %s", name, f[3], want)
+		}
+		shards[name] = f[0]
 	}
-	return ""
+	return shards, ""
+}
+
+// settledAt waits until every source of ns is settled (see settled) and
+// returns each one's shard. On timeout it prints what the shards logged
+// about the first source that was not settled.
+func settledAt(t *testing.T, ns string, n int) map[string]string {
+	t.Helper()
+	var shards map[string]string
+	var why string
+	t.Cleanup(func() {
+		if t.Failed() && why != "" {
+			name, _, _ := strings.Cut(why, ":")
+			name, _, _ = strings.Cut(name, " ")
+			t.Logf("shard log lines about %s/%s:\n%s", ns, name, shardLogLines(ns+"/"+name, 40))
+		}
+	})
+	eventually(t, 120*time.Second, "every source Ready on its assigned shard", func() (bool, error) {
+		shards, why = settled(t, ns)
+		if why != "" {
+			return false, fmt.Errorf("%s", why)
+		}
+		return len(shards) == n, nil
+	})
+	return shards
 }
 
 // shardsUp waits until n shards run, each holding its Lease (sources move
@@ -105,34 +138,6 @@ func shardLeasesHeld(t *testing.T, n int) string {
 		}
 	}
 	return ""
-}
-
-func settledAt(t *testing.T, ns string, n int) map[string]string {
-	t.Helper()
-	var shards map[string]string
-	var unsettled string
-	t.Cleanup(func() {
-		if t.Failed() && unsettled != "" {
-			t.Logf("shard log lines about %s/%s:\n%s", ns, unsettled, shardLogLines(ns+"/"+unsettled, 40))
-		}
-	})
-	eventually(t, 120*time.Second, "every source Ready on its assigned shard", func() (bool, error) {
-		a := assignments(t, ns)
-		shards = map[string]string{}
-		for name, v := range a {
-			if v[1] != "Ready" || v[0] != v[2] {
-				unsettled = name
-				return false, fmt.Errorf("%s: [shard phase servingShard] %v", name, v)
-			}
-			shards[name] = v[0]
-		}
-		unsettled = ""
-		if why := notPlaced(t, ns); why != "" {
-			return false, fmt.Errorf("%s", why)
-		}
-		return len(shards) == n, nil
-	})
-	return shards
 }
 
 // Rescaling moves about 1/(N+1) of the sources to the new shard and nothing

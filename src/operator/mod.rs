@@ -238,7 +238,22 @@ pub async fn run(cfg: OperatorConfig) -> anyhow::Result<i32> {
             }
         }
         let started = std::time::Instant::now();
-        let result = reconcile::reconcile(&ctx, &stores).await;
+        // A pass is abandoned at SIGTERM or when leadership is lost: every
+        // write in it stands on its own, and a long pass (thousands of
+        // assignment writes) must neither delay the release of the
+        // leadership to the next replica nor go on writing without it.
+        let result = tokio::select! {
+            r = reconcile::reconcile(&ctx, &stores) => r,
+            _ = &mut term => {
+                tracing::info!("SIGTERM during a pass; abandoning it");
+                break;
+            }
+            by = keeper.lost() => {
+                tracing::error!(holder = ?by, "lost leadership during a pass; exiting");
+                metrics.leader.set(0);
+                return Ok(3);
+            }
+        };
         metrics.duration.observe(started.elapsed().as_secs_f64());
         let outcome = match &result {
             Ok(()) => "ok",
