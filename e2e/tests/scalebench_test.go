@@ -87,9 +87,12 @@ func TestScaleBench(t *testing.T) {
 
 	// 2. The warehouse side: exactly Conns per source, one owner each.
 	time.Sleep(5 * time.Second)
-	tally, err := sampleConns(context.Background(), s, ns)
+	tally, gone, err := sampleConns(context.Background(), s, ns)
 	if err != nil {
 		t.Fatalf("counting connections at the fronts: %v", err)
+	}
+	if gone > 0 {
+		r.say("front listings without a client end at rest (PgBouncer still listing a closed client; left out): %d", gone)
 	}
 	total := 0
 	for _, owners := range tally {

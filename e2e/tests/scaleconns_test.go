@@ -5,10 +5,12 @@ package tests
 // that stand in for warehouses at a scale PostgreSQL cannot hold here.
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -19,10 +21,13 @@ import (
 type connTally map[string]map[string]int
 
 // sampleConns counts the warehouse-side connections of every source in ns.
-func sampleConns(ctx context.Context, s scaleSpec, ns string) (connTally, error) {
-	apps, err := warehouseApps(ctx, s, ns)
+// With fronts it also returns how many client listings of the fronts have
+// no client end left (see frontApps): not connections any process holds,
+// so not in the tally.
+func sampleConns(ctx context.Context, s scaleSpec, ns string) (connTally, int, error) {
+	apps, dead, err := warehouseApps(ctx, s, ns)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	tally := connTally{}
 	for _, app := range apps {
@@ -35,75 +40,153 @@ func sampleConns(ctx context.Context, s scaleSpec, ns string) (connTally, error)
 		}
 		tally[src][owner]++
 	}
-	return tally, nil
+	return tally, dead, nil
 }
 
 // warehouseApps lists the application_name of every connection of a
-// source of ns that the warehouse side holds.
-func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, error) {
+// source of ns that the warehouse side holds, and (fronts only) how many
+// listings had no client end.
+func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, error) {
 	prefix := "shardpool/" + ns + "/"
 	if !s.Fronts {
 		conn, err := pgx.Connect(ctx, fmt.Sprintf("host=%s port=%s user=%s password=%s dbname=postgres sslmode=disable",
 			os.Getenv("WAREHOUSE_PGHOST"), os.Getenv("WAREHOUSE_PGPORT"), os.Getenv("WAREHOUSE_PGUSER"), os.Getenv("WAREHOUSE_PGPASSWORD")))
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		defer conn.Close(ctx)
 		rows, err := conn.Query(ctx, "SELECT application_name FROM pg_stat_activity WHERE starts_with(application_name, $1)", prefix)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
-		return pgx.CollectRows(rows, pgx.RowTo[string])
+		apps, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		return apps, 0, err
 	}
 	var out []string
+	dead := 0
 	for _, port := range s.Ports {
-		apps, err := frontApps(ctx, s, port)
+		apps, gone, err := frontApps(ctx, s, port)
 		if err != nil {
-			return nil, fmt.Errorf("front :%d: %w", port, err)
+			return nil, 0, fmt.Errorf("front :%d: %w", port, err)
 		}
 		for _, a := range apps {
 			if strings.HasPrefix(a, prefix) {
 				out = append(out, a)
 			}
 		}
+		for _, a := range gone {
+			if strings.HasPrefix(a, prefix) {
+				dead++
+			}
+		}
 	}
-	return out, nil
+	return out, dead, nil
+}
+
+// clientEnds lists the established loopback TCP connections by their
+// client end, (client port, server port), from /proc/net/tcp: the kernel's
+// view of which connections some process still holds.
+func clientEnds() (map[[2]int]bool, error) {
+	f, err := os.Open("/proc/net/tcp")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	const loopback = "0100007F" // 127.0.0.1 as /proc/net/tcp writes it
+	ends := map[[2]int]bool{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 4 || fields[3] != "01" { // 01: ESTABLISHED
+			continue
+		}
+		lip, lport, ok1 := strings.Cut(fields[1], ":")
+		rip, rport, ok2 := strings.Cut(fields[2], ":")
+		if !ok1 || !ok2 || lip != loopback || rip != loopback {
+			continue
+		}
+		lp, err1 := strconv.ParseInt(lport, 16, 32)
+		rp, err2 := strconv.ParseInt(rport, 16, 32)
+		if err1 == nil && err2 == nil {
+			ends[[2]int{int(lp), int(rp)}] = true
+		}
+	}
+	return ends, sc.Err()
 }
 
 // frontApps reads SHOW CLIENTS of the PgBouncer on `port`: the
 // application_name of each client connection to the source database.
-func frontApps(ctx context.Context, s scaleSpec, port int) ([]string, error) {
+// A listing whose client end the kernel no longer has (no established
+// socket from its client port to `port`) is returned apart, in `gone`:
+// PgBouncer can list a client for a long time after the process that
+// opened it exited (seen in the scale bench: the clients of an exited
+// shard process listed for minutes, their sockets established on
+// PgBouncer's side only), and no process holds such a connection.
+func frontApps(ctx context.Context, s scaleSpec, port int) (apps, gone []string, err error) {
 	conn, err := pgx.Connect(ctx, fmt.Sprintf("host=%s port=%d user=admin password=%s dbname=pgbouncer sslmode=disable default_query_exec_mode=simple_protocol",
 		s.Host, port, s.AdminPassword))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer conn.Close(ctx)
+	// The kernel's client ends before and after the listing: a listed
+	// connection that was open at any moment of the listing is in one of
+	// them (open before it, or opened during it and still open after).
+	before, err := clientEnds()
+	if err != nil {
+		return nil, nil, err
+	}
 	rows, err := conn.Query(ctx, "SHOW CLIENTS")
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer rows.Close()
-	app, db := -1, -1
+	app, db, cport := -1, -1, -1
 	for i, f := range rows.FieldDescriptions() {
 		switch f.Name {
 		case "application_name":
 			app = i
 		case "database":
 			db = i
+		case "port":
+			cport = i
 		}
 	}
-	if app < 0 || db < 0 {
-		return nil, fmt.Errorf("SHOW CLIENTS has no application_name or database column")
+	if app < 0 || db < 0 || cport < 0 {
+		return nil, nil, fmt.Errorf("SHOW CLIENTS has no application_name, database or port column")
 	}
-	var out []string
+	type listing struct {
+		app  string
+		port int
+	}
+	var listed []listing
 	for rows.Next() {
 		v := rows.RawValues()
-		if string(v[db]) == s.Database {
-			out = append(out, string(v[app]))
+		if string(v[db]) != s.Database {
+			continue
+		}
+		p, err := strconv.Atoi(string(v[cport]))
+		if err != nil {
+			return nil, nil, fmt.Errorf("SHOW CLIENTS port %q: %w", v[cport], err)
+		}
+		listed = append(listed, listing{string(v[app]), p})
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, err
+	}
+	after, err := clientEnds()
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, l := range listed {
+		end := [2]int{l.port, port}
+		if before[end] || after[end] {
+			apps = append(apps, l.app)
+		} else {
+			gone = append(gone, l.app)
 		}
 	}
-	return out, rows.Err()
+	return apps, gone, nil
 }
 
 // checkTally says what is wrong with `tally` against the watch's state:

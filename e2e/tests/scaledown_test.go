@@ -51,7 +51,7 @@ func TestScaledDownRolloutUnderLoad(t *testing.T) {
 	var tally connTally
 	eventually(t, 30*time.Second, "exactly 4 connections per source, one owner of its shard", func() (bool, error) {
 		var err error
-		if tally, err = sampleConns(t.Context(), s, ns); err != nil {
+		if tally, _, err = sampleConns(t.Context(), s, ns); err != nil {
 			return false, err
 		}
 		bad := checkTally(tally, w.snapshot(), ns, s.Conns)
@@ -89,7 +89,7 @@ func TestScaledDownRolloutUnderLoad(t *testing.T) {
 	}
 	eventually(t, 30*time.Second, "exactly 4 connections per source after the rollout", func() (bool, error) {
 		var err error
-		if tally, err = sampleConns(t.Context(), s, ns); err != nil {
+		if tally, _, err = sampleConns(t.Context(), s, ns); err != nil {
 			return false, err
 		}
 		bad := checkTally(tally, w.snapshot(), ns, s.Conns)

@@ -322,6 +322,9 @@ type loadResult struct {
 	// below counts (source, sample) pairs under the source's connections:
 	// sources being handed over at that moment.
 	below int
+	// gone is the most front listings without a client end in one sample
+	// (fronts only; left out of the tally, see frontApps).
+	gone int
 	// handover is, per shard the source was on before, per loaded source
 	// that changed owner: from the old owner's last answer to the new
 	// owner's first.
@@ -376,7 +379,7 @@ func underLoad(t *testing.T, ns string, s scaleSpec, load *fault.Load, change fu
 			default:
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			tally, err := sampleConns(ctx, s, ns)
+			tally, gone, err := sampleConns(ctx, s, ns)
 			cancel()
 			if err != nil {
 				sampleErr = err
@@ -384,6 +387,7 @@ func underLoad(t *testing.T, ns string, s scaleSpec, load *fault.Load, change fu
 				continue
 			}
 			res.samples++
+			res.gone = max(res.gone, gone)
 			for src, owners := range tally {
 				total := 0
 				for _, n := range owners {
@@ -524,6 +528,9 @@ func reportLoad(t *testing.T, r *reporter, res loadResult, s scaleSpec) {
 		r.say("  handover of shard %s's sources (old owner's last answer -> new owner's first): median %.3f s, longest %.3f s, %d sources", k, median.Seconds(), worst.Seconds(), len(res.handover[k]))
 	}
 	r.say("  warehouse side: %d samples; %d (source, sample) pairs above %d connections or with two owners; %d below (being handed over)", res.samples, len(res.over), s.Conns, res.below)
+	if s.Fronts {
+		r.say("  front listings without a client end (PgBouncer still listing a closed client; no process holds it; left out above): at most %d in one sample", res.gone)
+	}
 	if n := len(res.report.Failed()); n > 0 {
 		t.Errorf("%d queries failed: %v", n, res.report.Failed()[:min(n, 5)])
 	}
