@@ -506,8 +506,8 @@ pub const RENEW_SPACING: Duration = Duration::from_secs(1);
 /// One maintenance pass: drop idle connections that broke or sat past
 /// idleTimeout (keeping minIdle), renew one past its lifetime when it is
 /// the pool's turn ([`RENEW_SPACING`]), then open connections up to
-/// minIdle. Returns how many were
-/// opened. Backs off while the source keeps failing.
+/// minIdle. Returns how many were opened. Backs off while the source
+/// keeps failing.
 pub async fn maintain(pool: &Pool) -> usize {
     let manager = pool.manager();
     let s = manager.settings.clone();
@@ -535,6 +535,13 @@ pub async fn maintain(pool: &Pool) -> usize {
         if !conn.idle_and_alive() {
             return false;
         }
+        if m.last_used() > s.idle_timeout {
+            if stale_quota == 0 {
+                // Idle too long and not needed for minIdle: trimmed.
+                return false;
+            }
+            stale_quota -= 1;
+        }
         if conn.expired(now) {
             // Past its lifetime: the most overdue one is closed (and
             // replaced below) when it is the pool's turn to renew; the
@@ -542,14 +549,7 @@ pub async fn maintain(pool: &Pool) -> usize {
             let first = overdue.is_some_and(|(_, pid)| pid == conn.backend_pid);
             return !(first && manager.may_renew());
         }
-        if m.last_used() <= s.idle_timeout {
-            return true;
-        }
-        if stale_quota > 0 {
-            stale_quota -= 1;
-            return true;
-        }
-        false
+        true
     });
     for conn in removed.removed {
         tokio::spawn(conn.terminate());
