@@ -319,6 +319,9 @@ type loadResult struct {
 	// over: a source above its connections, or with two owners, in a
 	// sample (must stay empty).
 	over []string
+	// owners2 counts the (source, sample) pairs of `over` with two owners
+	// or more (the rest are one owner above the source's connections).
+	owners2 int
 	// below counts (source, sample) pairs under the source's connections:
 	// sources being handed over at that moment.
 	below int
@@ -395,6 +398,9 @@ func underLoad(t *testing.T, ns string, s scaleSpec, load *fault.Load, change fu
 				}
 				if len(owners) > 1 || total > s.Conns {
 					res.over = append(res.over, fmt.Sprintf("%s %v at %s", src, owners, time.Now().Format("15:04:05.000")))
+				}
+				if len(owners) > 1 {
+					res.owners2++
 				}
 			}
 			for i := 0; i < s.N; i++ {
@@ -527,7 +533,7 @@ func reportLoad(t *testing.T, r *reporter, res loadResult, s scaleSpec) {
 		worst, median := durationStats(res.handover[k])
 		r.say("  handover of shard %s's sources (old owner's last answer -> new owner's first): median %.3f s, longest %.3f s, %d sources", k, median.Seconds(), worst.Seconds(), len(res.handover[k]))
 	}
-	r.say("  warehouse side: %d samples; %d (source, sample) pairs above %d connections or with two owners; %d below (being handed over)", res.samples, len(res.over), s.Conns, res.below)
+	r.say("  warehouse side: %d samples; %d (source, sample) pairs above %d connections or with two owners (%d with two owners); %d below (being handed over)", res.samples, len(res.over), s.Conns, res.owners2, res.below)
 	if s.Fronts {
 		r.say("  front listings without a client end (PgBouncer still listing a closed client; no process holds it; left out above): at most %d in one sample", res.gone)
 	}
