@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod operator;
 pub mod proto;
 pub mod router;
+pub mod scram;
 pub mod shard;
 pub mod shutdown;
 pub mod telemetry;

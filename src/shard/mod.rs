@@ -25,6 +25,7 @@ pub mod phase_events;
 pub mod pool;
 pub mod prepared;
 pub mod registry;
+pub mod scram;
 pub mod secrets;
 pub mod serve;
 pub mod server;

@@ -24,6 +24,7 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 
 use super::connect_limit::{ConnectLimit, Purpose, Slot};
 use super::fence;
+use super::scram::KeyCache;
 use super::server::{ConnectError, ConnectParams, ServerConn};
 use crate::crd::Fencing;
 use crate::lease::Validity;
@@ -92,6 +93,9 @@ pub struct Manager {
     renewed_at_ms: AtomicU64,
     /// Time origin of `renewed_at_ms`.
     origin: Instant,
+    /// SCRAM keys derived from the password, for every connection of the
+    /// source (see [`super::scram`]).
+    scram_keys: KeyCache,
     /// Outcome of the latest attempt, for status and backoff.
     health: Mutex<Health>,
     /// Successful connection attempts (metrics).
@@ -151,6 +155,7 @@ impl Manager {
             warm: AtomicBool::new(false),
             renewed_at_ms: AtomicU64::new(0),
             origin: Instant::now(),
+            scram_keys: KeyCache::default(),
             health: Mutex::default(),
             connects_ok: AtomicU64::new(0),
             connects_failed: AtomicU64::new(0),
@@ -294,7 +299,7 @@ impl Manager {
         let password = self.password.read().map(|p| p.clone()).unwrap_or_default();
         match tokio::time::timeout(
             self.settings.connect_timeout,
-            ServerConn::connect(params, &password),
+            ServerConn::connect_with_keys(params, &password, &self.scram_keys),
         )
         .await
         {

@@ -15,11 +15,12 @@
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::scram::{self, Binding, Exchange, KeyCache};
 use super::tls::{self, ServerStream, TlsSettings};
 use crate::proto::pg;
 
@@ -182,6 +183,16 @@ pub struct ServerConn {
 impl ServerConn {
     /// Opens and authenticates a connection; the caller bounds the time.
     pub async fn connect(p: &ConnectParams, password: &str) -> Result<ServerConn, ConnectError> {
+        Self::connect_with_keys(p, password, &KeyCache::default()).await
+    }
+
+    /// [`ServerConn::connect`], with the source's SCRAM keys kept in `keys`
+    /// (derived once per password, salt and count; see [`super::scram`]).
+    pub async fn connect_with_keys(
+        p: &ConnectParams,
+        password: &str,
+        keys: &KeyCache,
+    ) -> Result<ServerConn, ConnectError> {
         let addr = format!("{}:{}", p.host, p.port);
         let io = |source| ConnectError::Io {
             addr: addr.clone(),
@@ -232,7 +243,7 @@ impl ServerConn {
         }
         frontend::startup_message(startup, &mut out).map_err(io)?;
         conn.stream.write_all(&out).await.map_err(io)?;
-        conn.authenticate(&p.user, password, p.legacy_password_auth)
+        conn.authenticate(&p.user, password, p.legacy_password_auth, keys)
             .await
             .map_err(|e| match e {
                 ConnectError::Io { source, .. } => io(source),
@@ -295,8 +306,9 @@ impl ServerConn {
         user: &str,
         password: &str,
         legacy: bool,
+        keys: &KeyCache,
     ) -> Result<(), ConnectError> {
-        let mut scram: Option<sasl::ScramSha256> = None;
+        let mut scram: Option<Exchange> = None;
         loop {
             let mut out = BytesMut::new();
             match self.read_backend().await? {
@@ -318,8 +330,8 @@ impl ServerConn {
                     let mut mechs = body.mechanisms();
                     let (mut plain, mut plus) = (false, false);
                     while let Some(m) = fallible_next(&mut mechs)? {
-                        plain |= m == sasl::SCRAM_SHA_256;
-                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
+                        plain |= m == scram::SCRAM_SHA_256;
+                        plus |= m == scram::SCRAM_SHA_256_PLUS;
                     }
                     // Bind to the TLS connection whenever the server offers
                     // it. On TLS without an offer, say "I could bind" ('y'):
@@ -332,8 +344,8 @@ impl ServerConn {
                     };
                     let (mechanism, binding, method) = match end_point {
                         Some(hash) => (
-                            sasl::SCRAM_SHA_256_PLUS,
-                            sasl::ChannelBinding::tls_server_end_point(hash),
+                            scram::SCRAM_SHA_256_PLUS,
+                            Binding::ServerEndPoint(hash),
                             AuthMethod::ScramPlus,
                         ),
                         None if !plain => {
@@ -342,18 +354,18 @@ impl ServerConn {
                             ));
                         }
                         None if self.is_tls() && !plus => (
-                            sasl::SCRAM_SHA_256,
-                            sasl::ChannelBinding::unrequested(),
+                            scram::SCRAM_SHA_256,
+                            Binding::Unrequested,
                             AuthMethod::Scram,
                         ),
                         None => (
-                            sasl::SCRAM_SHA_256,
-                            sasl::ChannelBinding::unsupported(),
+                            scram::SCRAM_SHA_256,
+                            Binding::Unsupported,
                             AuthMethod::Scram,
                         ),
                     };
-                    let s = sasl::ScramSha256::new(password.as_bytes(), binding);
-                    frontend::sasl_initial_response(mechanism, s.message(), &mut out)
+                    let s = Exchange::new(binding);
+                    frontend::sasl_initial_response(mechanism, &s.client_first(), &mut out)
                         .map_err(proto)?;
                     self.send(&out).await?;
                     scram = Some(s);
@@ -364,14 +376,26 @@ impl ServerConn {
                         .take()
                         .ok_or_else(|| ConnectError::Protocol("unexpected SASL continue".into()))?;
                     // The key derivation (PBKDF2: thousands of HMAC rounds)
-                    // runs off the runtime's thread, which serves every
-                    // session and probe of the process.
-                    let data = body.data().to_vec();
-                    let s = tokio::task::spawn_blocking(move || s.update(&data).map(|()| s))
-                        .await
-                        .map_err(|_| ConnectError::Protocol("SCRAM computation failed".into()))?
+                    // runs once per password, salt and count of the source,
+                    // off the runtime's thread, which serves every session
+                    // and probe of the process; later connections find the
+                    // keys in `keys`.
+                    let data = body.data();
+                    let derived = match s
+                        .derivation(data, password, keys)
+                        .map_err(|_| auth_failed(user))?
+                    {
+                        None => None,
+                        Some(d) => {
+                            Some(tokio::task::spawn_blocking(move || d.run()).await.map_err(
+                                |_| ConnectError::Protocol("SCRAM computation failed".into()),
+                            )?)
+                        }
+                    };
+                    let message = s
+                        .client_final(data, password, keys, derived)
                         .map_err(|_| auth_failed(user))?;
-                    frontend::sasl_response(s.message(), &mut out).map_err(proto)?;
+                    frontend::sasl_response(&message, &mut out).map_err(proto)?;
                     self.send(&out).await?;
                     scram = Some(s);
                 }
@@ -379,7 +403,7 @@ impl ServerConn {
                     let s = scram
                         .as_mut()
                         .ok_or_else(|| ConnectError::Protocol("unexpected SASL final".into()))?;
-                    s.finish(body.data())
+                    s.verify(body.data())
                         .map_err(|_| ConnectError::Protocol("server signature mismatch".into()))?;
                 }
                 backend::Message::ParameterStatus(body) => {

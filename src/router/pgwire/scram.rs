@@ -5,17 +5,16 @@
 //! format. Unknown users run the same exchange against a mock verifier so
 //! that they cannot be told apart from a wrong password.
 
-use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::ops::Range;
 use std::sync::OnceLock;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use hmac::digest::Key;
-use hmac::{Hmac, KeyInit, Mac};
 use rand::Rng;
 use sha2::{Digest, Sha256};
+
+use crate::scram::{constant_time_eq, hi, hmac_sha256, normalize};
 
 /// SASL mechanism name offered to clients.
 pub const MECHANISM: &str = "SCRAM-SHA-256";
@@ -28,8 +27,6 @@ const SALT_LEN: usize = 16;
 const SERVER_NONCE_LEN: usize = 18;
 /// Prefix of a stored SCRAM-SHA-256 verifier.
 const VERIFIER_PREFIX: &str = "SCRAM-SHA-256$";
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Errors of the SCRAM exchange and of verifier parsing. None of them
 /// carries secret material.
@@ -150,51 +147,6 @@ fn decode_key(s: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
     key.copy_from_slice(&buf[..32]);
     Some(key)
-}
-
-/// SASLprep the password if it is valid for it; otherwise use it as is,
-/// like PostgreSQL and libpq.
-fn normalize(password: &str) -> Cow<'_, [u8]> {
-    match stringprep::saslprep(password) {
-        Ok(Cow::Borrowed(p)) => Cow::Borrowed(p.as_bytes()),
-        Ok(Cow::Owned(p)) => Cow::Owned(p.into_bytes()),
-        Err(_) => Cow::Borrowed(password.as_bytes()),
-    }
-}
-
-/// An HMAC-SHA-256 instance keyed with `key`. HMAC accepts keys of any
-/// length (RFC 2104): longer than a block they are hashed, shorter they are
-/// zero-padded. Doing that here keeps key setup infallible.
-fn hmac_keyed(key: &[u8]) -> HmacSha256 {
-    let mut k = Key::<HmacSha256>::default();
-    if key.len() > k.len() {
-        let digest = Sha256::digest(key);
-        k[..digest.len()].copy_from_slice(&digest);
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    HmacSha256::new(&k)
-}
-
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = hmac_keyed(key);
-    for p in parts {
-        mac.update(p);
-    }
-    mac.finalize().into_bytes().into()
-}
-
-/// Hi() of RFC 5802: PBKDF2-HMAC-SHA-256 with one output block (the
-/// pbkdf2 crate).
-fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
-    out
-}
-
-/// Equality that takes the same time wherever the inputs differ (subtle).
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    subtle::ConstantTimeEq::ct_eq(&a[..], &b[..]).into()
 }
 
 /// Per-process material for the mock verifier of unknown users.
