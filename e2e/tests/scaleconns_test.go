@@ -178,13 +178,36 @@ func frontApps(ctx context.Context, s scaleSpec, port int) (apps, gone []string,
 	if err != nil {
 		return nil, nil, err
 	}
+	var missing []listing
 	for _, l := range listed {
 		end := [2]int{l.port, port}
 		if before[end] || after[end] {
 			apps = append(apps, l.app)
 		} else {
-			gone = append(gone, l.app)
+			missing = append(missing, l)
 		}
+	}
+	// /proc/net/tcp is read in pieces while sockets come and go, and a
+	// read can skip an entry (a full run counted 71,993 of 72,000 live
+	// connections at rest with two reads): a listing counts as gone only
+	// when three more reads do not find its client end either.
+	for i := 0; i < 3 && len(missing) > 0; i++ {
+		again, err := clientEnds()
+		if err != nil {
+			return nil, nil, err
+		}
+		still := missing[:0]
+		for _, l := range missing {
+			if again[[2]int{l.port, port}] {
+				apps = append(apps, l.app)
+			} else {
+				still = append(still, l)
+			}
+		}
+		missing = still
+	}
+	for _, l := range missing {
+		gone = append(gone, l.app)
 	}
 	return apps, gone, nil
 }
