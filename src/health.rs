@@ -13,6 +13,12 @@
 //! 250 ms, and `/healthz` fails once no stamp came for [`STALL_LIMIT`] (a
 //! runtime wedged by a task that never yields). A frozen process (SIGSTOP)
 //! answers nothing at all, as before.
+//!
+//! The heartbeat also measures how late it ran (`shardpool_runtime_lag_seconds`,
+//! a histogram) and logs a warning for every beat more than
+//! [`LAG_WARNING`] late: a task holding the runtime's thread delays every
+//! other one (link pongs, watch events, opening pools), and this says when
+//! and for how long.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,6 +73,9 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 /// How often the heartbeat stamps the time.
 const BEAT_EVERY: Duration = Duration::from_millis(250);
+
+/// A beat this late is logged as a warning.
+pub const LAG_WARNING: Duration = Duration::from_millis(1000);
 
 /// The last time the role's runtime ran its heartbeat task.
 #[derive(Debug, Clone)]
@@ -131,6 +140,15 @@ pub fn spawn_with(
         "Threads running this process's tasks (SHARDPOOL_WORKER_THREADS; 1 = one thread)",
         workers,
     );
+    let lag = prometheus_client::metrics::histogram::Histogram::new(
+        [0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
+    );
+    registry.register_with_unit(
+        "shardpool_runtime_lag",
+        "How late the runtime ran a task due at a known time (its heartbeat, every 250 ms)",
+        prometheus_client::registry::Unit::Seconds,
+        lag.clone(),
+    );
     let beat = Heartbeat {
         origin: Instant::now(),
         last_ms: Arc::default(),
@@ -141,7 +159,15 @@ pub fn spawn_with(
         let mut every = tokio::time::interval(BEAT_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            every.tick().await;
+            let due = every.tick().await;
+            let late = due.elapsed();
+            lag.observe(late.as_secs_f64());
+            if late >= LAG_WARNING {
+                tracing::warn!(
+                    late_ms = u64::try_from(late.as_millis()).unwrap_or(u64::MAX),
+                    "runtime lag: a task held the runtime's threads"
+                );
+            }
             let ms = u64::try_from(stamp.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
             stamp.last_ms.store(ms, Ordering::Relaxed);
         }
@@ -189,6 +215,11 @@ mod tests {
 
     /// The status code of `GET path`, or None without an answer in 1 s.
     fn status(addr: SocketAddr, path: &str) -> Option<u16> {
+        get(addr, path)?.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// The whole answer to `GET path`, or None without one in 1 s.
+    fn get(addr: SocketAddr, path: &str) -> Option<String> {
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
         write!(
@@ -198,7 +229,13 @@ mod tests {
         .ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
-        out.split_whitespace().nth(1)?.parse().ok()
+        Some(out)
+    }
+
+    /// The value of one sample line of the metrics text.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
     }
 
     #[test]
@@ -244,5 +281,13 @@ mod tests {
         // The task ends; the heartbeat resumes.
         std::thread::sleep(Duration::from_millis(2500));
         assert_eq!(status(addr, "/healthz"), Some(200));
+        // The stall shows as one beat about 4 s late.
+        let text = get(addr, "/metrics").expect("metrics");
+        let all = sample(&text, "shardpool_runtime_lag_seconds_count").expect("count");
+        let under = sample(&text, "shardpool_runtime_lag_seconds_bucket{le=\"2.5\"}").expect("bucket");
+        let under_5 = sample(&text, "shardpool_runtime_lag_seconds_bucket{le=\"5.0\"}").expect("bucket");
+        assert!(all >= 4.0, "beats before and after: {text}");
+        assert_eq!(under_5 - under, 1.0, "one beat 2.5-5 s late: {text}");
+        assert_eq!(all, under_5, "{text}");
     }
 }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::Notify;
@@ -40,6 +40,62 @@ impl Changed {
     pub fn touch(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_one();
+    }
+}
+
+/// Drops what no role reads from a cached object's metadata.
+fn slim(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// An event delivered this long after the write it reports is logged.
+const LATE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells when watch events arrive late: the newest `managedFields` time of
+/// an object (the write this event reports, to the second) against the
+/// clock. A process whose runtime is starved, or a slow API server, shows
+/// here as a view of the cluster seconds behind it. One warning per
+/// [`LATE_AFTER`] at most, with the count and the worst delay since the
+/// last one.
+#[derive(Default)]
+struct Lateness {
+    /// Late events since the last warning, and the longest delay among them.
+    late: usize,
+    worst: std::time::Duration,
+    /// When the last warning was logged.
+    warned: Option<std::time::Instant>,
+}
+
+impl Lateness {
+    fn note(&mut self, kind: &str, meta: &kube::api::ObjectMeta) {
+        let Some(written) = meta
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|f| f.time.as_ref())
+            .map(|t| t.0)
+            .max()
+        else {
+            return;
+        };
+        let Ok(delay) = std::time::Duration::try_from(k8s_openapi::jiff::Timestamp::now().duration_since(written)) else {
+            return;
+        };
+        // The write time has whole seconds: add one before judging.
+        if delay < LATE_AFTER + std::time::Duration::from_secs(1) {
+            return;
+        }
+        self.late += 1;
+        self.worst = self.worst.max(delay);
+        if self.warned.is_none_or(|w| w.elapsed() >= LATE_AFTER) {
+            tracing::warn!(%kind, events = self.late, worst_seconds = self.worst.as_secs(), "watch events arriving late (seconds after their write)");
+            self.late = 0;
+            self.worst = std::time::Duration::ZERO;
+            self.warned = Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -81,17 +137,35 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let slim = watcher(api, cfg).modify(|o| {
-        let meta = o.meta_mut();
-        meta.managed_fields = None;
-        if let Some(a) = meta.annotations.as_mut() {
-            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let mut late = Lateness::default();
+    let mut listing: Option<(std::time::Instant, usize)> = None;
+    let slim = watcher(api, cfg).map_ok(move |mut ev| {
+        match &mut ev {
+            watcher::Event::Init => listing = Some((std::time::Instant::now(), 0)),
+            watcher::Event::InitApply(_) => {
+                if let Some((_, n)) = listing.as_mut() {
+                    *n += 1;
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some((began, n)) = listing.take() {
+                    tracing::info!(%kind, objects = n, seconds = began.elapsed().as_secs_f64(), "listed");
+                }
+            }
+            watcher::Event::Apply(o) | watcher::Event::Delete(o) => late.note(&kind, o.meta()),
         }
+        ev.modify(|o| slim(o.meta_mut()))
     });
-    let task = tokio::spawn(reflector::reflector(writer, slim).default_backoff().touched_objects().for_each(
+    let task = tokio::spawn(reflector::reflector(writer, slim).default_backoff().for_each(
         move |r| {
-            if let Err(e) = r {
-                tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch error");
+            match r {
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch error");
+                }
+                // The store swaps in a new list only at its end.
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => return futures::future::ready(()),
+                Ok(_) => {}
             }
             if let Some(c) = &changed {
                 c.touch();

@@ -269,6 +269,7 @@ pub fn sync<'a>(
     failures: &Mutex<BuildFailures>,
     opening: &mut super::opening::Opening<'a>,
 ) {
+    let began = std::time::Instant::now();
     let shard = cx.shard;
     let alive = |k: u32| handover::shard_alive(cx.leases, cx.namespace, k);
     let mut seen: HashSet<String> = HashSet::new();
@@ -320,6 +321,11 @@ pub fn sync<'a>(
                 .get(&ObjectRef::new(name).within(ns))
                 .is_some_and(|ds| handover::wanted(&ds, shard))
     });
+    // A pass holds the main loop (and, with one runtime thread, everything).
+    let took = began.elapsed();
+    if took >= std::time::Duration::from_millis(250) {
+        tracing::warn!(sources = seen.len(), ms = took.as_millis() as u64, "slow pass over the DataSources");
+    }
 }
 
 /// Claims (when `step` says so) and builds one source; see
