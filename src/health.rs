@@ -141,7 +141,7 @@ pub fn spawn_with(
         workers,
     );
     let lag = prometheus_client::metrics::histogram::Histogram::new(
-        [0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
+        [0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
     );
     registry.register_with_unit(
         "shardpool_runtime_lag",
@@ -284,8 +284,10 @@ mod tests {
         // The stall shows as one beat about 4 s late.
         let text = get(addr, "/metrics").expect("metrics");
         let all = sample(&text, "shardpool_runtime_lag_seconds_count").expect("count");
-        let under = sample(&text, "shardpool_runtime_lag_seconds_bucket{le=\"2.5\"}").expect("bucket");
-        let under_5 = sample(&text, "shardpool_runtime_lag_seconds_bucket{le=\"5.0\"}").expect("bucket");
+        let under =
+            sample(&text, "shardpool_runtime_lag_seconds_bucket{le=\"2.5\"}").expect("bucket");
+        let under_5 =
+            sample(&text, "shardpool_runtime_lag_seconds_bucket{le=\"5.0\"}").expect("bucket");
         assert!(all >= 4.0, "beats before and after: {text}");
         assert_eq!(under_5 - under, 1.0, "one beat 2.5-5 s late: {text}");
         assert_eq!(all, under_5, "{text}");

@@ -475,3 +475,39 @@ async fn connections_past_their_lifetime_are_renewed_one_at_a_time() {
         "the server holds exactly the pool's connections"
     );
 }
+
+/// An idle connection whose server went away is found by a maintenance
+/// pass that asks the sockets (every fourth in a shard) and replaced, and
+/// only by such a pass: the others make no system call per idle connection.
+/// A checkout never hands it out either way.
+#[tokio::test]
+async fn maintenance_asks_idle_sockets_only_when_told_to() {
+    let pg = TestPg::start("probe");
+    let pool = pool::build(Manager::new(
+        params(&pg, "shardpool/t/probe/0"),
+        settings(3, 3),
+        pg.password.clone(),
+        Arc::new(ConnectLimit::new(2)),
+    ))
+    .expect("pool");
+    while pool::maintain(&pool).await > 0 {}
+    let before = idle_pids(&pool);
+    assert_eq!(before.len(), 3);
+    let victim = *before.iter().next().expect("a pid");
+    pg.psql(
+        "postgres",
+        &format!("SELECT pg_terminate_backend({victim})"),
+    );
+    // The server's FATAL and close reach the socket.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool::maintain_with(&pool, false).await, 0);
+    assert_eq!(idle_pids(&pool), before, "not asked, not found");
+    assert_eq!(
+        pool::maintain_with(&pool, true).await,
+        1,
+        "found and replaced"
+    );
+    let after = idle_pids(&pool);
+    assert_eq!(after.len(), 3);
+    assert!(!after.contains(&victim), "{after:?}");
+}

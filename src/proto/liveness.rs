@@ -7,6 +7,15 @@
 //! that keep an idle link audible. When the silence limit passes, the
 //! watchdog shuts the socket down, which ends the reader and the writer
 //! and so every session on the connection.
+//!
+//! A process whose own runtime was held (CPU-starved on a busy host, or a
+//! task that ran long) read nothing meanwhile either, so the silence it
+//! sees includes its own stall: the watchdog counts how late its own
+//! checks ran since it last heard the peer and does not hold that part
+//! against the peer, and it lets the reader run once more before it gives
+//! the peer up. A frozen peer is still cut off within the limit plus one
+//! check when this process runs on time; under a stall the verdict waits
+//! for the time the process actually ran.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +64,12 @@ impl LastHeard {
         self.ms.store(ms, Ordering::Relaxed);
     }
 
+    /// The time of the last read, in milliseconds after the start (a
+    /// changed value means the peer was heard).
+    fn stamp(&self) -> u64 {
+        self.ms.load(Ordering::Relaxed)
+    }
+
     /// How long the peer has been silent.
     pub fn silent_for(&self) -> Duration {
         let heard = self.base + Duration::from_millis(self.ms.load(Ordering::Relaxed));
@@ -87,15 +102,30 @@ pub async fn watchdog(
     let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ping = Instant::now();
+    // How late this task's own checks ran since the peer was last heard.
+    let mut own_stall = Duration::ZERO;
+    let mut heard_stamp = heard.stamp();
+    let peer_silence = |own_stall: Duration| heard.silent_for().saturating_sub(own_stall);
     loop {
-        tick.tick().await;
+        let due = tick.tick().await;
         if out.is_closed() {
             return false;
         }
-        if heard.silent_for() > silence {
-            let _ = socket.shutdown(std::net::Shutdown::Both);
-            out.close();
-            return true;
+        let stamp = heard.stamp();
+        if stamp != heard_stamp {
+            heard_stamp = stamp;
+            own_stall = Duration::ZERO;
+        }
+        own_stall += due.elapsed();
+        if peer_silence(own_stall) > silence {
+            // Data the runtime has not polled yet is read first: the
+            // reader runs before this task resumes.
+            tokio::task::yield_now().await;
+            if peer_silence(own_stall) > silence {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+                out.close();
+                return true;
+            }
         }
         if pings && last_ping.elapsed() >= PING_EVERY {
             last_ping = Instant::now();
@@ -168,6 +198,54 @@ mod tests {
         assert!(
             !dog.await.expect("task"),
             "a closed connection is not a dead peer"
+        );
+    }
+
+    /// A process whose runtime is held (CPU-starved, a long task) does not
+    /// give up a peer it could not read meanwhile: the silence it sees is
+    /// its own. A stall is the clock moving while no task runs
+    /// (`advance`); the peer's next bytes are read after the watchdog's
+    /// late check, the worst order. A peer silent while this process runs
+    /// on time is still given up within the limit plus one check.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_process_does_not_blame_its_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (ours, theirs) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let ours = ours.expect("connect");
+        let _theirs = theirs.expect("accept");
+        let socket = socket2::SockRef::from(&ours).try_clone().expect("dup");
+        let heard = Arc::new(LastHeard::default());
+        let out = Arc::new(Outbox::default());
+        let silence = Duration::from_millis(300);
+        let dog = tokio::spawn(watchdog(heard.clone(), silence, out.clone(), false, socket));
+        for _ in 0..5 {
+            heard.touch();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Held for four times the limit; the watchdog runs first after it.
+            tokio::time::advance(silence * 4).await;
+            // The watchdog checks (and checks again after a yield) before
+            // the peer is heard of again.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(
+                !dog.is_finished(),
+                "the watchdog gave its peer up after a stall of its own"
+            );
+        }
+        // Running on time, the peer silent from now: given up.
+        heard.touch();
+        let quiet = Instant::now();
+        let bitten = tokio::time::timeout(Duration::from_secs(5), dog)
+            .await
+            .expect("given up")
+            .expect("task");
+        assert!(bitten);
+        let took = quiet.elapsed();
+        assert!(
+            took >= silence && took <= silence + silence / 5 + Duration::from_millis(100),
+            "{took:?}"
         );
     }
 }

@@ -55,6 +55,10 @@ use crate::lease::{self, LeaseConfig};
 /// changes (see the main loop).
 const SYNC_SPACING: Duration = Duration::from_millis(50);
 
+/// Maintenance rounds (every 500 ms) per look at the idle connections'
+/// sockets (see [`pool::maintain_with`]).
+const PROBE_EVERY: u32 = 4;
+
 /// Shard settings, from flags and the pod's environment.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ShardConfig {
@@ -203,10 +207,10 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         );
     }
     let changed = Arc::new(crate::watch::Changed::default());
-    let store = crate::watch::store(
+    let (store, feed) = crate::watch::store_fed(
         Api::<DataSource>::all(clients.watches.clone()),
         watcher::Config::default(),
-        Some(changed.clone()),
+        changed.clone(),
     );
     let lease_store = crate::watch::store(
         Api::<Lease>::namespaced(clients.watches.clone(), &cfg.namespace),
@@ -305,11 +309,15 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
     let mut resync = tokio::time::interval(Duration::from_secs(30));
     let maintaining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut rounds: u32 = 0;
     let mut opening = opening::Opening::default();
+    let _ = feed.take();
     sources::sync(&sync_cx, &registry, &failures, &mut opening);
-    // Passes over every DataSource run at most every SYNC_SPACING: at
-    // thousands of sources the watch reports hundreds of changes a second
-    // (status writes during a warm-up), and one pass covers them all.
+    // Changes are decided per changed DataSource ([`sources::sync_some`]),
+    // at most every SYNC_SPACING: at thousands of sources the watch reports
+    // hundreds of changes a second (status writes during a warm-up), and
+    // one pass covers them all. A full pass runs at start, after the watch
+    // listed anew, and every 30 s.
     let mut last_sync = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -333,11 +341,34 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
             _ = changed.notified() => {
                 tokio::time::sleep_until(last_sync + SYNC_SPACING).await;
                 last_sync = tokio::time::Instant::now();
-                sources::sync(&sync_cx, &registry, &failures, &mut opening);
+                match feed.take() {
+                    crate::watch::Batch::Everything => {
+                        sources::sync(&sync_cx, &registry, &failures, &mut opening);
+                    }
+                    crate::watch::Batch::Some(touched) => {
+                        // A Lease change (the shared signal) may free the
+                        // sources waiting for another shard.
+                        let keys: std::collections::HashSet<String> = touched
+                            .iter()
+                            .map(|r| format!("{}/{}", r.namespace.as_deref().unwrap_or_default(), r.name))
+                            .chain(opening.awaiting().cloned())
+                            .collect();
+                        sources::sync_some(&sync_cx, &registry, &failures, &mut opening, keys);
+                    }
+                }
             }
             done = opening.next_done() => {
+                let key = done.0.clone();
+                let failed = done.2.is_err();
                 sources::opened(&sync_cx, &registry, &failures, done);
-                opening.refill(&sync_cx, &registry);
+                if failed {
+                    // Tried again with the other failures, every 2 s.
+                    opening.refill(&sync_cx, &registry);
+                } else {
+                    // Its DataSource may have changed while it was opened
+                    // (a claim refused as stale, a new assignment).
+                    sources::sync_some(&sync_cx, &registry, &failures, &mut opening, [key]);
+                }
             }
             _ = resync.tick() => {
                 // Retry sources that failed to build (e.g. a Secret created later).
@@ -347,7 +378,13 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 sources::sync(&sync_cx, &registry, &failures, &mut opening);
             }
             _ = status_tick.tick() => {
-                sources::sync(&sync_cx, &registry, &failures, &mut opening);
+                // What turns with time rather than with a change: another
+                // shard's Lease expiring, a failed build tried again.
+                let mut keys: std::collections::HashSet<String> = opening.awaiting().cloned().collect();
+                if let Ok(f) = failures.lock() {
+                    keys.extend(f.keys().cloned());
+                }
+                sources::sync_some(&sync_cx, &registry, &failures, &mut opening, keys);
             }
             _ = tick.tick() => {
                 metrics.lease_valid.set(i64::from(validity.may_act()));
@@ -356,8 +393,11 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 if !maintaining.swap(true, std::sync::atomic::Ordering::AcqRel) {
                     let registry = registry.clone();
                     let maintaining = maintaining.clone();
+                    // Idle sockets asked every 2 s (PROBE_EVERY ticks).
+                    rounds = rounds.wrapping_add(1);
+                    let probe = rounds % PROBE_EVERY == 0;
                     tokio::spawn(async move {
-                        sources::maintain_all(&registry).await;
+                        sources::maintain_all(&registry, probe).await;
                         maintaining.store(false, std::sync::atomic::Ordering::Release);
                     });
                 }

@@ -38,12 +38,18 @@ pub type ToOpen = (String, Arc<DataSource>, Step);
 /// The queue and the sources being opened now.
 #[derive(Default)]
 pub struct Opening<'a> {
-    /// Waiting, oldest first; replaced by every sync pass.
+    /// Waiting, oldest first; replaced by every full pass.
     queue: VecDeque<ToOpen>,
+    /// Keys in `queue` (a pass over one source asks this, not the queue).
+    queued: HashSet<String>,
     /// Being claimed or built.
     running: FuturesUnordered<BoxFuture<'a, Opened>>,
     /// Keys in `running` (a pass does not queue them again).
     in_progress: HashSet<String>,
+    /// Sources assigned here that another live shard still serves: decided
+    /// again every few seconds and whenever a Lease changes, since that
+    /// shard's Lease may expire with no change to the DataSource.
+    awaiting: HashSet<String>,
 }
 
 impl<'a> Opening<'a> {
@@ -54,6 +60,52 @@ impl<'a> Opening<'a> {
             .into_iter()
             .filter(|(k, _, _)| !self.in_progress.contains(k))
             .collect();
+        self.queued = self.queue.iter().map(|(k, _, _)| k.clone()).collect();
+    }
+
+    /// Queues one source (a pass that looked at it alone), or replaces its
+    /// queued entry with the newer DataSource; one being opened is left
+    /// (it is decided again when its opening ends).
+    pub fn upsert(&mut self, job: ToOpen) {
+        if self.in_progress.contains(&job.0) {
+            return;
+        }
+        if self.queued.contains(&job.0) {
+            if let Some(queued) = self.queue.iter_mut().find(|(k, _, _)| *k == job.0) {
+                *queued = job;
+            }
+        } else {
+            self.queued.insert(job.0.clone());
+            self.queue.push_back(job);
+        }
+    }
+
+    /// Takes a source off the queue (no longer to be opened here).
+    pub fn forget(&mut self, key: &str) {
+        if self.queued.remove(key) {
+            self.queue.retain(|(k, _, _)| k != key);
+        }
+    }
+
+    /// Records whether a source waits for another shard's release.
+    pub fn set_awaiting(&mut self, key: &str, waits: bool) {
+        if waits {
+            if !self.awaiting.contains(key) {
+                self.awaiting.insert(key.to_string());
+            }
+        } else {
+            self.awaiting.remove(key);
+        }
+    }
+
+    /// Forgets every waiting source (a full pass finds them again).
+    pub fn clear_awaiting(&mut self) {
+        self.awaiting.clear();
+    }
+
+    /// The sources waiting for another shard's release.
+    pub fn awaiting(&self) -> impl Iterator<Item = &String> {
+        self.awaiting.iter()
     }
 
     /// Starts queued sources while fewer than [`OPEN_CONCURRENCY`] run,
@@ -80,6 +132,7 @@ impl<'a> Opening<'a> {
             let Some(job) = self.queue.remove(i) else {
                 return;
             };
+            self.queued.remove(&job.0);
             self.in_progress.insert(job.0.clone());
             self.running.push(start(job));
         }
@@ -141,5 +194,42 @@ mod tests {
         o.start_with(start, |_| false);
         assert_eq!(started.lock().expect("lock").len(), OPEN_CONCURRENCY + 1);
         assert_eq!(o.running.len(), OPEN_CONCURRENCY);
+    }
+
+    #[test]
+    fn one_source_at_a_time_is_queued_replaced_and_taken_off() {
+        let mut o = Opening::default();
+        o.upsert(job("a"));
+        o.upsert(job("b"));
+        o.upsert(job("a"));
+        assert_eq!(o.queue.len(), 2, "queued once");
+        assert_eq!(o.queue[0].0, "t/a", "keeps its place");
+        o.forget("t/a");
+        o.forget("t/zz");
+        assert_eq!(
+            o.queue.iter().map(|j| j.0.as_str()).collect::<Vec<_>>(),
+            ["t/b"]
+        );
+        assert!(!o.queued.contains("t/a"));
+        // One being opened is not queued again.
+        o.in_progress.insert("t/c".into());
+        o.upsert(job("c"));
+        assert_eq!(o.queue.len(), 1);
+        // A full pass replaces the queue and its index.
+        o.plan(vec![job("d")]);
+        assert_eq!(o.queued.iter().collect::<Vec<_>>(), ["t/d"]);
+        o.upsert(job("d"));
+        assert_eq!(o.queue.len(), 1);
+    }
+
+    #[test]
+    fn sources_waiting_for_a_release_are_remembered_until_decided_otherwise() {
+        let mut o = Opening::default();
+        o.set_awaiting("t/a", true);
+        o.set_awaiting("t/b", true);
+        o.set_awaiting("t/a", false);
+        assert_eq!(o.awaiting().collect::<Vec<_>>(), ["t/b"]);
+        o.clear_awaiting();
+        assert_eq!(o.awaiting().count(), 0);
     }
 }

@@ -514,18 +514,40 @@ pub const RENEW_SPACING: Duration = Duration::from_secs(1);
 /// minIdle. Returns how many were opened. Backs off while the source
 /// keeps failing.
 pub async fn maintain(pool: &Pool) -> usize {
+    maintain_with(pool, true).await
+}
+
+/// [`maintain`], asking each idle connection's socket whether the server
+/// closed it only when `probe` (one system call per idle connection: at
+/// thousands of them, shards call this every 500 ms with `probe` every
+/// fourth time; a checkout asks the socket of the connection it takes in
+/// any case).
+pub async fn maintain_with(pool: &Pool, probe: bool) -> usize {
     let manager = pool.manager();
     let s = manager.settings.clone();
     let now = Instant::now();
-    // Trim: retain sees only idle connections. Recently used ones stay and
-    // count towards minIdle; stale ones stay only to make up minIdle.
-    let usable = |conn: &ServerConn| !conn.expired(now) && conn.idle_and_alive();
+    // Each idle connection's socket is asked at most once per pass.
+    let mut dead: Vec<i32> = Vec::new();
+    let mut alive = |conn: &ServerConn| {
+        let ok = if probe {
+            conn.idle_and_alive()
+        } else {
+            conn.idle_unbroken()
+        };
+        if !ok {
+            dead.push(conn.backend_pid);
+        }
+        ok
+    };
     let mut fresh = 0usize;
     // The idle connection longest past its renewal time: renewed first.
     let mut overdue: Option<(Instant, i32)> = None;
     // A retain that keeps everything: deadpool's only look at idle objects.
+    // Trim: retain sees only idle connections. Recently used ones stay and
+    // count towards minIdle; stale ones stay only to make up minIdle.
     pool.retain(|conn, m| {
-        if usable(conn) && m.last_used() <= s.idle_timeout {
+        let usable = alive(conn) && !conn.expired(now);
+        if usable && m.last_used() <= s.idle_timeout {
             fresh += 1;
         }
         if let Some(at) = conn.retire_at.filter(|_| conn.expired(now)) {
@@ -537,7 +559,7 @@ pub async fn maintain(pool: &Pool) -> usize {
     });
     let mut stale_quota = s.min_idle.saturating_sub(fresh);
     let removed = pool.retain(|conn, m| {
-        if !conn.idle_and_alive() {
+        if !conn.idle_unbroken() || dead.contains(&conn.backend_pid) {
             return false;
         }
         if m.last_used() > s.idle_timeout {

@@ -69,6 +69,7 @@ impl SecretWatch {
                 Api::<SecretMeta>::namespaced(self.client.clone(), ns),
                 watcher::Config::default(),
                 None,
+                None,
             )
         });
         store.get(&key)

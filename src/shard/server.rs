@@ -594,7 +594,7 @@ impl ServerConn {
     /// closed it nor sent anything unasked (such as the FATAL of an
     /// administrator's pg_terminate_backend). Never blocks.
     pub fn idle_and_alive(&self) -> bool {
-        if self.broken || self.rbuf.has_remaining() {
+        if !self.idle_unbroken() {
             return false;
         }
         // Peek at the socket itself (under TLS too: any record from an
@@ -607,6 +607,12 @@ impl ServerConn {
             socket2::SockRef::from(tls::tcp(&self.stream)).peek(&mut probe),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
         )
+    }
+
+    /// [`ServerConn::idle_and_alive`] without asking the socket: nothing
+    /// broke it and nothing unread is buffered. No system call.
+    pub fn idle_unbroken(&self) -> bool {
+        !self.broken && !self.rbuf.has_remaining()
     }
 
     /// Whether the connection can no longer be used (I/O error, protocol
