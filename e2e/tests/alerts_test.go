@@ -96,7 +96,7 @@ func TestAlertRules(t *testing.T) {
 		"ShardpoolSourceNotReady", "ShardpoolSourcesNotServed", "ShardpoolShardWithoutLeaseHolder",
 		"ShardpoolLeaseHolderChurn", "ShardpoolPoolSaturated", "ShardpoolCheckoutWaitHigh",
 		"ShardpoolConnectFailures", "ShardpoolOperatorNoLeader", "ShardpoolReconcileErrors",
-		"ShardpoolAdmissionRefused",
+		"ShardpoolAdmissionRefused", "ShardpoolRuntimeLag",
 	} {
 		if len(metrics[want]) == 0 {
 			t.Errorf("no alert %s (or it selects no metric)", want)
