@@ -22,7 +22,7 @@ type connTally map[string]map[string]int
 
 // sampleConns counts the warehouse-side connections of every source in ns.
 // With fronts it also returns how many client listings of the fronts have
-// no client end left (see frontApps): not connections any process holds,
+// no client end left (see frontListings): not connections any process holds,
 // so not in the tally.
 func sampleConns(ctx context.Context, s scaleSpec, ns string) (connTally, int, error) {
 	apps, dead, err := warehouseApps(ctx, s, ns)
@@ -62,25 +62,70 @@ func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, 
 		apps, err := pgx.CollectRows(rows, pgx.RowTo[string])
 		return apps, 0, err
 	}
-	var out []string
-	dead := 0
+	// The kernel's client ends before and after the listings of every
+	// front: a listed connection that was open at any moment of them is in
+	// one of the two reads (open before, or opened meanwhile and still open
+	// after). One read of /proc/net/tcp each for all fronts: at 150,000
+	// sockets a read takes about a second, and a read per front made a
+	// sample outlast its 20 s.
+	before, err := clientEnds()
+	if err != nil {
+		return nil, 0, err
+	}
+	var listed []listing
 	for _, port := range s.Ports {
-		apps, gone, err := frontApps(ctx, s, port)
+		l, err := frontListings(ctx, s, port)
 		if err != nil {
 			return nil, 0, fmt.Errorf("front :%d: %w", port, err)
 		}
-		for _, a := range apps {
-			if strings.HasPrefix(a, prefix) {
-				out = append(out, a)
-			}
-		}
-		for _, a := range gone {
-			if strings.HasPrefix(a, prefix) {
-				dead++
+		for _, one := range l {
+			if strings.HasPrefix(one.app, prefix) {
+				listed = append(listed, one)
 			}
 		}
 	}
-	return out, dead, nil
+	after, err := clientEnds()
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []string
+	var missing []listing
+	for _, l := range listed {
+		end := [2]int{l.port, l.front}
+		if before[end] || after[end] {
+			out = append(out, l.app)
+		} else {
+			missing = append(missing, l)
+		}
+	}
+	// /proc/net/tcp is read in pieces while sockets come and go, and a
+	// read can skip an entry (a full run counted 71,993 of 72,000 live
+	// connections at rest with two reads): a listing counts as gone only
+	// when three more reads do not find its client end either.
+	for i := 0; i < 3 && len(missing) > 0; i++ {
+		again, err := clientEnds()
+		if err != nil {
+			return nil, 0, err
+		}
+		still := missing[:0]
+		for _, l := range missing {
+			if again[[2]int{l.port, l.front}] {
+				out = append(out, l.app)
+			} else {
+				still = append(still, l)
+			}
+		}
+		missing = still
+	}
+	return out, len(missing), nil
+}
+
+// listing is one client PgBouncer lists: its application_name, its client
+// port, and the front's port.
+type listing struct {
+	app   string
+	port  int
+	front int
 }
 
 // clientEnds lists the established loopback TCP connections by their
@@ -95,6 +140,9 @@ func clientEnds() (map[[2]int]bool, error) {
 	const loopback = "0100007F" // 127.0.0.1 as /proc/net/tcp writes it
 	ends := map[[2]int]bool{}
 	sc := bufio.NewScanner(f)
+	// Large reads: the kernel writes the table a read at a time, resuming
+	// by position, and entries that move between two reads are skipped.
+	sc.Buffer(make([]byte, 4<<20), 4<<20)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
 		if len(fields) < 4 || fields[3] != "01" { // 01: ESTABLISHED
@@ -114,31 +162,23 @@ func clientEnds() (map[[2]int]bool, error) {
 	return ends, sc.Err()
 }
 
-// frontApps reads SHOW CLIENTS of the PgBouncer on `port`: the
-// application_name of each client connection to the source database.
-// A listing whose client end the kernel no longer has (no established
-// socket from its client port to `port`) is returned apart, in `gone`:
-// PgBouncer can list a client for a long time after the process that
-// opened it exited (seen in the scale bench: the clients of an exited
-// shard process listed for minutes, their sockets established on
-// PgBouncer's side only), and no process holds such a connection.
-func frontApps(ctx context.Context, s scaleSpec, port int) (apps, gone []string, err error) {
+// frontListings reads SHOW CLIENTS of the PgBouncer on `port`: the
+// application_name and client port of each client connection to the
+// source database. PgBouncer can list a client for a long time after the
+// process that opened it exited (seen in the scale bench: the clients of
+// an exited shard process listed for minutes, their sockets established
+// on PgBouncer's side only), so warehouseApps keeps only the listings
+// whose client end the kernel still has.
+func frontListings(ctx context.Context, s scaleSpec, port int) ([]listing, error) {
 	conn, err := pgx.Connect(ctx, fmt.Sprintf("host=%s port=%d user=admin password=%s dbname=pgbouncer sslmode=disable default_query_exec_mode=simple_protocol",
 		s.Host, port, s.AdminPassword))
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	defer conn.Close(ctx)
-	// The kernel's client ends before and after the listing: a listed
-	// connection that was open at any moment of the listing is in one of
-	// them (open before it, or opened during it and still open after).
-	before, err := clientEnds()
-	if err != nil {
-		return nil, nil, err
-	}
 	rows, err := conn.Query(ctx, "SHOW CLIENTS")
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	defer rows.Close()
 	app, db, cport := -1, -1, -1
@@ -153,11 +193,7 @@ func frontApps(ctx context.Context, s scaleSpec, port int) (apps, gone []string,
 		}
 	}
 	if app < 0 || db < 0 || cport < 0 {
-		return nil, nil, fmt.Errorf("SHOW CLIENTS has no application_name, database or port column")
-	}
-	type listing struct {
-		app  string
-		port int
+		return nil, fmt.Errorf("SHOW CLIENTS has no application_name, database or port column")
 	}
 	var listed []listing
 	for rows.Next() {
@@ -167,49 +203,11 @@ func frontApps(ctx context.Context, s scaleSpec, port int) (apps, gone []string,
 		}
 		p, err := strconv.Atoi(string(v[cport]))
 		if err != nil {
-			return nil, nil, fmt.Errorf("SHOW CLIENTS port %q: %w", v[cport], err)
+			return nil, fmt.Errorf("SHOW CLIENTS port %q: %w", v[cport], err)
 		}
-		listed = append(listed, listing{string(v[app]), p})
+		listed = append(listed, listing{string(v[app]), p, port})
 	}
-	if err := rows.Err(); err != nil {
-		return nil, nil, err
-	}
-	after, err := clientEnds()
-	if err != nil {
-		return nil, nil, err
-	}
-	var missing []listing
-	for _, l := range listed {
-		end := [2]int{l.port, port}
-		if before[end] || after[end] {
-			apps = append(apps, l.app)
-		} else {
-			missing = append(missing, l)
-		}
-	}
-	// /proc/net/tcp is read in pieces while sockets come and go, and a
-	// read can skip an entry (a full run counted 71,993 of 72,000 live
-	// connections at rest with two reads): a listing counts as gone only
-	// when three more reads do not find its client end either.
-	for i := 0; i < 3 && len(missing) > 0; i++ {
-		again, err := clientEnds()
-		if err != nil {
-			return nil, nil, err
-		}
-		still := missing[:0]
-		for _, l := range missing {
-			if again[[2]int{l.port, port}] {
-				apps = append(apps, l.app)
-			} else {
-				still = append(still, l)
-			}
-		}
-		missing = still
-	}
-	for _, l := range missing {
-		gone = append(gone, l.app)
-	}
-	return apps, gone, nil
+	return listed, rows.Err()
 }
 
 // checkTally says what is wrong with `tally` against the watch's state:

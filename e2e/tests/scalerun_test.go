@@ -326,7 +326,7 @@ type loadResult struct {
 	// sources being handed over at that moment.
 	below int
 	// gone is the most front listings without a client end in one sample
-	// (fronts only; left out of the tally, see frontApps).
+	// (fronts only; left out of the tally, see frontListings).
 	gone int
 	// handover is, per shard the source was on before, per loaded source
 	// that changed owner: from the old owner's last answer to the new
