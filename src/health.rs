@@ -140,9 +140,9 @@ pub fn spawn_with(
         "Threads running this process's tasks (SHARDPOOL_WORKER_THREADS; 1 = one thread)",
         workers,
     );
-    let lag = prometheus_client::metrics::histogram::Histogram::new(
-        [0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
-    );
+    let lag = prometheus_client::metrics::histogram::Histogram::new([
+        0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]);
     registry.register_with_unit(
         "shardpool_runtime_lag",
         "How late the runtime ran a task due at a known time (its heartbeat, every 250 ms)",
