@@ -92,7 +92,7 @@ func TestScaleBench(t *testing.T) {
 		t.Fatalf("counting connections at the fronts: %v", err)
 	}
 	if gone > 0 {
-		r.say("front listings without a client end at rest (PgBouncer still listing a closed client; left out): %d", gone)
+		r.say("front listings no process of their owner holds at rest (PgBouncer still listing a closed client: no client end, or its port reused by another process; left out): %d", gone)
 	}
 	total := 0
 	for _, owners := range tally {

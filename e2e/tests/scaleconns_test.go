@@ -88,12 +88,12 @@ func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, 
 	if err != nil {
 		return nil, 0, err
 	}
-	var out []string
-	var missing []listing
+	var held, missing []listing
 	for _, l := range listed {
 		end := [2]int{l.port, l.front}
-		if before[end] || after[end] {
-			out = append(out, l.app)
+		if ino := max(after[end], before[end]); ino != 0 {
+			l.inode = ino
+			held = append(held, l)
 		} else {
 			missing = append(missing, l)
 		}
@@ -109,15 +109,105 @@ func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, 
 		}
 		still := missing[:0]
 		for _, l := range missing {
-			if again[[2]int{l.port, l.front}] {
-				out = append(out, l.app)
+			if ino := again[[2]int{l.port, l.front}]; ino != 0 {
+				l.inode = ino
+				held = append(held, l)
 			} else {
 				still = append(still, l)
 			}
 		}
 		missing = still
 	}
-	return out, len(missing), nil
+	out, reused, err := byTheirOwners(held)
+	if err != nil {
+		return nil, 0, err
+	}
+	return out, len(missing) + reused, nil
+}
+
+// byTheirOwners keeps the listings whose client socket the process that
+// wrote their application_name holds. A dead listing's client port can be
+// taken again by a later connection of another process to the same front,
+// which makes the dead listing look held: such a listing names one shard
+// process (its token) while the socket belongs to another. Each socket's
+// process comes from /proc/<pid>/fd; a process's token is the one most of
+// its sockets' listings carry. Returns the applications kept and how many
+// listings were dropped as reused ports.
+func byTheirOwners(held []listing) ([]string, int, error) {
+	owner, err := socketOwners()
+	if err != nil {
+		return nil, 0, err
+	}
+	tokens := map[int]map[string]int{}
+	for _, l := range held {
+		pid := owner[l.inode]
+		_, _, tok, ok := appOwner(l.app)
+		if pid == 0 || !ok {
+			continue
+		}
+		if tokens[pid] == nil {
+			tokens[pid] = map[string]int{}
+		}
+		tokens[pid][tok]++
+	}
+	mainToken := map[int]string{}
+	for pid, counts := range tokens {
+		best := 0
+		for tok, n := range counts {
+			if n > best {
+				best, mainToken[pid] = n, tok
+			}
+		}
+	}
+	var out []string
+	reused := 0
+	for _, l := range held {
+		pid := owner[l.inode]
+		_, _, tok, ok := appOwner(l.app)
+		if pid != 0 && ok && tok != mainToken[pid] {
+			reused++
+			continue
+		}
+		out = append(out, l.app)
+	}
+	return out, reused, nil
+}
+
+// socketOwners maps socket inodes to the shardpool process holding them,
+// from the /proc/<pid>/fd links of every process named shardpool.
+func socketOwners() (map[uint64]int, error) {
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	owners := map[uint64]int{}
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil || strings.TrimSpace(string(comm)) != "shardpool" {
+			continue
+		}
+		dir := fmt.Sprintf("/proc/%d/fd", pid)
+		fds, err := os.ReadDir(dir)
+		if err != nil {
+			continue // exited meanwhile
+		}
+		for _, fd := range fds {
+			link, err := os.Readlink(dir + "/" + fd.Name())
+			if err != nil {
+				continue
+			}
+			if rest, ok := strings.CutPrefix(link, "socket:["); ok {
+				if ino, err := strconv.ParseUint(strings.TrimSuffix(rest, "]"), 10, 64); err == nil {
+					owners[ino] = pid
+				}
+			}
+		}
+	}
+	return owners, nil
 }
 
 // listing is one client PgBouncer lists: its application_name, its client
@@ -126,26 +216,28 @@ type listing struct {
 	app   string
 	port  int
 	front int
+	inode uint64 // of the client socket, once found
 }
 
 // clientEnds lists the established loopback TCP connections by their
 // client end, (client port, server port), from /proc/net/tcp: the kernel's
-// view of which connections some process still holds.
-func clientEnds() (map[[2]int]bool, error) {
+// view of which connections some process still holds, with the socket's
+// inode (which process holds it: see socketOwners).
+func clientEnds() (map[[2]int]uint64, error) {
 	f, err := os.Open("/proc/net/tcp")
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
 	const loopback = "0100007F" // 127.0.0.1 as /proc/net/tcp writes it
-	ends := map[[2]int]bool{}
+	ends := map[[2]int]uint64{}
 	sc := bufio.NewScanner(f)
 	// Large reads: the kernel writes the table a read at a time, resuming
 	// by position, and entries that move between two reads are skipped.
 	sc.Buffer(make([]byte, 4<<20), 4<<20)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 4 || fields[3] != "01" { // 01: ESTABLISHED
+		if len(fields) < 10 || fields[3] != "01" { // 01: ESTABLISHED
 			continue
 		}
 		lip, lport, ok1 := strings.Cut(fields[1], ":")
@@ -155,8 +247,9 @@ func clientEnds() (map[[2]int]bool, error) {
 		}
 		lp, err1 := strconv.ParseInt(lport, 16, 32)
 		rp, err2 := strconv.ParseInt(rport, 16, 32)
-		if err1 == nil && err2 == nil {
-			ends[[2]int{int(lp), int(rp)}] = true
+		ino, err3 := strconv.ParseUint(fields[9], 10, 64)
+		if err1 == nil && err2 == nil && err3 == nil {
+			ends[[2]int{int(lp), int(rp)}] = max(ino, 1)
 		}
 	}
 	return ends, sc.Err()
@@ -205,7 +298,7 @@ func frontListings(ctx context.Context, s scaleSpec, port int) ([]listing, error
 		if err != nil {
 			return nil, fmt.Errorf("SHOW CLIENTS port %q: %w", v[cport], err)
 		}
-		listed = append(listed, listing{string(v[app]), p, port})
+		listed = append(listed, listing{app: string(v[app]), port: p, front: port})
 	}
 	return listed, rows.Err()
 }

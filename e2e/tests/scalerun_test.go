@@ -325,7 +325,7 @@ type loadResult struct {
 	// below counts (source, sample) pairs under the source's connections:
 	// sources being handed over at that moment.
 	below int
-	// gone is the most front listings without a client end in one sample
+	// gone is the most front listings no process of their owner holds in one sample
 	// (fronts only; left out of the tally, see frontListings).
 	gone int
 	// handover is, per shard the source was on before, per loaded source
@@ -535,7 +535,7 @@ func reportLoad(t *testing.T, r *reporter, res loadResult, s scaleSpec) {
 	}
 	r.say("  warehouse side: %d samples; %d (source, sample) pairs above %d connections or with two owners (%d with two owners); %d below (being handed over)", res.samples, len(res.over), s.Conns, res.owners2, res.below)
 	if s.Fronts {
-		r.say("  front listings without a client end (PgBouncer still listing a closed client; no process holds it; left out above): at most %d in one sample", res.gone)
+		r.say("  front listings no process of their owner holds (PgBouncer still listing a closed client: no client end, or its port reused by another process; left out above): at most %d in one sample", res.gone)
 	}
 	if n := len(res.report.Failed()); n > 0 {
 		t.Errorf("%d queries failed: %v", n, res.report.Failed()[:min(n, 5)])
