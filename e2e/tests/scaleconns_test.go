@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"testing"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -216,6 +217,7 @@ type listing struct {
 	app   string
 	port  int
 	front int
+	since string // connect_time as PgBouncer writes it (sorts as time)
 	inode uint64 // of the client socket, once found
 }
 
@@ -274,7 +276,7 @@ func frontListings(ctx context.Context, s scaleSpec, port int) ([]listing, error
 		return nil, err
 	}
 	defer rows.Close()
-	app, db, cport := -1, -1, -1
+	app, db, cport, since := -1, -1, -1, -1
 	for i, f := range rows.FieldDescriptions() {
 		switch f.Name {
 		case "application_name":
@@ -283,10 +285,12 @@ func frontListings(ctx context.Context, s scaleSpec, port int) ([]listing, error
 			db = i
 		case "port":
 			cport = i
+		case "connect_time":
+			since = i
 		}
 	}
-	if app < 0 || db < 0 || cport < 0 {
-		return nil, fmt.Errorf("SHOW CLIENTS has no application_name, database or port column")
+	if app < 0 || db < 0 || cport < 0 || since < 0 {
+		return nil, fmt.Errorf("SHOW CLIENTS has no application_name, database, port or connect_time column")
 	}
 	var listed []listing
 	for rows.Next() {
@@ -298,9 +302,34 @@ func frontListings(ctx context.Context, s scaleSpec, port int) ([]listing, error
 		if err != nil {
 			return nil, fmt.Errorf("SHOW CLIENTS port %q: %w", v[cport], err)
 		}
-		listed = append(listed, listing{app: string(v[app]), port: p, front: port})
+		listed = append(listed, listing{app: string(v[app]), port: p, front: port, since: string(v[since])})
 	}
-	return listed, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return newestPerPort(listed), nil
+}
+
+// newestPerPort keeps, of the listings of one front that share a client
+// port, only those connected last: the kernel holds one connection per
+// (client port, front) at a time, so an older listing on the port is a
+// dead one whose port a later connection took again, possibly in the same
+// process (the owner check of byTheirOwners cannot see that case). Ties
+// (connect_time has whole seconds) are all kept.
+func newestPerPort(listed []listing) []listing {
+	newest := map[int]string{}
+	for _, l := range listed {
+		if l.since > newest[l.port] {
+			newest[l.port] = l.since
+		}
+	}
+	out := listed[:0]
+	for _, l := range listed {
+		if l.since == newest[l.port] {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // checkTally says what is wrong with `tally` against the watch's state:
@@ -325,4 +354,18 @@ func checkTally(tally connTally, states map[string]srcState, ns string, conns in
 	}
 	sort.Strings(bad)
 	return bad
+}
+
+// A front can list a dead client beside the live one that took its port
+// again; only the newer counts, and listings on other ports are kept.
+func TestNewestListingPerPort(t *testing.T) {
+	in := []listing{
+		{app: "shardpool/ns/a/0/old", port: 40000, front: 6432, since: "2026-12-07 04:40:31 UTC"},
+		{app: "shardpool/ns/a/0/new", port: 40000, front: 6432, since: "2026-12-07 04:41:02 UTC"},
+		{app: "shardpool/ns/b/1/tok", port: 40001, front: 6432, since: "2026-12-07 04:40:31 UTC"},
+	}
+	got := newestPerPort(in)
+	if len(got) != 2 || got[0].app != "shardpool/ns/a/0/new" || got[1].app != "shardpool/ns/b/1/tok" {
+		t.Fatalf("newest per port: got %+v", got)
+	}
 }
