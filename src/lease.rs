@@ -235,11 +235,24 @@ async fn try_acquire(
 }
 
 /// Waits until the Lease is ours (free, released, or expired), or until
-/// `stop` resolves (then None).
+/// `stop` resolves (then None). Tries every `retry_every`.
 pub async fn acquire(
     api: Api<Lease>,
     cfg: LeaseConfig,
     stop: impl std::future::Future<Output = ()>,
+) -> Option<Held> {
+    acquire_nudged(api, cfg, stop, std::future::pending).await
+}
+
+/// [`acquire`], also trying as soon as a future from `nudge` resolves:
+/// a standby shard's watch of the Leases says when its predecessor
+/// released the Lease, which would otherwise wait for the next retry
+/// (up to `retry_every`) in every rollout.
+pub async fn acquire_nudged<F: std::future::Future<Output = ()>>(
+    api: Api<Lease>,
+    cfg: LeaseConfig,
+    stop: impl std::future::Future<Output = ()>,
+    mut nudge: impl FnMut() -> F,
 ) -> Option<Held> {
     tokio::pin!(stop);
     let mut observed = Observed::default();
@@ -264,6 +277,7 @@ pub async fn acquire(
         tokio::select! {
             _ = &mut stop => return None,
             _ = tokio::time::sleep(cfg.retry_every) => {}
+            _ = nudge() => {}
         }
     }
 }

@@ -243,7 +243,21 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     ready.set(true);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     tracing::info!(shard = cfg.index, "standby: waiting for the lease");
-    let Some(held) = lease::acquire(leases, lease_cfg, &mut term).await else {
+    // Tried at once when the Lease watch shows it released (a rollout's
+    // predecessor done draining), else every retry_every.
+    let lease_ref = ObjectRef::new(&lease_cfg.name).within(&cfg.namespace);
+    let released = || async {
+        loop {
+            changed.notified().await;
+            let free = lease_store.get(&lease_ref).is_none_or(|l| {
+                !crate::lease::has_live_holder(&l, k8s_openapi::jiff::Timestamp::now())
+            });
+            if free {
+                return;
+            }
+        }
+    };
+    let Some(held) = lease::acquire_nudged(leases, lease_cfg, &mut term, released).await else {
         tracing::info!("terminated while standby");
         return Ok(0);
     };
@@ -438,10 +452,18 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
             ended
         }
     });
+    let began = std::time::Instant::now();
     let ended: usize = futures::future::join_all(drains).await.into_iter().sum();
+    let drained = began.elapsed();
     if let Err(e) = keeper.release().await {
         tracing::warn!(error = %e, "lease release failed; the successor waits for expiry");
     }
+    // The successor's wait, in two parts: the drain, then the release.
+    tracing::info!(
+        drain_ms = u64::try_from(drained.as_millis()).unwrap_or(u64::MAX),
+        release_ms = u64::try_from((began.elapsed() - drained).as_millis()).unwrap_or(u64::MAX),
+        "lease released after the drain"
+    );
     metrics.lease_held.set(0);
     let _ = stop_tx.send(true);
     // Every link tells its sessions to go elsewhere before it closes.

@@ -87,6 +87,11 @@ impl<'a> Opening<'a> {
         }
     }
 
+    /// Whether a source is queued or being opened.
+    pub fn has(&self, key: &str) -> bool {
+        self.queued.contains(key) || self.in_progress.contains(key)
+    }
+
     /// Records whether a source waits for another shard's release.
     pub fn set_awaiting(&mut self, key: &str, waits: bool) {
         if waits {

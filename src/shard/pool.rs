@@ -313,6 +313,7 @@ impl Manager {
     /// backends, and takes the pool's name only once they are gone, so no
     /// moment shows the source's backends under two owners.
     async fn connect_and_fence(&self) -> Result<ServerConn, ConnectError> {
+        let began = Instant::now();
         let mut params = self.params.clone();
         params.application_name = fence::fencing_name(&self.params.application_name);
         let mut conn = self.connect_with(&params).await?;
@@ -330,7 +331,15 @@ impl Manager {
             Err(e) => Err(e),
         };
         match named {
-            Ok(_) => Ok(conn),
+            Ok(_) => {
+                // Once per pool: the moment a moved source serves again.
+                tracing::info!(
+                    application_name = %self.params.application_name,
+                    ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "fenced; first connection open"
+                );
+                Ok(conn)
+            }
             Err(e) => {
                 tokio::spawn(conn.terminate());
                 Err(e)

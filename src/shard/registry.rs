@@ -81,6 +81,11 @@ pub struct Registry {
     /// a shard taking over hundreds of sources opens these first, since
     /// clients are waiting on them. Bounded by [`DEMAND_KEYS`].
     demand: std::sync::Mutex<HashSet<String>>,
+    /// Keys taken out of `sources` whose drain and acknowledgement still
+    /// run (see `sources::release`): this shard still has connections of
+    /// them, so it must not disown them. A std Mutex held only to insert,
+    /// remove or test a key.
+    releasing: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Most keys remembered as asked for (a router asking for sources that do
@@ -135,6 +140,27 @@ impl Registry {
         self.sources.write().ok()?.remove(key)
     }
 
+    /// Notes that a removed source's release (drain, then acknowledgement)
+    /// runs (`true`) or ended (`false`).
+    pub fn set_releasing(&self, key: &str, running: bool) {
+        if let Ok(mut r) = self.releasing.lock() {
+            if running {
+                r.insert(key.to_owned());
+            } else {
+                r.remove(key);
+            }
+        }
+    }
+
+    /// Whether a removed source's release still runs (or the lock is
+    /// poisoned: then assume it does).
+    pub fn releasing(&self, key: &str) -> bool {
+        self.releasing
+            .lock()
+            .map(|r| r.contains(key))
+            .unwrap_or(true)
+    }
+
     /// Every served source.
     pub fn all(&self) -> Vec<Arc<Source>> {
         self.sources
@@ -170,5 +196,15 @@ mod tests {
         assert!(!r.demanded(&format!("t/s{}", DEMAND_KEYS)), "bounded");
         r.retain_demand(|k| k == "t/s1");
         assert!(r.demanded("t/s1") && !r.demanded("t/s0"));
+    }
+
+    #[test]
+    fn a_release_is_remembered_until_it_ends() {
+        let r = Registry::default();
+        assert!(!r.releasing("t/a"));
+        r.set_releasing("t/a", true);
+        assert!(r.releasing("t/a") && !r.releasing("t/b"));
+        r.set_releasing("t/a", false);
+        assert!(!r.releasing("t/a"));
     }
 }

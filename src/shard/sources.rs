@@ -266,7 +266,7 @@ pub struct SyncContext<'a> {
 /// no API call of its own, so a pass is quick however much it queues.
 fn decide(
     cx: &SyncContext<'_>,
-    registry: &Registry,
+    registry: &Arc<Registry>,
     opening: &mut Opening<'_>,
     k: &str,
     ds: Option<&Arc<DataSource>>,
@@ -294,6 +294,15 @@ fn decide(
             release(cx, registry, k, ds.map(AsRef::as_ref));
             None
         }
+        Step::Disown => {
+            // Not while this shard still drains it or opens it: then it has
+            // (or may get) connections of it; the end of either decides
+            // again.
+            if !registry.releasing(k) && !opening.has(k) {
+                disown(cx, k);
+            }
+            None
+        }
     }
 }
 
@@ -302,7 +311,7 @@ fn decide(
 /// only the sources whose DataSource changed.
 pub fn sync<'a>(
     cx: &'a SyncContext<'a>,
-    registry: &Registry,
+    registry: &Arc<Registry>,
     failures: &Mutex<BuildFailures>,
     opening: &mut Opening<'a>,
 ) {
@@ -359,7 +368,7 @@ pub fn sync<'a>(
 /// status writes during a warm-up or a rescale change hundreds a second.
 pub fn sync_some<'a>(
     cx: &'a SyncContext<'a>,
-    registry: &Registry,
+    registry: &Arc<Registry>,
     failures: &Mutex<BuildFailures>,
     opening: &mut Opening<'a>,
     keys: impl IntoIterator<Item = String>,
@@ -395,8 +404,15 @@ pub async fn open_one(
     let shard = cx.shard;
     let generation = ds.metadata.generation.unwrap_or(0);
     if step == Step::ClaimAndOpen {
+        let began = std::time::Instant::now();
         match handover::claim(cx.client, &ds, shard, cx.pod).await {
-            Ok(()) => {}
+            Ok(()) => {
+                tracing::debug!(
+                    source = %k,
+                    ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "claimed"
+                );
+            }
             Err(e) if crate::crd::is_conflict(&e) => {
                 cx.metrics
                     .conflicts
@@ -409,6 +425,14 @@ pub async fn open_one(
                 return (k, generation, Err(format!("cannot claim the source: {e}")));
             }
         }
+        cx.metrics
+            .handovers
+            .get_or_create(&Direction { direction: "in" })
+            .inc();
+    } else if step == Step::Open
+        && ds.status.as_ref().and_then(|s| s.phase) == Some(crate::crd::Phase::Pending)
+    {
+        // Handed over by the previous owner's acknowledgement.
         cx.metrics
             .handovers
             .get_or_create(&Direction { direction: "in" })
@@ -453,11 +477,18 @@ pub fn opened(
 
 /// Takes a source that left this shard out of the registry, and in the
 /// background drains and closes it, then acknowledges the move.
-fn release(cx: &SyncContext<'_>, registry: &Registry, key: &str, ds: Option<&DataSource>) {
+fn release(cx: &SyncContext<'_>, registry: &Arc<Registry>, key: &str, ds: Option<&DataSource>) {
     let Some(old) = registry.remove(key) else {
         return;
     };
-    tracing::info!(source = %key, "source left this shard; draining");
+    // Handed straight to the shard it is assigned to, unless paused.
+    let to = ds
+        .filter(|ds| !ds.spec.paused)
+        .and_then(|ds| ds.status.as_ref()?.shard)
+        .and_then(|s| u32::try_from(s).ok());
+    registry.set_releasing(key, true);
+    let releasing = registry.clone();
+    tracing::info!(source = %key, to, "source left this shard; draining");
     let client = cx.client.clone();
     let recorder = cx.recorder.clone();
     let shard = cx.shard;
@@ -484,9 +515,10 @@ fn release(cx: &SyncContext<'_>, registry: &Registry, key: &str, ds: Option<&Dat
         }
         // Every connection is closed: now the next owner may open it.
         for attempt in 0u32.. {
-            match handover::release(&client, &old.key, shard).await {
+            match handover::release(&client, &old.key, shard, to).await {
                 Ok(()) => {
                     released.inc();
+                    releasing.set_releasing(&old.key, false);
                     tracing::info!(source = %old.key, "released");
                     return;
                 }
@@ -495,9 +527,27 @@ fn release(cx: &SyncContext<'_>, registry: &Registry, key: &str, ds: Option<&Dat
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
                 Err(e) => {
+                    releasing.set_releasing(&old.key, false);
                     tracing::error!(source = %old.key, error = %e, "release acknowledgement failed; giving up (the next owner opens the source once this shard's Lease has expired)");
                     return;
                 }
+            }
+        }
+    });
+}
+
+/// Clears `servingShard` of a source this shard neither holds nor is
+/// assigned (see [`handover::Step::Disown`]), in the background; a failure
+/// is tried again when the source is next decided.
+fn disown(cx: &SyncContext<'_>, key: &str) {
+    let client = cx.client.clone();
+    let shard = cx.shard;
+    let key = key.to_string();
+    tokio::spawn(async move {
+        match handover::release(&client, &key, shard, None).await {
+            Ok(()) => tracing::info!(source = %key, "no longer named as serving it"),
+            Err(e) => {
+                tracing::warn!(source = %key, error = %e, "cannot clear servingShard; trying again later")
             }
         }
     });

@@ -92,6 +92,22 @@ fn a_held_source_that_moved_paused_or_vanished_is_released() {
 }
 
 #[test]
+fn a_shard_named_as_serving_what_it_neither_holds_nor_is_assigned_disowns_it() {
+    // Handed to shard 1, then moved on to shard 2 before shard 1 opened it.
+    let moved_on = source(Some(2), Some(1), false, 1);
+    assert_eq!(step(Some(&moved_on), 1, None, all_alive), Step::Disown);
+    // Shard 2 waits for shard 1 until then.
+    assert_eq!(
+        step(Some(&moved_on), 2, None, all_alive),
+        Step::AwaitRelease { from: 1 }
+    );
+    let paused = source(Some(1), Some(1), true, 1);
+    assert_eq!(step(Some(&paused), 1, None, all_alive), Step::Disown);
+    // Another shard's name is not ours to clear.
+    assert_eq!(step(Some(&moved_on), 3, None, all_alive), Step::Idle);
+}
+
+#[test]
 fn keys_name_namespace_and_source() {
     assert_eq!(key(&source(None, None, false, 1)), "tenants/acme");
 }
@@ -191,7 +207,9 @@ async fn a_claim_on_an_object_that_changed_since_is_a_conflict_not_a_failure() {
 #[tokio::test]
 async fn an_acknowledgement_clears_serving_shard_only_if_it_still_names_this_shard() {
     let (client, calls) = fake(200);
-    release(&client, "tenants/acme", 1).await.expect("released");
+    release(&client, "tenants/acme", 1, None)
+        .await
+        .expect("released");
     let calls = calls.lock().expect("calls").clone();
     assert_eq!(calls.len(), 1);
     let c = &calls[0];
@@ -210,8 +228,60 @@ async fn an_acknowledgement_clears_serving_shard_only_if_it_still_names_this_sha
 async fn an_acknowledgement_someone_else_overtook_or_of_a_deleted_source_is_done() {
     for code in [422, 404] {
         let (client, _) = fake(code);
-        assert!(release(&client, "tenants/acme", 1).await.is_ok(), "{code}");
+        assert!(
+            release(&client, "tenants/acme", 1, None).await.is_ok(),
+            "{code}"
+        );
     }
     let (client, _) = fake(500);
-    assert!(release(&client, "tenants/acme", 1).await.is_err());
+    assert!(release(&client, "tenants/acme", 1, None).await.is_err());
+}
+
+#[tokio::test]
+async fn a_move_is_handed_straight_to_the_assigned_shard_in_one_conditional_write() {
+    let (client, calls) = fake(200);
+    release(&client, "tenants/acme", 1, Some(2))
+        .await
+        .expect("handed over");
+    let calls = calls.lock().expect("calls").clone();
+    assert_eq!(calls.len(), 1);
+    assert!(calls[0].content_type.contains("json-patch"));
+    assert_eq!(
+        calls[0].body,
+        json!([
+            {"op": "test", "path": "/status/servingShard", "value": 1},
+            {"op": "test", "path": "/status/shard", "value": 2},
+            {"op": "replace", "path": "/status/servingShard", "value": 2},
+            {"op": "add", "path": "/status/phase", "value": "Pending"},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_hand_over_whose_assignment_changed_since_falls_back_to_clearing() {
+    // 422 to the hand-over (a test failed): the plain acknowledgement is
+    // sent next, and its own 422 means someone else serves it already.
+    let (client, calls) = fake(422);
+    release(&client, "tenants/acme", 1, Some(2))
+        .await
+        .expect("done");
+    let calls = calls.lock().expect("calls").clone();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        calls[1].body,
+        json!([
+            {"op": "test", "path": "/status/servingShard", "value": 1},
+            {"op": "remove", "path": "/status/servingShard"},
+        ])
+    );
+    // Handing over to itself is only a clear.
+    let (client, calls) = fake(200);
+    release(&client, "tenants/acme", 1, Some(1))
+        .await
+        .expect("done");
+    assert_eq!(calls.lock().expect("calls").len(), 1);
+    assert_eq!(
+        calls.lock().expect("calls")[0].body[1]["op"],
+        json!("remove")
+    );
 }
