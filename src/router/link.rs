@@ -330,11 +330,19 @@ impl Link {
     }
 }
 
+/// Addresses whose connect locks are kept before unused ones are dropped
+/// (times four): shard pods come and go with rollouts.
+const MAX_LINK_ADDRS: usize = 64;
+
 /// Links by shard address.
 #[derive(Default)]
 pub struct Links {
     /// addr -> link; see the module's lock discipline.
     links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
+    /// addr -> the lock a connect to it holds (a tokio Mutex, held across
+    /// the connect): the sessions a handover held all ask for the new
+    /// pod's link at once, and one TLS handshake serves them all.
+    connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Mutual TLS settings; None when the release turned it off.
     tls: Option<LinkTls>,
 }
@@ -344,16 +352,37 @@ impl Links {
     pub fn new(tls: Option<LinkTls>) -> Links {
         Links {
             links: Mutex::default(),
+            connecting: Mutex::default(),
             tls,
         }
     }
 
     /// A live link to shard `shard` at `addr`, reusing the existing one.
     pub async fn get(&self, addr: SocketAddr, shard: u32) -> std::io::Result<Arc<Link>> {
-        if let Some(l) = self.links.lock().ok().and_then(|m| m.get(&addr).cloned()) {
-            if l.alive() {
-                return Ok(l);
+        let live = || {
+            self.links
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&addr).cloned())
+                .filter(|l| l.alive())
+        };
+        if let Some(l) = live() {
+            return Ok(l);
+        }
+        // One connect per address at a time; the others wait for it and
+        // take its link.
+        let lock = match self.connecting.lock() {
+            Ok(mut c) => {
+                if c.len() > 4 * MAX_LINK_ADDRS {
+                    c.retain(|_, l| Arc::strong_count(l) > 1);
+                }
+                c.entry(addr).or_default().clone()
             }
+            Err(_) => Arc::default(),
+        };
+        let _connecting = lock.lock().await;
+        if let Some(l) = live() {
+            return Ok(l);
         }
         let link = Link::connect(addr, shard, self.tls.as_ref()).await?;
         if let Ok(mut m) = self.links.lock() {

@@ -430,10 +430,17 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     metrics.draining.set(1);
     let _ = draining_tx.send(true);
     let deadline = tokio::time::Instant::now() + drain_timeout;
-    let drains = registry.all().into_iter().map(|s| {
+    let began = std::time::Instant::now();
+    let all = registry.all();
+    // In steps over every source at once: no new transactions anywhere,
+    // the running ones finish, then every connection is closed.
+    for s in &all {
+        sources::retire(s);
+    }
+    let finishing = all.iter().map(|s| {
         let (recorder, store) = (&recorder, &store);
         async move {
-            let ended = sources::drain(&s, deadline).await;
+            let ended = sources::finish_transactions(s, deadline).await;
             if ended > 0 {
                 let (ns, name) = s.key.split_once('/').unwrap_or(("", &s.key));
                 let regarding = store
@@ -452,16 +459,25 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
             ended
         }
     });
-    let began = std::time::Instant::now();
-    let ended: usize = futures::future::join_all(drains).await.into_iter().sum();
-    let drained = began.elapsed();
+    let ended: usize = futures::future::join_all(finishing).await.into_iter().sum();
+    let finished = began.elapsed();
+    let connections: usize = all.iter().map(|s| s.pool.status().size).sum();
+    futures::future::join_all(all.iter().map(|s| async move {
+        sources::close(s).await;
+        sources::wait_closed(s).await;
+    }))
+    .await;
+    let closed = began.elapsed();
     if let Err(e) = keeper.release().await {
         tracing::warn!(error = %e, "lease release failed; the successor waits for expiry");
     }
-    // The successor's wait, in two parts: the drain, then the release.
+    // The successor's wait, step by step.
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
-        drain_ms = u64::try_from(drained.as_millis()).unwrap_or(u64::MAX),
-        release_ms = u64::try_from((began.elapsed() - drained).as_millis()).unwrap_or(u64::MAX),
+        transactions_ms = ms(finished),
+        close_ms = ms(closed - finished),
+        release_ms = ms(began.elapsed() - closed),
+        connections,
         "lease released after the drain"
     );
     metrics.lease_held.set(0);

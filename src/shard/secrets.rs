@@ -93,6 +93,9 @@ impl SecretWatch {
 /// (namespace, name) of a Secret.
 type SecretKey = (String, String);
 
+/// A Secret as read: its resourceVersion, the Secret, and when.
+type Cached = (String, Arc<Secret>, std::time::Instant);
+
 /// Most Secrets whose values a shard keeps (see [`SecretCache`]).
 const CACHE_ENTRIES: usize = 4096;
 
@@ -103,11 +106,16 @@ const CACHE_ENTRIES: usize = 4096;
 /// while the metadata watch shows the same resourceVersion; a Secret the
 /// watch has not seen is read again.
 ///
-/// Lock discipline: held only to look up or store an entry.
+/// Lock discipline: `entries` and `reads` are held only to look up or
+/// store an entry; a read's own tokio Mutex is held across its one API
+/// call.
 #[derive(Default)]
 pub struct SecretCache {
-    /// (namespace, name) -> (resourceVersion, the Secret).
-    entries: Mutex<HashMap<SecretKey, (String, Arc<Secret>)>>,
+    /// (namespace, name) -> (resourceVersion, the Secret, when read).
+    entries: Mutex<HashMap<SecretKey, Cached>>,
+    /// (namespace, name) -> the lock a read of it holds: the builds that
+    /// miss together wait for one read instead of each making its own.
+    reads: Mutex<HashMap<SecretKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for SecretCache {
@@ -121,8 +129,29 @@ impl SecretCache {
     /// The Secret `ns/name` as read at `version`, if it was.
     pub fn get(&self, ns: &str, name: &str, version: &str) -> Option<Arc<Secret>> {
         let e = self.entries.lock().ok()?;
-        let (v, s) = e.get(&(ns.to_string(), name.to_string()))?;
+        let (v, s, _) = e.get(&(ns.to_string(), name.to_string()))?;
         (v == version).then(|| s.clone())
+    }
+
+    /// The Secret `ns/name` if it was read less than `within` ago, at
+    /// whatever version: for when the metadata watch has not seen it yet.
+    pub fn recent(&self, ns: &str, name: &str, within: std::time::Duration) -> Option<Arc<Secret>> {
+        let e = self.entries.lock().ok()?;
+        let (_, s, at) = e.get(&(ns.to_string(), name.to_string()))?;
+        (at.elapsed() < within).then(|| s.clone())
+    }
+
+    /// The lock to hold while reading `ns/name` from the API server.
+    pub fn read_lock(&self, ns: &str, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let Ok(mut r) = self.reads.lock() else {
+            return Arc::default();
+        };
+        if r.len() >= CACHE_ENTRIES {
+            r.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        r.entry((ns.to_string(), name.to_string()))
+            .or_default()
+            .clone()
     }
 
     /// Keeps `secret` as read (at its own resourceVersion).
@@ -134,7 +163,10 @@ impl SecretCache {
             if e.len() >= CACHE_ENTRIES {
                 e.clear();
             }
-            e.insert((ns.to_string(), name.to_string()), (version, secret));
+            e.insert(
+                (ns.to_string(), name.to_string()),
+                (version, secret, std::time::Instant::now()),
+            );
         }
     }
 }
@@ -177,5 +209,23 @@ mod tests {
             c.put("t", &format!("s{i}"), secret("1"));
         }
         assert!(c.entries.lock().expect("lock").len() <= CACHE_ENTRIES);
+    }
+
+    #[test]
+    fn a_secret_read_moments_ago_stands_in_until_the_watch_has_seen_it() {
+        let c = SecretCache::default();
+        let long = std::time::Duration::from_secs(60);
+        assert!(c.recent("t", "pw", long).is_none());
+        c.put("t", "pw", secret("7"));
+        assert!(c.recent("t", "pw", long).is_some());
+        assert!(
+            c.recent("t", "pw", std::time::Duration::ZERO).is_none(),
+            "older than asked"
+        );
+        // One lock per Secret, shared by everyone reading it.
+        let a = c.read_lock("t", "pw");
+        let b = c.read_lock("t", "pw");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c.read_lock("t", "other")));
     }
 }

@@ -144,6 +144,10 @@ pub async fn read_secret(
     value_of(&secret, ns, name, key)
 }
 
+/// How long a Secret read stands in for one the metadata watch has not
+/// seen yet.
+const SECRET_REUSE: Duration = Duration::from_secs(10);
+
 /// Like [`read_secret`], through the shard's cache: the Secret is read
 /// from the API server only when the metadata watch does not show the
 /// version read before.
@@ -157,7 +161,22 @@ async fn read_secret_cached(
         .secrets
         .get(ns, name)
         .and_then(|m| m.metadata.resource_version.clone());
-    if let Some(s) = watched.and_then(|v| cx.secret_cache.get(ns, name, &v)) {
+    let cached = |watched: &Option<String>| match watched {
+        Some(v) => cx.secret_cache.get(ns, name, v),
+        // The watch of the namespace has not listed yet (a shard that just
+        // took over sources there): a value read moments ago is as good as
+        // a new read, and a newer version the watch shows later reaches the
+        // pools through refresh_passwords.
+        None => cx.secret_cache.recent(ns, name, SECRET_REUSE),
+    };
+    if let Some(s) = cached(&watched) {
+        return value_of(&s, ns, name, key);
+    }
+    // One read per Secret at a time: builds that missed together (hundreds
+    // of sources sharing a Secret in a rollout) wait for it, then hit.
+    let lock = cx.secret_cache.read_lock(ns, name);
+    let _reading = lock.lock().await;
+    if let Some(s) = cached(&watched) {
         return value_of(&s, ns, name, key);
     }
     let secret = Arc::new(fetch_secret(cx.client, ns, name).await?);
@@ -629,10 +648,26 @@ async fn build(cx: &SyncContext<'_>, ds: &DataSource) -> Result<Source, String> 
 /// when no connection of the source is open or being opened on this shard,
 /// with how many transactions were ended past the deadline.
 pub async fn drain(source: &Source, deadline: Instant) -> usize {
+    retire(source);
+    let ended = finish_transactions(source, deadline).await;
+    close(source).await;
+    wait_closed(source).await;
+    ended
+}
+
+/// The first step of a drain: no new transaction and no new connection.
+pub fn retire(source: &Source) {
     source.retired.store(true, Ordering::SeqCst);
     source.pool.manager().close();
+}
+
+/// The second: waits until no session of a retired source holds a
+/// connection; at `deadline` ends the transactions still running (and
+/// waits up to 5 s for their sessions to give the connections up).
+/// Returns how many were ended.
+pub async fn finish_transactions(source: &Source, deadline: Instant) -> usize {
     while source.busy() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let ended = source.busy();
     if ended > 0 {
@@ -642,7 +677,12 @@ pub async fn drain(source: &Source, deadline: Instant) -> usize {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    close(source).await;
+    ended
+}
+
+/// The last: waits until no connection of the source is open or being
+/// opened on this shard (after [`close`]).
+pub async fn wait_closed(source: &Source) {
     let mut next_log = Instant::now() + Duration::from_secs(5);
     while source.open_or_opening() > 0 {
         if Instant::now() >= next_log {
@@ -652,7 +692,6 @@ pub async fn drain(source: &Source, deadline: Instant) -> usize {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    ended
 }
 
 /// Closes every idle connection with a Terminate, then the pool.
