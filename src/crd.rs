@@ -434,7 +434,9 @@ pub struct DataSourceStatus {
     pub last_error: Option<String>,
     /// Number of shards when the operator last placed or kept the source: it
     /// moves only to a shard added since, or when its shard is removed or
-    /// overloaded.
+    /// overloaded. Not rewritten when the new count could not change where
+    /// the source goes (its preferred shard is not one added or removed
+    /// since): in a rescale that is most sources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assigned_among: Option<i32>,
     /// The shard holding the source's pool now; cleared by that shard once it

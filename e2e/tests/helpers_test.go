@@ -185,3 +185,44 @@ func appOwner(app string) (source, shard, owner string, ok bool) {
 	}
 	return parts[1] + "/" + parts[2], parts[3], parts[3] + "/" + parts[4], true
 }
+
+// placementScore is the operator's stable score of a source key on a shard
+// (src/operator/assign.rs: FNV-1a of the key mixed with the shard index
+// through splitmix64).
+func placementScore(key string, shard uint32) uint64 {
+	h := uint64(0xcbf29ce484222325)
+	for _, b := range []byte(key) {
+		h ^= uint64(b)
+		h *= 0x00000100000001b3
+	}
+	return splitmix64(h ^ splitmix64(uint64(shard)+0x9e3779b97f4a7c15))
+}
+
+func splitmix64(z uint64) uint64 {
+	z += 0x9e3779b97f4a7c15
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	return z ^ (z >> 31)
+}
+
+// placedAmong says whether the operator is done recording the shard count
+// for source `key` ("<ns>/<name>") at `shards` shards, given the count it
+// recorded: it writes assignedAmong only where the count could change a
+// later move, which is when the source's preferred shard among the larger
+// of the two counts lies between them (assign::placement_matters).
+func placedAmong(key string, recorded, shards int) bool {
+	if recorded == shards {
+		return true
+	}
+	if recorded <= 0 || shards <= 0 {
+		return false
+	}
+	lo, hi := min(recorded, shards), max(recorded, shards)
+	top, best := uint32(0), placementScore(key, 0)
+	for s := uint32(1); s < uint32(hi); s++ {
+		if v := placementScore(key, s); v > best {
+			top, best = s, v
+		}
+	}
+	return int(top) < lo
+}

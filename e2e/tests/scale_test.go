@@ -51,8 +51,9 @@ func assignments(t *testing.T, ns string) map[string][3]string {
 // settled reads, in one request, every source of ns and says which is not
 // settled yet ("" when none): Ready and served by its assigned shard
 // (servingShard = shard), and placed by the operator among the current
-// shard count (assignedAmong = the number of shard Deployments; a move the
-// operator still defers keeps the count it was placed among). It returns
+// shard count (assignedAmong = the number of shard Deployments where that
+// count matters, see placedAmong; a move the operator still defers keeps
+// the count it was placed among). It returns
 // each source's shard. One read, not one per field: the operator may
 // write a move between two reads, and a check that saw the old shard in
 // one and the new count in the other took an unfinished rescale for done.
@@ -77,7 +78,7 @@ func settled(t *testing.T, ns string) (map[string]string, string) {
 		if f[1] != "Ready" || f[0] != f[2] {
 			return nil, fmt.Sprintf("%s: shard %s, phase %s, servingShard %s", name, f[0], f[1], f[2])
 		}
-		if f[3] != want {
+		if among, _ := strconv.Atoi(f[3]); !placedAmong(ns+"/"+name, among, len(ds.Items)) {
 			return nil, fmt.Sprintf("%s placed among %q shards, not %s", name, f[3], want)
 		}
 		shards[name] = f[0]
@@ -346,4 +347,21 @@ func TestAutoscaleFollowsTotalPoolSize(t *testing.T) {
 	eventually(t, 90*time.Second, "back to 2 shards once the load is gone", func() (bool, error) {
 		return shardDeployments(t) == 2, nil
 	})
+}
+
+// The port of the operator's placement score gives what the operator's
+// own code gives (values from src/operator/assign.rs's score and ranking).
+func TestPlacementScoreMatchesTheOperator(t *testing.T) {
+	if got := placementScore("scale-x/src-0001", 3); got != 13897264502089983521 {
+		t.Fatalf("score: %d", got)
+	}
+	for key, top := range map[string]int{"scale-x/src-0001": 5, "tenants/acme": 8, "a/b": 3, "scale-6wdqw/src-4135": 8} {
+		// Preferring shard `top` of 9: the count 9 matters only if top is 8.
+		if got, want := placedAmong(key, 8, 9), top < 8; got != want {
+			t.Errorf("%s (prefers %d of 9): placedAmong(8, 9) = %v", key, top, got)
+		}
+	}
+	if placedAmong("a/b", 0, 9) {
+		t.Error("no count recorded is not placed")
+	}
 }

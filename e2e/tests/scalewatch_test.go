@@ -115,6 +115,7 @@ func newestManager(u *unstructured.Unstructured) string {
 // sourceWatch follows every DataSource of a namespace.
 type sourceWatch struct {
 	stop chan struct{}
+	ns   string
 	// mu guards m, moves and writes.
 	mu sync.Mutex
 	m  map[string]srcState
@@ -181,7 +182,7 @@ func watchSources(t *testing.T, ns string) *sourceWatch {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &sourceWatch{stop: make(chan struct{}), m: map[string]srcState{}, moves: map[string]int{}, kinds: map[string]int{}}
+	w := &sourceWatch{stop: make(chan struct{}), ns: ns, m: map[string]srcState{}, moves: map[string]int{}, kinds: map[string]int{}}
 	f := dynamicinformer.NewFilteredDynamicSharedInformerFactory(dc, 0, ns, nil)
 	inf := f.ForResource(dataSourcesGVR).Informer()
 	put := func(obj any) {
@@ -320,13 +321,13 @@ func createSources(t *testing.T, ns string, s scaleSpec, workers int) {
 }
 
 // notAmong counts the sources the operator has not yet placed among
-// `shards` shards.
+// `shards` shards (where that count matters: see placedAmong).
 func (w *sourceWatch) notAmong(shards int) int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	n := 0
-	for _, s := range w.m {
-		if s.among != int64(shards) {
+	for name, s := range w.m {
+		if !placedAmong(w.ns+"/"+name, int(s.among), shards) {
 			n++
 		}
 	}

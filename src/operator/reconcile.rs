@@ -291,8 +291,11 @@ async fn assign_all(
         }
         let paused_phase_missing =
             ds.spec.paused && ds.status.as_ref().and_then(|s| s.phase) != Some(Phase::Paused);
-        if load.current == Some(target) && !paused_phase_missing && load.placed_among == Some(among)
-        {
+        // A count that changes no later decision is not written (see
+        // `placement_matters`): most sources in a rescale.
+        let placed = load.placed_among == Some(among)
+            || !assign::placement_matters(&load.key, load.placed_among, among);
+        if load.current == Some(target) && !paused_phase_missing && placed {
             continue;
         }
         let event = if load.current == Some(target) {
@@ -664,13 +667,20 @@ mod tests {
                 .enumerate()
             {
                 let among = recorded_among(s, shards, *d);
-                if s.current != *t {
+                let moves = s.current != *t;
+                if moves {
                     moved[i] += 1;
                     changed = true;
                 }
-                changed |= s.placed_among != Some(among);
+                // Written with a move, else only where it matters, as the
+                // operator does.
+                let record = moves
+                    || crate::operator::assign::placement_matters(&s.key, s.placed_among, among);
+                changed |= record && s.placed_among != Some(among);
                 s.current = *t;
-                s.placed_among = Some(among);
+                if record {
+                    s.placed_among = Some(among);
+                }
             }
             if !changed {
                 return moved;
