@@ -511,3 +511,78 @@ async fn maintenance_asks_idle_sockets_only_when_told_to() {
     assert_eq!(after.len(), 3);
     assert!(!after.contains(&victim), "{after:?}");
 }
+
+/// A pool one below minIdle refills while queries keep taking and giving
+/// back connections: the refill must not take the idle connections away
+/// from them while it connects (they would each open one more, and the
+/// warehouse would see the pool above minIdle with no demand for it).
+#[tokio::test]
+async fn a_refill_under_load_opens_exactly_the_missing_connection() {
+    let pg = TestPg::start("refill");
+    let pool = pool::build(Manager::new(
+        params(&pg, "shardpool/t/refill/0"),
+        settings(6, 12),
+        pg.password.clone(),
+        Arc::new(ConnectLimit::new(4)),
+    ))
+    .expect("pool");
+    while pool::maintain(&pool).await > 0 {}
+    assert_eq!(pool::counts(&pool).0, 6);
+    // Warm: queries may grow it to maxSize from now on (as a checkout does).
+    pool::lift_cap_when_warm(&pool);
+    assert_eq!(pool.status().max_size, 12);
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for round in 0..5 {
+        // One connection lost (the server ended it, say).
+        let lost = pool.retain({
+            let mut once = true;
+            move |_, _| !std::mem::take(&mut once)
+        });
+        assert_eq!(lost.removed.len(), 1, "round {round}");
+        // Two clients, each holding one connection at a time, for a
+        // moment, with pauses between.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let (pool, stop, peak) = (pool.clone(), stop.clone(), peak.clone());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(conn) = pool.get().await {
+                            peak.fetch_max(
+                                pool.status().size,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            drop(conn);
+                        }
+                        // A client between two queries holds nothing.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while pool::maintain(&pool).await > 0 {}
+        peak.fetch_max(pool.status().size, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in clients {
+            c.await.expect("client");
+        }
+        assert_eq!(
+            pool::counts(&pool).0,
+            6,
+            "round {round}: refilled to minIdle"
+        );
+    }
+    assert_eq!(
+        peak.load(std::sync::atomic::Ordering::Relaxed),
+        6,
+        "the pool went above minIdle with two clients and six connections"
+    );
+    let seen = pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardpool/t/refill/0'",
+    );
+    assert_eq!(seen, "6");
+}

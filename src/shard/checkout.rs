@@ -72,7 +72,10 @@ pub async fn get(pool: &Pool, wait: Duration) -> Result<Conn, CheckoutError> {
             recycle: Some(Duration::from_secs(5)),
         };
         let pause = match pool.timeout_get(&timeouts).await {
-            Ok(conn) => return Ok(conn),
+            Ok(conn) => {
+                note_growth(pool, &conn);
+                return Ok(conn);
+            }
             Err(PoolError::Backend(ConnectError::Closed)) | Err(PoolError::Closed) => {
                 return Err(CheckoutError::Handover("the source is closing".into()));
             }
@@ -108,5 +111,22 @@ pub async fn get(pool: &Pool, wait: Duration) -> Result<Conn, CheckoutError> {
             });
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
+    }
+}
+
+/// Logs (debug) a connection opened for this checkout that took the pool
+/// above minIdle: the pool grows for demand here, and only here.
+fn note_growth(pool: &Pool, conn: &Conn) {
+    let m = deadpool::managed::Object::metrics(conn);
+    let fresh = m.recycle_count == 0 && m.created.elapsed() < Duration::from_secs(1);
+    let s = pool.manager().settings();
+    let size = pool.status().size;
+    if fresh && size > s.min_idle {
+        tracing::debug!(
+            application_name = %pool.manager().application_name(),
+            size,
+            idle = pool.status().available,
+            "a query opened a connection above minIdle"
+        );
     }
 }

@@ -62,10 +62,10 @@ pub struct Manager {
     password: RwLock<String>,
     /// Shard-wide limit on concurrent connection attempts.
     connect_limit: Arc<ConnectLimit>,
-    /// Warm-up slots taken by [`maintain`] before it makes the pool open
-    /// a connection; the next attempt uses one instead of queueing as
-    /// demand. Lock held only to push or pop.
-    prepaid: Mutex<Vec<Slot>>,
+    /// A connection [`maintain`] opened outside the pool, waiting for the
+    /// pool's next create to take it (see [`maintain_with`]). Lock held
+    /// only to put or take.
+    stash: Mutex<Option<ServerConn>>,
     /// The shard's Lease claim: no connection is opened without it.
     validity: Validity,
     /// Whether to end other shard processes' backends before the first
@@ -144,7 +144,7 @@ impl Manager {
             settings,
             password: RwLock::new(password),
             connect_limit,
-            prepaid: Mutex::default(),
+            stash: Mutex::default(),
             validity: Validity::always(),
             fencing: Fencing::Disabled,
             fence_prefix: String::new(),
@@ -194,9 +194,16 @@ impl Manager {
         self.closing.store(true, Ordering::Release);
     }
 
-    /// Connection attempts under way.
+    /// The application_name of the pool's connections.
+    pub fn application_name(&self) -> &str {
+        &self.params.application_name
+    }
+
+    /// Connection attempts under way, and a connection opened but not in
+    /// the pool yet (a drain waits for both).
     pub fn opening(&self) -> usize {
-        self.opening.load(Ordering::Acquire)
+        let stashed = self.stash.lock().map(|s| s.is_some()).unwrap_or(true);
+        self.opening.load(Ordering::Acquire) + usize::from(stashed)
     }
 
     /// Backends of earlier owners this pool ended.
@@ -280,15 +287,19 @@ impl Manager {
         }
     }
 
-    /// Connects (bounded by connectTimeout, under the shard-wide limit).
-    async fn connect(&self) -> Result<ServerConn, ConnectError> {
-        self.connect_with(&self.params).await
+    /// Connects (bounded by connectTimeout, under the shard-wide limit:
+    /// in `slot`, or in a demand slot when None).
+    async fn connect(&self, slot: Option<Slot>) -> Result<ServerConn, ConnectError> {
+        self.connect_with(&self.params, slot).await
     }
 
     /// Connects with `params` (the source's, or the fencing name's).
-    async fn connect_with(&self, params: &ConnectParams) -> Result<ServerConn, ConnectError> {
-        let prepaid = self.prepaid.lock().ok().and_then(|mut p| p.pop());
-        let _slot = match prepaid {
+    async fn connect_with(
+        &self,
+        params: &ConnectParams,
+        slot: Option<Slot>,
+    ) -> Result<ServerConn, ConnectError> {
+        let _slot = match slot {
             Some(slot) => slot,
             None => self
                 .connect_limit
@@ -312,11 +323,11 @@ impl Manager {
     /// every source's application_name pattern, it ends the predecessors'
     /// backends, and takes the pool's name only once they are gone, so no
     /// moment shows the source's backends under two owners.
-    async fn connect_and_fence(&self) -> Result<ServerConn, ConnectError> {
+    async fn connect_and_fence(&self, slot: Option<Slot>) -> Result<ServerConn, ConnectError> {
         let began = Instant::now();
         let mut params = self.params.clone();
         params.application_name = fence::fencing_name(&self.params.application_name);
-        let mut conn = self.connect_with(&params).await?;
+        let mut conn = self.connect_with(&params, slot).await?;
         let named = match self.fence(&mut conn).await {
             Ok(()) => {
                 let sql = format!(
@@ -374,6 +385,46 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// Opens one connection for the pool (fencing first if no connection
+    /// of this process did yet), in `slot` of the connect limit or, when
+    /// None, in a demand slot.
+    pub async fn open(&self, slot: Option<Slot>) -> Result<ServerConn, ConnectError> {
+        let _opening = Opening::new(&self.opening);
+        if self.closing.load(Ordering::Acquire) {
+            return Err(ConnectError::Closed);
+        }
+        if !self.validity.may_act() {
+            return Err(ConnectError::NoLease);
+        }
+        // The first creator fences; the others wait for it before they
+        // connect, so no connection of ours exists beside a predecessor's.
+        let fencer = if self.fenced.load(Ordering::Acquire) {
+            None
+        } else {
+            let guard = self.fence_lock.lock().await;
+            (!self.fenced.load(Ordering::Acquire)).then_some(guard)
+        };
+        let result = match fencer {
+            None => self.connect(slot).await,
+            Some(_) => self.connect_and_fence(slot).await,
+        };
+        drop(fencer);
+        // The claim may have lapsed while connecting: open nothing then.
+        if result.is_ok() && (!self.validity.may_act() || self.closing.load(Ordering::Acquire)) {
+            if let Ok(conn) = result {
+                tokio::spawn(conn.terminate());
+            }
+            return Err(ConnectError::NoLease);
+        }
+        self.record(&result);
+        result.map(|mut conn| {
+            conn.retire_at = retire_at(conn.created, self.settings.max_lifetime);
+            conn
+        })
+    }
+}
+
 /// Counts a connection attempt as under way while it lives.
 struct Opening<'a>(&'a AtomicUsize);
 
@@ -395,38 +446,15 @@ impl managed::Manager for Manager {
     type Error = ConnectError;
 
     async fn create(&self) -> Result<ServerConn, ConnectError> {
-        let _opening = Opening::new(&self.opening);
-        if self.closing.load(Ordering::Acquire) {
-            return Err(ConnectError::Closed);
-        }
-        if !self.validity.may_act() {
-            return Err(ConnectError::NoLease);
-        }
-        // The first creator fences; the others wait for it before they
-        // connect, so no connection of ours exists beside a predecessor's.
-        let fencer = if self.fenced.load(Ordering::Acquire) {
-            None
-        } else {
-            let guard = self.fence_lock.lock().await;
-            (!self.fenced.load(Ordering::Acquire)).then_some(guard)
-        };
-        let result = match fencer {
-            None => self.connect().await,
-            Some(_) => self.connect_and_fence().await,
-        };
-        drop(fencer);
-        // The claim may have lapsed while connecting: open nothing then.
-        if result.is_ok() && (!self.validity.may_act() || self.closing.load(Ordering::Acquire)) {
-            if let Ok(conn) = result {
+        let stashed = self.stash.lock().ok().and_then(|mut s| s.take());
+        match stashed {
+            Some(conn) if !self.closing.load(Ordering::Acquire) => Ok(conn),
+            Some(conn) => {
                 tokio::spawn(conn.terminate());
+                Err(ConnectError::Closed)
             }
-            return Err(ConnectError::NoLease);
+            None => self.open(None).await,
         }
-        self.record(&result);
-        result.map(|mut conn| {
-            conn.retire_at = retire_at(conn.created, self.settings.max_lifetime);
-            conn
-        })
     }
 
     async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ConnectError> {
@@ -623,26 +651,40 @@ pub async fn maintain_with(pool: &Pool, probe: bool) -> usize {
         if status.size >= target || !manager.may_open() {
             break;
         }
-        if let Ok(mut p) = manager.prepaid.lock() {
-            p.push(slot);
+        // Connect outside the pool, so that its idle connections keep
+        // serving meanwhile. (Holding them for the connect, as the refill
+        // once did, made every query that came meanwhile open a connection
+        // of its own: pools of 13-14 at minIdle 12 under load.)
+        let Ok(conn) = manager.open(Some(slot)).await else {
+            break;
+        };
+        // Then hand it to the pool: take every idle connection plus one
+        // more, whose create takes the stashed connection. Nothing in this
+        // waits (idle objects and the stash are at hand), and it runs
+        // unconstrained by the runtime's cooperative budget, so on the
+        // shard's one runtime thread no query gets in between; the idle
+        // connections go back at once.
+        let status = pool.status();
+        if status.size >= target {
+            // A query's own connect made up the shortfall meanwhile.
+            tokio::spawn(conn.terminate());
+            break;
         }
-        // Holding every idle object plus one more forces the pool to open
-        // exactly one (the idle ones are held for that one connect only).
+        if let Ok(mut stash) = manager.stash.lock() {
+            *stash = Some(conn);
+        }
         let want = status.available + 1;
         let gets = (0..want).map(|_| pool.get());
-        let held: Vec<Conn> = futures::future::join_all(gets)
+        let held: Vec<Conn> = tokio::task::unconstrained(futures::future::join_all(gets))
             .await
             .into_iter()
             .flatten()
             .collect();
-        // A slot nobody used (an idle connection came back instead, or
-        // the attempt failed before connecting) goes back to the gate.
-        if let Ok(mut p) = manager.prepaid.lock() {
-            p.clear();
-        }
-        let got = held.len();
+        let unused = manager.stash.lock().ok().and_then(|mut s| s.take());
         drop(held);
-        if got <= status.available {
+        if let Some(conn) = unused {
+            // Not taken (the pool was closed, or a connection came back).
+            tokio::spawn(conn.terminate());
             break;
         }
         opened += 1;
