@@ -22,6 +22,9 @@
 #   CONNECT_LIMIT=64 bench/scale.sh                 # shard.connectLimit
 #   FRONT_POOL=4 bench/scale.sh                     # server connections per front (default 16)
 #   KEEP_CLUSTER=1 bench/scale.sh                   # leave the cluster and fronts running
+#   CONNS=1 SCALE_CHANGES=0 bench/scale.sh          # no rollout or rescale; beside a run
+#                                                   # at CONNS=12 it splits shard memory
+#                                                   # into sources and connections
 #
 # It brings up its own local cluster in bench/.work/state (stop a `make
 # demo` cluster first: the ports are the same), installs pgbouncer from
