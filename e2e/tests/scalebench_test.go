@@ -86,24 +86,36 @@ func TestScaleBench(t *testing.T) {
 	}
 
 	// 2. The warehouse side: exactly Conns per source, one owner each.
-	time.Sleep(5 * time.Second)
-	tally, gone, err := sampleConns(context.Background(), s, ns)
-	if err != nil {
-		t.Fatalf("counting connections at the fronts: %v", err)
-	}
-	if gone > 0 {
-		r.say("front listings no process of their owner holds at rest (PgBouncer still listing a closed client: no client end, or its port reused by another process; left out): %d", gone)
-	}
-	total := 0
-	for _, owners := range tally {
-		for _, n := range owners {
-			total += n
+	// Up to three samples 5 s apart, each reported: a miss that the next
+	// sample does not repeat is the fronts' or the kernel table's moment,
+	// not a pool (the twelfth full run found 124 listings missing once
+	// while every shard's own pool metrics counted exactly Conns per
+	// source). The target is judged on the last sample.
+	var bad []string
+	for attempt := 1; attempt <= 3; attempt++ {
+		time.Sleep(5 * time.Second)
+		tally, gone, err := sampleConns(context.Background(), s, ns)
+		if err != nil {
+			t.Fatalf("counting connections at the fronts: %v", err)
 		}
+		if gone > 0 {
+			r.say("front listings no process of their owner holds at rest (PgBouncer still listing a closed client: no client end, or its port reused by another process; left out): %d", gone)
+		}
+		total := 0
+		for _, owners := range tally {
+			for _, n := range owners {
+				total += n
+			}
+		}
+		bad = checkTally(tally, w.snapshot(), ns, s.Conns)
+		r.say("warehouse side (SHOW CLIENTS of the fronts), sample %d: %d connections of %d sources; %d sources not at exactly %d from one owner of their shard", attempt, total, len(tally), len(bad), s.Conns)
+		if len(bad) == 0 {
+			break
+		}
+		r.say("  first of them: %v", bad[:min(len(bad), 10)])
 	}
-	bad := checkTally(tally, w.snapshot(), ns, s.Conns)
-	r.say("warehouse side (SHOW CLIENTS of the fronts): %d connections of %d sources; %d sources not at exactly %d from one owner of their shard", total, len(tally), len(bad), s.Conns)
 	if len(bad) > 0 {
-		t.Errorf("connections per source: %v", bad[:min(len(bad), 10)])
+		t.Errorf("connections per source in the last sample: %v", bad[:min(len(bad), 10)])
 	}
 
 	// 3. Memory of every process.
