@@ -116,16 +116,20 @@ pub async fn get(pool: &Pool, wait: Duration) -> Result<Conn, CheckoutError> {
 
 /// Logs (debug) a connection opened for this checkout that took the pool
 /// above minIdle: the pool grows for demand here, and only here.
+///
+/// Hot path: a reused connection costs one field read; the pool's status
+/// (a lock) is read only for a connection opened for this checkout.
 fn note_growth(pool: &Pool, conn: &Conn) {
     let m = deadpool::managed::Object::metrics(conn);
-    let fresh = m.recycle_count == 0 && m.created.elapsed() < Duration::from_secs(1);
-    let s = pool.manager().settings();
-    let size = pool.status().size;
-    if fresh && size > s.min_idle {
+    if m.recycle_count > 0 || m.created.elapsed() >= Duration::from_secs(1) {
+        return;
+    }
+    let status = pool.status();
+    if status.size > pool.manager().settings().min_idle {
         tracing::debug!(
             application_name = %pool.manager().application_name(),
-            size,
-            idle = pool.status().available,
+            size = status.size,
+            idle = status.available,
             "a query opened a connection above minIdle"
         );
     }

@@ -342,8 +342,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                 tracing::error!(holder = ?by, "the shard's Lease belongs to another holder; closing every pool and exiting");
                 ready.set(false);
                 let closing = registry.all().into_iter().map(|s| async move {
-                    s.retired.store(true, std::sync::atomic::Ordering::SeqCst);
-                    s.pool.manager().close();
+                    sources::retire(&s);
                     s.kill.cancel();
                     sources::close(&s).await;
                 });

@@ -422,36 +422,37 @@ pub async fn open_one(
 ) -> (String, i64, Result<Option<Source>, String>) {
     let shard = cx.shard;
     let generation = ds.metadata.generation.unwrap_or(0);
-    if step == Step::ClaimAndOpen {
-        let began = std::time::Instant::now();
-        match handover::claim(cx.client, &ds, shard, cx.pod).await {
-            Ok(()) => {
-                tracing::debug!(
-                    source = %k,
-                    ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "claimed"
-                );
+    // Taken over: claimed here, or handed over by the previous owner's
+    // acknowledgement (servingShard names this shard, phase Pending).
+    let taken_over = match step {
+        Step::ClaimAndOpen => {
+            let began = std::time::Instant::now();
+            match handover::claim(cx.client, &ds, shard, cx.pod).await {
+                Ok(()) => {
+                    tracing::debug!(
+                        source = %k,
+                        ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "claimed"
+                    );
+                }
+                Err(e) if crate::crd::is_conflict(&e) => {
+                    cx.metrics
+                        .conflicts
+                        .get_or_create(&super::metrics::Refused { write: "claim" })
+                        .inc();
+                    tracing::debug!(source = %k, "not claimed: the DataSource changed since it was read; deciding again");
+                    return (k, generation, Ok(None));
+                }
+                Err(e) => {
+                    return (k, generation, Err(format!("cannot claim the source: {e}")));
+                }
             }
-            Err(e) if crate::crd::is_conflict(&e) => {
-                cx.metrics
-                    .conflicts
-                    .get_or_create(&super::metrics::Refused { write: "claim" })
-                    .inc();
-                tracing::debug!(source = %k, "not claimed: the DataSource changed since it was read; deciding again");
-                return (k, generation, Ok(None));
-            }
-            Err(e) => {
-                return (k, generation, Err(format!("cannot claim the source: {e}")));
-            }
+            true
         }
-        cx.metrics
-            .handovers
-            .get_or_create(&Direction { direction: "in" })
-            .inc();
-    } else if step == Step::Open
-        && ds.status.as_ref().and_then(|s| s.phase) == Some(crate::crd::Phase::Pending)
-    {
-        // Handed over by the previous owner's acknowledgement.
+        Step::Open => ds.status.as_ref().and_then(|s| s.phase) == Some(crate::crd::Phase::Pending),
+        _ => false,
+    };
+    if taken_over {
         cx.metrics
             .handovers
             .get_or_create(&Direction { direction: "in" })
