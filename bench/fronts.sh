@@ -23,6 +23,14 @@
 # a client that closed while queued stayed in SHOW CLIENTS until its turn,
 # which the connection count check cannot tell from an open connection.
 #
+# A new owner's fence ends, in the PostgreSQL behind the fronts, the
+# backends whose application_name names the source. A front's server
+# connection keeps the name of the last client it served, so the fence
+# could end a connection the front was just handing to another client (one
+# query of a rollout failed: "pooler error: invalid server parameter").
+# Each front resets application_name after every transaction: a source's
+# name is then seen only while one of its transactions runs there.
+#
 # Needs: PGBOUNCER, FRONTS_DIR, WAREHOUSE_PG* (e2e/.state/env), psql.
 
 # fronts_start COUNT BASE_PORT DATABASE ROLE PASSWORD MAX_CLIENTS
@@ -46,6 +54,8 @@ auth_type = scram-sha-256
 auth_file = $FRONTS_DIR/userlist.txt
 admin_users = admin
 pool_mode = transaction
+server_reset_query = RESET application_name
+server_reset_query_always = 1
 default_pool_size = ${FRONT_POOL:-16}
 max_client_conn = $max
 listen_backlog = 4096

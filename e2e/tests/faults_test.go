@@ -557,6 +557,14 @@ func TestFaults(t *testing.T) {
 	before := e.shardsOf(t)
 	all := append(append([]string{}, steady...), movers...)
 	var moved []string
+	// Sources the new shard opened on the old one's release note (passed
+	// on by the routers), before the API server showed the hand-over.
+	notes := func() float64 {
+		v, _ := shardMetric(t, "shardpool_shard_release_notes_total", map[string]string{"outcome": "opened"})
+		return v
+	}
+	notesBefore := notes()
+	var onNote float64
 	e.row(t, "rescale 3 -> 4 shards, every source under load", all, func(t *testing.T) string {
 		helmSet(t, "shard.count=4")
 		shardsUp(t, 4)
@@ -570,10 +578,16 @@ func TestFaults(t *testing.T) {
 			}
 		}
 		time.Sleep(2 * time.Second)
-		return fmt.Sprintf("%d of %d sources moved to shard 3", len(moved), len(after))
+		onNote = notes() - notesBefore
+		return fmt.Sprintf("%d of %d sources moved to shard 3, %.0f opened on the old shard's note", len(moved), len(after), onNote)
 	}, func(t *testing.T, r fault.Report) {
 		if len(moved) == 0 {
 			t.Error("no source moved: nothing was tested")
+		}
+		// Each moved source is under load, so its old shard has router
+		// links to tell; the note beats the API server's write and watch.
+		if onNote < 1 {
+			t.Errorf("no moved source was opened on its old shard's release note (%d moved)", len(moved))
 		}
 		if n := len(r.Failed()); n > 0 {
 			t.Errorf("%d queries failed during the rescale", n)

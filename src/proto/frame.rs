@@ -43,6 +43,11 @@ pub enum Kind {
     /// Shard (protocol version 5, when the Open asked): the transaction was
     /// admitted after waiting the payload's u64 microseconds.
     Admitted,
+    /// Either way (protocol version 6, session 0): a shard let go of a
+    /// source and hands it to another shard (see [`super::released`]). A
+    /// shard sends it to its routers, a router passes it on to the shard
+    /// named in it.
+    Released,
 }
 
 impl Kind {
@@ -60,6 +65,7 @@ impl Kind {
             Kind::Resume => b'R',
             Kind::Notice => b'N',
             Kind::Admitted => b'A',
+            Kind::Released => b'D',
         }
     }
 
@@ -77,6 +83,7 @@ impl Kind {
             b'R' => Kind::Resume,
             b'N' => Kind::Notice,
             b'A' => Kind::Admitted,
+            b'D' => Kind::Released,
             _ => return None,
         })
     }

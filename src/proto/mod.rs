@@ -41,6 +41,12 @@
 //! send `Notice` (a NoticeResponse for the client, such as "still waiting
 //! for a connection") and, when asked, `Admitted` with the time the
 //! transaction waited.
+//!
+//! Version 6 adds `Released` on session 0, in both directions: a shard
+//! that let go of a source tells its routers which shard it hands the
+//! source to, and each router passes the note on to that shard, which then
+//! opens the source without waiting for the API server to carry the same
+//! news (see [`released`]).
 
 pub mod flow;
 pub mod frame;
@@ -49,6 +55,7 @@ pub mod liveness;
 pub mod open;
 pub mod outbox;
 pub mod pg;
+pub mod released;
 pub mod stream;
 
 /// First bytes of every router-to-shard connection, in both directions:
@@ -65,6 +72,10 @@ pub const HELLO_V4: &[u8; 8] = b"SHPOOL04";
 /// Version 5 of the greeting: version 4, `Open` names the client, and
 /// the shard may send `Notice` and `Admitted`.
 pub const HELLO_V5: &[u8; 8] = b"SHPOOL05";
+
+/// Version 6 of the greeting: version 5, and `Released` notes between
+/// shards through the routers.
+pub const HELLO_V6: &[u8; 8] = b"SHPOOL06";
 
 /// Splits an `Open` payload into the source key and the Parse messages
 /// that follow it (version 4; empty otherwise).

@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
 
 use crate::proto::flow::{self, Inbox, Intake};
@@ -30,7 +30,7 @@ use crate::proto::frame::{Frame, Kind};
 use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::stream::MaybeTls;
-use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4, HELLO_V5};
+use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4, HELLO_V5, HELLO_V6};
 
 /// One connection to one shard pod.
 pub struct Link {
@@ -46,6 +46,8 @@ pub struct Link {
     carries: bool,
     /// Whether the shard speaks version 5 (Open names the client).
     names: bool,
+    /// Whether the shard speaks version 6 (`Released` notes).
+    relays: bool,
     /// Next session id to try (see [`free_id`]; taken under `sessions`).
     next_id: AtomicU32,
     /// Set when the connection failed; a new one is made on next use.
@@ -157,10 +159,12 @@ impl Link {
         addr: SocketAddr,
         shard: u32,
         tls: Option<&LinkTls>,
+        notes: mpsc::Sender<Bytes>,
     ) -> std::io::Result<Arc<Link>> {
         let mut version = 0;
         let mut stream = None;
         for (v, hello) in [
+            (6, HELLO_V6),
             (5, HELLO_V5),
             (4, HELLO_V4),
             (3, HELLO_V3),
@@ -195,6 +199,7 @@ impl Link {
             flow,
             carries,
             names,
+            relays: version >= 6,
             next_id: AtomicU32::new(1),
             dead: AtomicBool::new(false),
             socket,
@@ -227,6 +232,13 @@ impl Link {
                 loop {
                     match Frame::decode(&mut buf) {
                         Ok(Some(f)) if f.kind == Kind::Pong => {}
+                        Ok(Some(f)) if f.kind == Kind::Released && f.session == 0 => {
+                            // Passed on by the relay task; a hint only, so
+                            // dropped rather than waited for when it lags.
+                            if notes.try_send(f.payload).is_err() {
+                                tracing::debug!(shard = %reader_link.addr, "release note dropped: relay behind");
+                            }
+                        }
                         Ok(Some(f)) if matches!(f.kind, Kind::Pause | Kind::Resume) => {
                             if let Ok(s) = reader_link.sessions.lock() {
                                 if let Some(intake) = s.get(&f.session) {
@@ -316,6 +328,12 @@ impl Link {
             .then_some((id, inbox, paused))
     }
 
+    /// Passes a `Released` note on to this shard; false if it does not
+    /// speak version 6 or the link is gone.
+    pub fn relay(&self, note: Bytes) -> bool {
+        self.relays && self.alive() && self.out.push(Frame::new(0, Kind::Released, note)).is_ok()
+    }
+
     /// Queues a frame; false if the link is gone.
     pub async fn send(&self, f: Frame) -> bool {
         self.alive() && self.out.send(f).await.is_ok()
@@ -330,12 +348,16 @@ impl Link {
     }
 }
 
+/// `Released` notes waiting for the relay task (a rescale moves a few
+/// hundred sources per shard at once); more are dropped (the API server
+/// still carries the news).
+const RELAY_QUEUE: usize = 4096;
+
 /// Addresses whose connect locks are kept before unused ones are dropped
 /// (times four): shard pods come and go with rollouts.
 const MAX_LINK_ADDRS: usize = 64;
 
 /// Links by shard address.
-#[derive(Default)]
 pub struct Links {
     /// addr -> link; see the module's lock discipline.
     links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
@@ -345,16 +367,28 @@ pub struct Links {
     connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Mutual TLS settings; None when the release turned it off.
     tls: Option<LinkTls>,
+    /// Where the links put the `Released` notes their shards send.
+    notes: mpsc::Sender<Bytes>,
+    /// The other end, taken once by the relay task.
+    notes_out: Mutex<Option<mpsc::Receiver<Bytes>>>,
 }
 
 impl Links {
     /// Links made with `tls` (None: plain TCP).
     pub fn new(tls: Option<LinkTls>) -> Links {
+        let (notes, notes_out) = mpsc::channel(RELAY_QUEUE);
         Links {
             links: Mutex::default(),
             connecting: Mutex::default(),
             tls,
+            notes,
+            notes_out: Mutex::new(Some(notes_out)),
         }
+    }
+
+    /// The `Released` notes shards send over these links (once; None after).
+    pub fn notes(&self) -> Option<mpsc::Receiver<Bytes>> {
+        self.notes_out.lock().ok()?.take()
     }
 
     /// A live link to shard `shard` at `addr`, reusing the existing one.
@@ -384,7 +418,7 @@ impl Links {
         if let Some(l) = live() {
             return Ok(l);
         }
-        let link = Link::connect(addr, shard, self.tls.as_ref()).await?;
+        let link = Link::connect(addr, shard, self.tls.as_ref(), self.notes.clone()).await?;
         if let Ok(mut m) = self.links.lock() {
             // Another session may have connected meanwhile; keep one.
             if let Some(existing) = m.get(&addr) {

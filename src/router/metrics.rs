@@ -61,6 +61,8 @@ pub struct RouterMetrics {
     pub held: Counter,
     /// Batches sent again to a new owner after a drain (nothing had run).
     pub replayed: Counter,
+    /// Release notes of moved sources passed on between shards.
+    pub relayed: Counter,
     /// Client sessions this router ended while draining, by where: at an
     /// idle point, or inside a transaction at the deadline.
     pub drained: Family<DrainedAt, Counter>,
@@ -89,6 +91,7 @@ impl RouterMetrics {
             latency: Family::new_with_constructor(histogram),
             held: Counter::default(),
             replayed: Counter::default(),
+            relayed: Counter::default(),
             drained: Family::default(),
         };
         for at in ["idle", "deadline"] {
@@ -147,6 +150,11 @@ impl RouterMetrics {
             "shardpool_router_handover_replayed",
             "Batches re-sent to a source's new owner after a drain",
             m.replayed.clone(),
+        );
+        reg.register(
+            "shardpool_router_handover_notes_relayed",
+            "Release notes of moved sources passed on from their old shard to their new one",
+            m.relayed.clone(),
         );
         m
     }

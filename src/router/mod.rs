@@ -11,6 +11,7 @@ pub mod jwt;
 pub mod link;
 pub mod metrics;
 pub mod pgwire;
+pub mod relay;
 pub mod replay;
 pub mod routes;
 pub mod session;
@@ -297,6 +298,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         namespace: cfg.namespace.clone(),
         shard_port: cfg.shard_port,
         changed,
+        moves: Arc::default(),
     };
     let _ = tokio::join!(
         routes.sources.wait_until_ready(),
@@ -341,6 +343,9 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<i32> {
         cancels: Mutex::default(),
         drain: drain_rx,
     });
+    if let Some(notes) = router.links.notes() {
+        tokio::spawn(relay::run(router.clone(), notes));
+    }
     let listener = tokio::net::TcpListener::bind(cfg.pg_listen).await?;
     let http_listener = tokio::net::TcpListener::bind(cfg.http_listen).await?;
     let app = http::app(Arc::new(http::Http {

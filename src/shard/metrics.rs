@@ -32,6 +32,16 @@ pub struct Refused {
     pub write: &'static str,
 }
 
+/// What became of a release note (see [`super::released`]).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NoteOutcome {
+    /// `told` (this shard let go of a source and told at least one
+    /// router), `heard` (a router passed one on to this shard) or `opened`
+    /// (this shard opened a source on one, before the watch showed the
+    /// hand-over write).
+    pub outcome: &'static str,
+}
+
 /// Shard-wide metrics; cheap to clone (every handle is an `Arc`).
 #[derive(Debug, Clone)]
 pub struct ShardMetrics {
@@ -41,6 +51,8 @@ pub struct ShardMetrics {
     pub sessions: Gauge,
     /// Sources taken over and released.
     pub handovers: Family<Direction, Counter>,
+    /// Release notes told, heard and acted on.
+    pub notes: Family<NoteOutcome, Counter>,
     /// 1 while this process holds the shard's Lease.
     pub lease_held: Gauge,
     /// 1 while this process's claim on the Lease is certainly valid (it
@@ -68,6 +80,7 @@ impl ShardMetrics {
             checkout_wait: Histogram::new(latency_buckets()),
             sessions: Gauge::default(),
             handovers: Family::default(),
+            notes: Family::default(),
             lease_held: Gauge::default(),
             lease_valid: Gauge::default(),
             draining: Gauge::default(),
@@ -90,6 +103,14 @@ impl ShardMetrics {
         for direction in ["in", "out"] {
             let _ = m.handovers.get_or_create(&Direction { direction });
         }
+        for outcome in ["told", "heard", "opened"] {
+            let _ = m.notes.get_or_create(&NoteOutcome { outcome });
+        }
+        reg.register(
+            "shardpool_shard_release_notes",
+            "Release notes of moved sources: told to the routers, heard from them, and sources opened on one before the API server showed the hand-over",
+            m.notes.clone(),
+        );
         reg.register(
             "shardpool_shard_phase_events_suppressed",
             "Phase-change Events of DataSources not published because of the rate limits",

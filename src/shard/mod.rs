@@ -25,6 +25,7 @@ pub mod phase_events;
 pub mod pool;
 pub mod prepared;
 pub mod registry;
+pub mod released;
 pub mod scram;
 pub mod secrets;
 pub mod serve;
@@ -271,10 +272,12 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     metrics.lease_held.set(1);
     let (draining_tx, draining_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(cfg.pod_ip, cfg.port)).await?;
+    let released = Arc::new(released::Released::new(cfg.index));
     let links = tokio::spawn(serve::serve(
         listener,
         link_tls,
         registry.clone(),
+        released.clone(),
         metrics.clone(),
         draining_rx,
         stop_rx.clone(),
@@ -303,6 +306,7 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         drain_timeout,
         secrets: &secrets,
         secret_cache: &secret_cache,
+        released: &released,
     };
     let failures: Arc<Mutex<status::BuildFailures>> = Arc::default();
     // Status and rotated passwords on a task of their own: their API calls
@@ -369,6 +373,11 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
                         sources::sync_some(&sync_cx, &registry, &failures, &mut opening, keys);
                     }
                 }
+            }
+            _ = released.notified() => {
+                // A previous owner said it let go of these (see [`released`]).
+                let keys = released.take_fresh();
+                sources::sync_some(&sync_cx, &registry, &failures, &mut opening, keys);
             }
             done = opening.next_done() => {
                 let key = done.0.clone();

@@ -86,6 +86,12 @@ pub struct Registry {
     /// them, so it must not disown them. A std Mutex held only to insert,
     /// remove or test a key.
     releasing: std::sync::Mutex<HashSet<String>>,
+    /// Keys opened on a release told over the links (see
+    /// [`super::released`]) whose hand-over write the watch has not shown
+    /// yet. Their status may also be written onto a version that names no
+    /// shard as serving them (the previous owner's write only cleared the
+    /// field). A std Mutex held only to insert, remove or test a key.
+    told: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Most keys remembered as asked for (a router asking for sources that do
@@ -159,6 +165,24 @@ impl Registry {
             .lock()
             .map(|r| r.contains(key))
             .unwrap_or(true)
+    }
+
+    /// Notes that `key` is opened on a release told over the links (`true`),
+    /// or that the watch showed the hand-over write, or it left (`false`).
+    pub fn set_told(&self, key: &str, told: bool) {
+        if let Ok(mut t) = self.told.lock() {
+            if told {
+                t.insert(key.to_owned());
+            } else {
+                t.remove(key);
+            }
+        }
+    }
+
+    /// Whether `key` was opened on a release told over the links and the
+    /// watch has not shown its hand-over write yet.
+    pub fn told(&self, key: &str) -> bool {
+        self.told.lock().map(|t| t.contains(key)).unwrap_or(false)
     }
 
     /// Every served source.

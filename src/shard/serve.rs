@@ -21,8 +21,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::admission::ClientId;
-use super::metrics::ShardMetrics;
+use super::metrics::{NoteOutcome, ShardMetrics};
 use super::registry::Registry;
+use super::released::Released;
 use super::session;
 use crate::proto::flow::{self, Intake};
 use crate::proto::frame::{Frame, Kind};
@@ -30,7 +31,7 @@ use crate::proto::liveness::{self, LastHeard};
 use crate::proto::outbox::Outbox;
 use crate::proto::pg;
 use crate::proto::stream::MaybeTls;
-use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4, HELLO_V5};
+use crate::proto::{HELLO, HELLO_V1, HELLO_V3, HELLO_V4, HELLO_V5, HELLO_V6};
 
 /// Bound on a router's TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -51,6 +52,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: LinkTls,
     registry: Arc<Registry>,
+    released: Arc<Released>,
     metrics: Arc<ShardMetrics>,
     draining: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
@@ -63,6 +65,7 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let registry = registry.clone();
+                    let released = released.clone();
                     let draining = draining.clone();
                     let metrics = metrics.clone();
                     let stop = link_stop.clone();
@@ -70,7 +73,7 @@ pub async fn serve(
                     links.spawn(async move {
                         let r = match admit(stream, peer, config).await {
                             Ok(Some((stream, socket))) => {
-                                connection(stream, socket, peer, registry, metrics, draining, stop).await
+                                connection(stream, socket, peer, registry, released, metrics, draining, stop).await
                             }
                             Ok(None) => Ok(()),
                             Err(e) => Err(e),
@@ -141,11 +144,13 @@ async fn admit(
 /// "handing over" (57P01) before the link closes: a query the router sent
 /// that this shard never ran is then replayed on the next owner instead of
 /// failing with "outcome unknown" when the link drops under it.
+#[allow(clippy::too_many_arguments)]
 async fn connection<S>(
     stream: S,
     socket: socket2::Socket,
     peer: SocketAddr,
     registry: Arc<Registry>,
+    released: Arc<Released>,
     metrics: Arc<ShardMetrics>,
     draining: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
@@ -165,7 +170,9 @@ where
     // version 1 routers (older releases) do neither.
     // Version 4 routers also send prepared statements with Open.
     // Version 5 routers also say who each session is for.
-    let names = &hello == HELLO_V5;
+    // Version 6 routers also carry `Released` notes between shards.
+    let relays = &hello == HELLO_V6;
+    let names = relays || &hello == HELLO_V5;
     let carries = names || &hello == HELLO_V4;
     let flow = carries || &hello == HELLO_V3;
     let pinged = flow || &hello == HELLO;
@@ -186,6 +193,8 @@ where
             let _ = outbox.flush_to(wr).await;
         }
     });
+    // Told of every source this shard lets go of while the link lives.
+    let _told = relays.then(|| released.register(outbox.clone()));
     let heard = Arc::new(LastHeard::default());
     if pinged {
         // A router silent for this long is gone (frozen, partitioned): its
@@ -231,6 +240,23 @@ where
             match frame.kind {
                 Kind::Ping => {
                     let _ = outbox.push(liveness::pong());
+                }
+                Kind::Released if relays && id == 0 => {
+                    match crate::proto::released::decode(&frame.payload) {
+                        Some(note) => {
+                            tracing::debug!(%peer, source = %note.key, from = note.from, "told the source was released to this shard");
+                            if released.hear(note) {
+                                metrics
+                                    .notes
+                                    .get_or_create(&NoteOutcome { outcome: "heard" })
+                                    .inc();
+                            }
+                        }
+                        None => {
+                            tracing::warn!(%peer, "malformed Released note; closing router connection");
+                            break 'read;
+                        }
+                    }
                 }
                 Kind::Pause | Kind::Resume if flow => {
                     if let Some(intake) = sessions.get(&id) {
@@ -328,7 +354,8 @@ where
                 | Kind::Pause
                 | Kind::Resume
                 | Kind::Notice
-                | Kind::Admitted => {
+                | Kind::Admitted
+                | Kind::Released => {
                     tracing::warn!(%peer, "router sent a shard-side frame; closing");
                     break 'read;
                 }

@@ -276,6 +276,9 @@ pub struct SyncContext<'a> {
     pub secrets: &'a SecretWatch,
     /// Secret values read, by version.
     pub secret_cache: &'a super::secrets::SecretCache,
+    /// Releases told over the routers' links: heard from other shards, and
+    /// told for the sources this shard lets go of.
+    pub released: &'a Arc<super::released::Released>,
 }
 
 /// One [`handover::step`]: decides one source (its DataSource as the store
@@ -297,8 +300,29 @@ fn decide(
         // An annotation, not the spec: no new generation.
         s.admission.set_bypass(bypass_annotated(ds));
     }
-    let step = handover::step(ds.map(AsRef::as_ref), cx.shard, held, alive);
+    let told = cx.released.by(k);
+    if told.is_some() && held.is_some() {
+        cx.released.forget(k);
+    }
+    let step = match handover::step(ds.map(AsRef::as_ref), cx.shard, held, alive, told) {
+        // Its previous pool here still drains (it left and came back):
+        // opened again only once that release ended.
+        Step::Open | Step::ClaimAndOpen if registry.releasing(k) => {
+            Step::AwaitRelease { from: cx.shard }
+        }
+        s => s,
+    };
     opening.set_awaiting(k, matches!(step, Step::AwaitRelease { .. }));
+    if step == Step::Open && told.is_some() {
+        let serving = ds.and_then(|ds| ds.status.as_ref()?.serving_shard);
+        if serving != Some(cx.shard as i32) && !registry.told(k) {
+            registry.set_told(k, true);
+            cx.metrics
+                .notes
+                .get_or_create(&super::metrics::NoteOutcome { outcome: "opened" })
+                .inc();
+        }
+    }
     match step {
         Step::Idle | Step::Serve => None,
         Step::AwaitRelease { from } => {
@@ -422,8 +446,9 @@ pub async fn open_one(
 ) -> (String, i64, Result<Option<Source>, String>) {
     let shard = cx.shard;
     let generation = ds.metadata.generation.unwrap_or(0);
-    // Taken over: claimed here, or handed over by the previous owner's
-    // acknowledgement (servingShard names this shard, phase Pending).
+    // Taken over: claimed here, handed over by the previous owner's
+    // acknowledgement (servingShard names this shard, phase Pending), or
+    // told over the links (servingShard still names the previous owner).
     let taken_over = match step {
         Step::ClaimAndOpen => {
             let began = std::time::Instant::now();
@@ -449,7 +474,11 @@ pub async fn open_one(
             }
             true
         }
-        Step::Open => ds.status.as_ref().and_then(|s| s.phase) == Some(crate::crd::Phase::Pending),
+        Step::Open => {
+            let status = ds.status.as_ref();
+            status.and_then(|s| s.phase) == Some(crate::crd::Phase::Pending)
+                || status.and_then(|s| s.serving_shard) != Some(shard as i32)
+        }
         _ => false,
     };
     if taken_over {
@@ -474,6 +503,7 @@ pub fn opened(
         Ok(None) => {}
         Ok(Some(source)) => {
             registry.take_demand(&k);
+            cx.released.forget(&k);
             if let Ok(mut f) = failures.lock() {
                 f.remove(&k);
             }
@@ -507,10 +537,17 @@ fn release(cx: &SyncContext<'_>, registry: &Arc<Registry>, key: &str, ds: Option
         .and_then(|ds| ds.status.as_ref()?.shard)
         .and_then(|s| u32::try_from(s).ok());
     registry.set_releasing(key, true);
+    registry.set_told(key, false);
     let releasing = registry.clone();
     tracing::info!(source = %key, to, "source left this shard; draining");
     let client = cx.client.clone();
     let recorder = cx.recorder.clone();
+    let told = cx.released.clone();
+    let told_count = cx
+        .metrics
+        .notes
+        .get_or_create(&super::metrics::NoteOutcome { outcome: "told" })
+        .clone();
     let shard = cx.shard;
     let regarding = ds.map(|ds| ds.object_ref(&()));
     let released = cx
@@ -522,6 +559,15 @@ fn release(cx: &SyncContext<'_>, registry: &Arc<Registry>, key: &str, ds: Option
     let timeout = cx.drain_timeout;
     tokio::spawn(async move {
         let ended = drain(&old, deadline).await;
+        // Every connection is closed: now the next owner may open it. Told
+        // over the routers' links first (at once), then written (the record).
+        if let Some(to) = to.filter(|&to| to != shard) {
+            let routers = told.tell(&old.key, to);
+            if routers > 0 {
+                told_count.inc();
+            }
+            tracing::debug!(source = %old.key, to, routers, "release told over the links");
+        }
         if ended > 0 {
             report_ended(
                 &recorder,
@@ -533,7 +579,6 @@ fn release(cx: &SyncContext<'_>, registry: &Arc<Registry>, key: &str, ds: Option
             )
             .await;
         }
-        // Every connection is closed: now the next owner may open it.
         for attempt in 0u32.. {
             match handover::release(&client, &old.key, shard, to).await {
                 Ok(()) => {

@@ -165,8 +165,15 @@ pub async fn write(
             continue;
         }
         // A source this shard holds is written only once the watch shows
-        // the claim: a write before that would be refused (409).
-        let claimed = ds.status.as_ref().and_then(|s| s.serving_shard) == Some(shard as i32);
+        // the claim or the hand-over to it (a write before that would be
+        // refused, 409), or, when it was opened on a release told over the
+        // links, shows nobody serving it (the previous owner's write could
+        // only clear the field, or its successor disowned it).
+        let serving = ds.status.as_ref().and_then(|s| s.serving_shard);
+        if serving == Some(shard as i32) {
+            registry.set_told(&key, false);
+        }
+        let claimed = serving == Some(shard as i32) || (serving.is_none() && registry.told(&key));
         if registry.get(&key).is_some() && !claimed {
             continue;
         }

@@ -42,26 +42,32 @@ fn all_alive(_: u32) -> bool {
 #[test]
 fn a_source_of_another_shard_that_we_do_not_hold_is_left_alone() {
     let ds = source(Some(2), Some(2), false, 1);
-    assert_eq!(step(Some(&ds), 1, None, all_alive), Step::Idle);
-    assert_eq!(step(None, 1, None, all_alive), Step::Idle);
+    assert_eq!(step(Some(&ds), 1, None, all_alive, None), Step::Idle);
+    assert_eq!(step(None, 1, None, all_alive, None), Step::Idle);
 }
 
 #[test]
 fn a_free_source_is_claimed_before_it_is_opened() {
     let ds = source(Some(1), None, false, 1);
-    assert_eq!(step(Some(&ds), 1, None, all_alive), Step::ClaimAndOpen);
+    assert_eq!(
+        step(Some(&ds), 1, None, all_alive, None),
+        Step::ClaimAndOpen
+    );
 }
 
 #[test]
 fn a_source_still_served_by_a_live_shard_waits_for_its_release() {
     let ds = source(Some(1), Some(0), false, 1);
     assert_eq!(
-        step(Some(&ds), 1, None, all_alive),
+        step(Some(&ds), 1, None, all_alive, None),
         Step::AwaitRelease { from: 0 }
     );
     assert!(!may_open(&ds, 1, all_alive));
     // Shard 0 is gone (no live Lease holder): it holds nothing any more.
-    assert_eq!(step(Some(&ds), 1, None, none_alive), Step::ClaimAndOpen);
+    assert_eq!(
+        step(Some(&ds), 1, None, none_alive, None),
+        Step::ClaimAndOpen
+    );
     assert!(may_open(&ds, 1, none_alive));
     // Only the shard named as serving matters.
     assert!(!may_open(&ds, 1, |k| k == 0));
@@ -69,42 +75,75 @@ fn a_source_still_served_by_a_live_shard_waits_for_its_release() {
 }
 
 #[test]
+fn a_release_told_by_the_serving_shard_opens_without_waiting_for_its_write() {
+    let ds = source(Some(1), Some(0), false, 1);
+    // Shard 0 said it let go of the source: open, no claim (its hand-over
+    // write names shard 1).
+    assert_eq!(step(Some(&ds), 1, None, all_alive, Some(0)), Step::Open);
+    // A note from a shard that does not serve it changes nothing.
+    assert_eq!(
+        step(Some(&ds), 1, None, all_alive, Some(2)),
+        Step::AwaitRelease { from: 0 }
+    );
+    // Nor does one about a source not (yet) assigned here, or held here.
+    let elsewhere = source(Some(2), Some(0), false, 1);
+    assert_eq!(
+        step(Some(&elsewhere), 1, None, all_alive, Some(0)),
+        Step::Idle
+    );
+    let held = source(Some(1), Some(0), false, 1);
+    assert_eq!(
+        step(Some(&held), 1, Some(1), all_alive, Some(0)),
+        Step::Serve
+    );
+}
+
+#[test]
 fn a_source_this_shard_claimed_earlier_is_opened_without_a_new_claim() {
     let ds = source(Some(1), Some(1), false, 1);
-    assert_eq!(step(Some(&ds), 1, None, all_alive), Step::Open);
+    assert_eq!(step(Some(&ds), 1, None, all_alive, None), Step::Open);
 }
 
 #[test]
 fn a_held_source_is_served_while_its_spec_is_unchanged_and_rebuilt_after() {
     let ds = source(Some(1), Some(1), false, 3);
-    assert_eq!(step(Some(&ds), 1, Some(3), all_alive), Step::Serve);
-    assert_eq!(step(Some(&ds), 1, Some(2), all_alive), Step::Rebuild);
+    assert_eq!(step(Some(&ds), 1, Some(3), all_alive, None), Step::Serve);
+    assert_eq!(step(Some(&ds), 1, Some(2), all_alive, None), Step::Rebuild);
 }
 
 #[test]
 fn a_held_source_that_moved_paused_or_vanished_is_released() {
     let moved = source(Some(2), Some(1), false, 1);
-    assert_eq!(step(Some(&moved), 1, Some(1), all_alive), Step::Release);
+    assert_eq!(
+        step(Some(&moved), 1, Some(1), all_alive, None),
+        Step::Release
+    );
     let paused = source(Some(1), Some(1), true, 2);
-    assert_eq!(step(Some(&paused), 1, Some(1), all_alive), Step::Release);
+    assert_eq!(
+        step(Some(&paused), 1, Some(1), all_alive, None),
+        Step::Release
+    );
     assert!(!wanted(&paused, 1));
-    assert_eq!(step(None, 1, Some(1), all_alive), Step::Release);
+    assert_eq!(step(None, 1, Some(1), all_alive, None), Step::Release);
 }
 
 #[test]
 fn a_shard_named_as_serving_what_it_neither_holds_nor_is_assigned_disowns_it() {
     // Handed to shard 1, then moved on to shard 2 before shard 1 opened it.
     let moved_on = source(Some(2), Some(1), false, 1);
-    assert_eq!(step(Some(&moved_on), 1, None, all_alive), Step::Disown);
+    assert_eq!(
+        step(Some(&moved_on), 1, None, all_alive, None),
+        Step::Disown
+    );
     // Shard 2 waits for shard 1 until then.
     assert_eq!(
-        step(Some(&moved_on), 2, None, all_alive),
+        step(Some(&moved_on), 2, None, all_alive, None),
         Step::AwaitRelease { from: 1 }
     );
     let paused = source(Some(1), Some(1), true, 1);
-    assert_eq!(step(Some(&paused), 1, None, all_alive), Step::Disown);
+    assert_eq!(step(Some(&paused), 1, None, all_alive, None), Step::Disown);
     // Another shard's name is not ours to clear.
-    assert_eq!(step(Some(&moved_on), 3, None, all_alive), Step::Idle);
+    assert_eq!(step(Some(&moved_on), 3, None, all_alive, None), Step::Idle);
 }
 
 #[test]
