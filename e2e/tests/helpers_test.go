@@ -218,11 +218,17 @@ func placedAmong(key string, recorded, shards int) bool {
 		return false
 	}
 	lo, hi := min(recorded, shards), max(recorded, shards)
+	return preferredShard(key, hi) < lo
+}
+
+// preferredShard is the shard among 0..count-1 with the highest placement
+// score for key: where the operator places the source among count shards.
+func preferredShard(key string, count int) int {
 	top, best := uint32(0), placementScore(key, 0)
-	for s := uint32(1); s < uint32(hi); s++ {
+	for s := uint32(1); s < uint32(count); s++ {
 		if v := placementScore(key, s); v > best {
 			top, best = s, v
 		}
 	}
-	return int(top) < lo
+	return int(top)
 }

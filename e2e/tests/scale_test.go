@@ -239,17 +239,26 @@ func TestRescaleMovesWithoutOverlap(t *testing.T) {
 	after := settledAt(t, ns, n)
 	moved := 0
 	for name, s := range after {
+		// Exactly the sources whose preferred shard among 4 is the new
+		// one move (about a quarter: 60 names give 9-21 in 95 of 100
+		// namespaces, so the count alone is no check; the operator's
+		// rule is, with TestPlacementScoreMatchesTheOperator).
+		wantMove := preferredShard(ns+"/"+name, 4) == 3
 		if s != before[name] {
 			moved++
 			if s != "3" {
 				t.Errorf("%s moved from shard %s to %s, not to the new shard 3", name, before[name], s)
 			}
+			if !wantMove {
+				t.Errorf("%s moved from shard %s to %s, though shard %d stays its preferred shard among 4", name, before[name], s, preferredShard(ns+"/"+name, 4))
+			}
+		} else if wantMove {
+			t.Errorf("%s stayed on shard %s, though the new shard 3 is its preferred shard among 4", name, s)
 		}
 	}
-	frac := float64(moved) / n
-	t.Logf("3 -> 4 shards: %d of %d sources moved (%.0f%%)", moved, n, frac*100)
-	if frac < 0.15 || frac > 0.35 {
-		t.Errorf("3 -> 4 moved %.0f%% of the sources, want about 25%%", frac*100)
+	t.Logf("3 -> 4 shards: %d of %d sources moved (%.0f%%), each one preferring the new shard", moved, n, float64(moved)/n*100)
+	if moved == 0 {
+		t.Error("no source moved: nothing was tested")
 	}
 
 	helmSet(t, "shard.count=3")
