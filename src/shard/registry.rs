@@ -149,13 +149,7 @@ impl Registry {
     /// Notes that a removed source's release (drain, then acknowledgement)
     /// runs (`true`) or ended (`false`).
     pub fn set_releasing(&self, key: &str, running: bool) {
-        if let Ok(mut r) = self.releasing.lock() {
-            if running {
-                r.insert(key.to_owned());
-            } else {
-                r.remove(key);
-            }
-        }
+        mark(&self.releasing, key, running);
     }
 
     /// Whether a removed source's release still runs (or the lock is
@@ -170,13 +164,7 @@ impl Registry {
     /// Notes that `key` is opened on a release told over the links (`true`),
     /// or that the watch showed the hand-over write, or it left (`false`).
     pub fn set_told(&self, key: &str, told: bool) {
-        if let Ok(mut t) = self.told.lock() {
-            if told {
-                t.insert(key.to_owned());
-            } else {
-                t.remove(key);
-            }
-        }
+        mark(&self.told, key, told);
     }
 
     /// Whether `key` was opened on a release told over the links and the
@@ -196,6 +184,18 @@ impl Registry {
     /// Sessions mid-transaction, over all sources.
     pub fn busy(&self) -> usize {
         self.all().iter().map(|s| s.busy()).sum()
+    }
+}
+
+/// Puts `key` into `set` (`on`) or takes it out; the lock is held for that
+/// only.
+fn mark(set: &std::sync::Mutex<HashSet<String>>, key: &str, on: bool) {
+    if let Ok(mut s) = set.lock() {
+        if on {
+            s.insert(key.to_owned());
+        } else {
+            s.remove(key);
+        }
     }
 }
 
