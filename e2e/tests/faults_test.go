@@ -235,6 +235,19 @@ func TestFaults(t *testing.T) {
 		movers = append(movers, fmt.Sprintf("m%02d", i))
 		source(movers[i], os.Getenv("WAREHOUSE_PGHOST"), whPort, "minIdle: 1, maxSize: 3, connectTimeout: 2s, acquireTimeout: 10s")
 	}
+	// A source that the rescale 3 -> 4 surely moves (its preferred shard
+	// among 4 is the new one): a transaction held open on it keeps its old
+	// shard draining it while that shard is cut from the API server.
+	held := ""
+	for i := 0; i < 100 && held == ""; i++ {
+		if name := fmt.Sprintf("h%02d", i); preferredShard(e.ns+"/"+name, 4) == 3 {
+			held = name
+		}
+	}
+	if held == "" {
+		t.Fatal("no name h00-h99 prefers shard 3 among 4")
+	}
+	source(held, os.Getenv("WAREHOUSE_PGHOST"), whPort, "minIdle: 1, maxSize: 3, connectTimeout: 2s, acquireTimeout: 10s")
 	if _, stderr, err := kubectl(t, b.String(), "apply", "-f", "-"); err != nil {
 		t.Fatalf("apply: %v\n%s", err, stderr)
 	}
@@ -567,9 +580,80 @@ func TestFaults(t *testing.T) {
 	}
 	heardBefore, openedBefore := notes("heard"), notes("opened")
 	var heard, onNote float64
+	// The held source: its old shard tells its release over the links and
+	// is then cut from the API server before its hand-over write; the new
+	// shard, which opened the source on the note, must report it Ready on
+	// its own once the old shard's Lease has expired.
+	var heldOut struct {
+		pod              string
+		query, reported  time.Duration
+		queryErr, status string
+	}
 	e.row(t, "rescale 3 -> 4 shards, every source under load", all, func(t *testing.T) string {
+		heldOut.pod, _ = e.holder(t, held)
+		oldShard := before[held]
+		tx, err := e.connect(ctx, e.ns+"."+held)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Close(ctx)
+		if _, err := tx.Exec(ctx, "BEGIN"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
 		helmSet(t, "shard.count=4")
 		shardsUp(t, 4)
+		// Every other source settled among 4 shards; the held one assigned
+		// to shard 3 and still served by its old shard, which drains it.
+		eventually(t, 40*time.Second, "every source but "+held+" settled, "+held+" draining on shard "+oldShard, func() (bool, error) {
+			if _, why := settledExcept(t, e.ns, held); why != "" {
+				return false, fmt.Errorf("%s", why)
+			}
+			a := assignments(t, e.ns)[held]
+			return a[0] == "3" && a[2] == oldShard, fmt.Errorf("%s: shard %s, phase %s, servingShard %s", held, a[0], a[1], a[2])
+		})
+		heal, err := h.FaultPodAPI(systemNS, heldOut.pod, fault.Cut)
+		if err != nil {
+			t.Fatal(err)
+		}
+		healed := false
+		defer func() {
+			if !healed {
+				_ = heal()
+			}
+		}()
+		// The transaction ends: the old shard closes the source's last
+		// connection and tells the routers; its write cannot reach the API
+		// server. The session's next query goes to the new owner.
+		if _, err := tx.Exec(ctx, "COMMIT"); err != nil {
+			t.Fatalf("COMMIT on the draining shard: %v", err)
+		}
+		committed := time.Now()
+		qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		_, err = tx.Exec(qctx, "SELECT 1")
+		cancel()
+		heldOut.query = time.Since(committed)
+		if err != nil {
+			heldOut.queryErr = err.Error()
+		}
+		// Ready on shard 3 while the old shard is still cut off: reported
+		// by the new owner once the old one's Lease (15 s) has expired.
+		deadline := time.Now().Add(45 * time.Second)
+		for time.Now().Before(deadline) {
+			a := assignments(t, e.ns)[held]
+			heldOut.status = fmt.Sprintf("shard %s, phase %s, servingShard %s", a[0], a[1], a[2])
+			if a[0] == "3" && a[1] == "Ready" && a[2] == "3" {
+				heldOut.reported = time.Since(committed)
+				break
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+		healed = true
+		if err := heal(); err != nil {
+			t.Fatal(err)
+		}
 		after := e.shardsOf(t)
 		for name, s := range after {
 			if s != before[name] {
@@ -581,8 +665,17 @@ func TestFaults(t *testing.T) {
 		}
 		time.Sleep(2 * time.Second)
 		heard, onNote = notes("heard")-heardBefore, notes("opened")-openedBefore
-		return fmt.Sprintf("%d of %d sources moved to shard 3; %.0f release notes heard, %.0f opened on one", len(moved), len(after), heard, onNote)
+		t.Logf("%s: old shard %s cut from the API server after its release note; the session's next query answered %s after COMMIT (%s); Ready on shard 3 %s after COMMIT (last seen: %s)",
+			held, heldOut.pod, heldOut.query.Round(time.Millisecond), heldOut.queryErr, heldOut.reported.Round(time.Millisecond), heldOut.status)
+		return fmt.Sprintf("%d of %d sources moved to shard 3; %.0f release notes heard, %.0f opened on one; %s, its old shard cut from the API server before its hand-over write: next query %s after COMMIT, Ready on shard 3 after %s",
+			len(moved), len(after), heard, onNote, held, heldOut.query.Round(time.Millisecond), heldOut.reported.Round(100*time.Millisecond))
 	}, func(t *testing.T, r fault.Report) {
+		if heldOut.queryErr != "" {
+			t.Errorf("%s: the query after COMMIT failed: %s", held, heldOut.queryErr)
+		}
+		if heldOut.reported == 0 {
+			t.Errorf("%s was not reported Ready on shard 3 within 45 s while its old shard %s, cut from the API server, could not write the hand-over (%s)", held, heldOut.pod, heldOut.status)
+		}
 		if len(moved) == 0 {
 			t.Error("no source moved: nothing was tested")
 		}

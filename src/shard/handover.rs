@@ -22,7 +22,11 @@
 //!    routers, which pass the note to the new owner (see
 //!    [`super::released`]): the new owner opens on the note when its view
 //!    still names the old shard as serving, without waiting for the write
-//!    and its own watch (together 1.3 s median at full size).
+//!    and its own watch (together 1.3 s median at full size). It reports
+//!    the source once the write shows, or, should the old shard die or
+//!    lose the API server between note and write, once the old shard's
+//!    Lease has expired ([`may_report`]); a stopping shard waits for its
+//!    hand-over writes before it lets go of its Lease.
 //! 3. A shard named in `servingShard` that neither holds the source nor is
 //!    assigned it (a hand-over to it that another move overtook, a claim
 //!    whose pool never opened, a release its previous process did not
@@ -140,6 +144,23 @@ pub fn step(
             }
         }
     }
+}
+
+/// Whether this shard may write the status of a source it holds (the write
+/// names it as serving the source, onto the version it read): the watch
+/// shows it serving the source (its claim, or the previous owner's
+/// hand-over to it), or it opened the source on a release told over the
+/// links (`told`, see [`super::released`]) and nobody else may still serve
+/// it: the field is unset (the previous owner's write only cleared it, or
+/// its successor disowned it) or names a shard whose Lease has no live
+/// holder (it stopped, crashed or was cut off between its note and its
+/// hand-over write; the write then stands in for the claim a successor
+/// makes of a dead shard's source, see [`may_open`]). Without the last
+/// case such a source stayed unreported for good: held, served, but never
+/// Ready.
+pub fn may_report(ds: &DataSource, shard: u32, told: bool, alive: impl Fn(u32) -> bool) -> bool {
+    let serving = ds.status.as_ref().and_then(|s| s.serving_shard);
+    serving == Some(shard as i32) || (told && may_open(ds, shard, alive))
 }
 
 /// Claims the source for `shard` before its pool opens, on exactly the

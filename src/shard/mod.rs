@@ -60,6 +60,10 @@ const SYNC_SPACING: Duration = Duration::from_millis(50);
 /// sockets (see [`pool::maintain_with`]).
 const PROBE_EVERY: u32 = 4;
 
+/// How long a stopping shard, its pools closed, waits at most for the
+/// hand-over writes of sources that moved away just before SIGTERM.
+const RELEASE_WRITES_WAIT: Duration = Duration::from_secs(10);
+
 /// Shard settings, from flags and the pod's environment.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ShardConfig {
@@ -314,6 +318,8 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     tokio::spawn(report(
         client.clone(),
         store.clone(),
+        lease_store.clone(),
+        cfg.namespace.clone(),
         secrets.clone(),
         cfg.index,
         cfg.pod_name.clone(),
@@ -475,6 +481,25 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
         sources::wait_closed(s).await;
     }))
     .await;
+    // Sources that moved away before SIGTERM drain on their own tasks and
+    // end with the hand-over write; the Lease goes only after those, or
+    // after RELEASE_WRITES_WAIT (an API server that does not answer), but
+    // never much past the drain deadline (the grace period ends 5 s after
+    // it). Their next owners may have opened them on this shard's note
+    // already: the write is what reports them Ready at once, not only
+    // once this Lease has expired.
+    let writes_due =
+        (tokio::time::Instant::now() + RELEASE_WRITES_WAIT).min(deadline + Duration::from_secs(2));
+    while registry.releases_running() > 0 && tokio::time::Instant::now() < writes_due {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let unwritten = registry.releases_running();
+    if unwritten > 0 {
+        tracing::warn!(
+            unwritten,
+            "exiting before every hand-over was written; their next owners report them once this Lease has expired"
+        );
+    }
     let closed = began.elapsed();
     if let Err(e) = keeper.release().await {
         tracing::warn!(error = %e, "lease release failed; the successor waits for expiry");
@@ -501,6 +526,8 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
 async fn report(
     client: Client,
     store: Store<DataSource>,
+    leases: Store<Lease>,
+    namespace: String,
     secrets: Arc<secrets::SecretWatch>,
     shard: u32,
     pod: String,
@@ -529,6 +556,7 @@ async fn report(
             &mut written,
             &metrics,
             &mut events,
+            |s| handover::shard_alive(&leases, &namespace, s),
         )
         .await;
     }

@@ -161,6 +161,11 @@ impl Registry {
             .unwrap_or(true)
     }
 
+    /// How many removed sources' releases still run.
+    pub fn releases_running(&self) -> usize {
+        self.releasing.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
     /// Notes that `key` is opened on a release told over the links (`true`),
     /// or that the watch showed the hand-over write, or it left (`false`).
     pub fn set_told(&self, key: &str, told: bool) {

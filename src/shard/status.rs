@@ -137,6 +137,7 @@ pub async fn write(
     written: &mut Written,
     metrics: &super::metrics::ShardMetrics,
     events: &mut Events,
+    alive: impl Fn(u32) -> bool,
 ) {
     let mut due_now = Vec::new();
     for ds in store.state() {
@@ -167,14 +168,14 @@ pub async fn write(
         // A source this shard holds is written only once the watch shows
         // the claim or the hand-over to it (a write before that would be
         // refused, 409), or, when it was opened on a release told over the
-        // links, shows nobody serving it (the previous owner's write could
-        // only clear the field, or its successor disowned it).
+        // links, shows no live shard serving it (see handover::may_report).
         let serving = ds.status.as_ref().and_then(|s| s.serving_shard);
         if serving == Some(shard as i32) {
             registry.set_told(&key, false);
         }
-        let claimed = serving == Some(shard as i32) || (serving.is_none() && registry.told(&key));
-        if registry.get(&key).is_some() && !claimed {
+        if registry.get(&key).is_some()
+            && !handover::may_report(&ds, shard, registry.told(&key), &alive)
+        {
             continue;
         }
         due_now.push((ds, key, obs));

@@ -99,6 +99,25 @@ fn a_release_told_by_the_serving_shard_opens_without_waiting_for_its_write() {
 }
 
 #[test]
+fn a_source_opened_on_a_note_is_reported_once_no_live_shard_may_serve_it() {
+    let from = |serving| source(Some(1), serving, false, 1);
+    // The hand-over write (or a claim) shows: reported, told or not.
+    assert!(may_report(&from(Some(1)), 1, false, all_alive));
+    assert!(may_report(&from(Some(1)), 1, true, all_alive));
+    // Opened on the note; the previous owner still named and alive: its
+    // hand-over write is on its way, the report waits for it.
+    assert!(!may_report(&from(Some(0)), 1, true, all_alive));
+    // The previous owner cleared the field, or it died (or was cut off)
+    // before its write: reported, and the write names this shard.
+    assert!(may_report(&from(None), 1, true, all_alive));
+    assert!(may_report(&from(Some(0)), 1, true, none_alive));
+    // Not opened on a note: a source held here is reported only once the
+    // watch shows this shard serving it.
+    assert!(!may_report(&from(None), 1, false, all_alive));
+    assert!(!may_report(&from(Some(0)), 1, false, none_alive));
+}
+
+#[test]
 fn a_source_this_shard_claimed_earlier_is_opened_without_a_new_claim() {
     let ds = source(Some(1), Some(1), false, 1);
     assert_eq!(step(Some(&ds), 1, None, all_alive, None), Step::Open);
