@@ -21,33 +21,68 @@ import (
 // the warehouse side per owning process (<shard>/<token>).
 type connTally map[string]map[string]int
 
+func (t connTally) add(src, owner string) {
+	if t[src] == nil {
+		t[src] = map[string]int{}
+	}
+	t[src][owner]++
+}
+
+// connSample is one look at the warehouse side. With fronts a look takes
+// seconds (the kernel's socket table is read before and after the
+// listings), and a connection closed or opened meanwhile is seen too:
+// `all` counts every connection held at some moment of the sample, `start`
+// those held when it began (the first read of the socket table), `end`
+// those held when it ended (the last read). A pool that replaces one
+// connection during the sample is 13 in `all` but 12 at its start and at
+// its end; a pool that really held 13 at once is 13 in one of them, unless
+// the 13th both opened and closed within the sample. pg_stat_activity is
+// one snapshot: all three are the same.
+type connSample struct {
+	all, start, end connTally
+	// gone counts listings of the fronts with no client end left (see
+	// frontListings): not connections any process holds, not counted.
+	gone int
+}
+
 // sampleConns counts the warehouse-side connections of every source in ns.
 // With fronts it also returns how many client listings of the fronts have
 // no client end left (see frontListings): not connections any process holds,
 // so not in the tally.
 func sampleConns(ctx context.Context, s scaleSpec, ns string) (connTally, int, error) {
-	apps, dead, err := warehouseApps(ctx, s, ns)
+	one, err := sampleSpan(ctx, s, ns)
+	return one.all, one.gone, err
+}
+
+// sampleSpan is sampleConns, telling the connections held at the start and
+// at the end of the sample apart (see connSample).
+func sampleSpan(ctx context.Context, s scaleSpec, ns string) (connSample, error) {
+	held, dead, err := warehouseApps(ctx, s, ns)
 	if err != nil {
-		return nil, 0, err
+		return connSample{}, err
 	}
-	tally := connTally{}
-	for _, app := range apps {
-		src, _, owner, ok := appOwner(app)
+	out := connSample{all: connTally{}, start: connTally{}, end: connTally{}, gone: dead}
+	for _, l := range held {
+		src, _, owner, ok := appOwner(l.app)
 		if !ok {
 			continue
 		}
-		if tally[src] == nil {
-			tally[src] = map[string]int{}
+		out.all.add(src, owner)
+		if l.early {
+			out.start.add(src, owner)
 		}
-		tally[src][owner]++
+		if l.late {
+			out.end.add(src, owner)
+		}
 	}
-	return tally, dead, nil
+	return out, nil
 }
 
-// warehouseApps lists the application_name of every connection of a
-// source of ns that the warehouse side holds, and (fronts only) how many
+// warehouseApps lists every connection of a source of ns that the
+// warehouse side holds (its application_name, and whether it was held at
+// the start and at the end of the sample), and (fronts only) how many
 // listings had no client end.
-func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, error) {
+func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]listing, int, error) {
 	prefix := "shardpool/" + ns + "/"
 	if !s.Fronts {
 		conn, err := pgx.Connect(ctx, fmt.Sprintf("host=%s port=%s user=%s password=%s dbname=postgres sslmode=disable",
@@ -61,7 +96,11 @@ func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, 
 			return nil, 0, err
 		}
 		apps, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		return apps, 0, err
+		held := make([]listing, 0, len(apps))
+		for _, app := range apps {
+			held = append(held, listing{app: app, early: true, late: true})
+		}
+		return held, 0, err
 	}
 	// The kernel's client ends before and after the listings of every
 	// front: a listed connection that was open at any moment of them is in
@@ -92,6 +131,7 @@ func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, 
 	var held, missing []listing
 	for _, l := range listed {
 		end := [2]int{l.port, l.front}
+		l.early, l.late = before[end] != 0, after[end] != 0
 		if ino := max(after[end], before[end]); ino != 0 {
 			l.inode = ino
 			held = append(held, l)
@@ -111,7 +151,9 @@ func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, 
 		still := missing[:0]
 		for _, l := range missing {
 			if ino := again[[2]int{l.port, l.front}]; ino != 0 {
-				l.inode = ino
+				// Held after the sample: at its end (a skipped entry of
+				// the first reads, or opened during the sample).
+				l.inode, l.late = ino, true
 				held = append(held, l)
 			} else {
 				still = append(still, l)
@@ -134,7 +176,7 @@ func warehouseApps(ctx context.Context, s scaleSpec, ns string) ([]string, int, 
 // process comes from /proc/<pid>/fd; a process's token is the one most of
 // its sockets' listings carry. Returns the applications kept and how many
 // listings were dropped as reused ports.
-func byTheirOwners(held []listing) ([]string, int, error) {
+func byTheirOwners(held []listing) ([]listing, int, error) {
 	owner, err := socketOwners()
 	if err != nil {
 		return nil, 0, err
@@ -160,7 +202,7 @@ func byTheirOwners(held []listing) ([]string, int, error) {
 			}
 		}
 	}
-	var out []string
+	var out []listing
 	reused := 0
 	for _, l := range held {
 		pid := owner[l.inode]
@@ -169,7 +211,7 @@ func byTheirOwners(held []listing) ([]string, int, error) {
 			reused++
 			continue
 		}
-		out = append(out, l.app)
+		out = append(out, l)
 	}
 	return out, reused, nil
 }
@@ -219,6 +261,10 @@ type listing struct {
 	front int
 	since string // connect_time as PgBouncer writes it (sorts as time)
 	inode uint64 // of the client socket, once found
+	// early, late: its client end was in the socket table read before the
+	// listings (held at the start of the sample), in one read after them
+	// (held at its end).
+	early, late bool
 }
 
 // clientEnds lists the established loopback TCP connections by their

@@ -322,6 +322,12 @@ type loadResult struct {
 	// owners2 counts the (source, sample) pairs of `over` with two owners
 	// or more (the rest are one owner above the source's connections).
 	owners2 int
+	// atOnce: the pairs of `over` that were over at one moment, the start
+	// or the end of the sample (see connSample); the rest of `over` only
+	// counted both the closed and the opened connections of a change made
+	// during the sample. atOnceOwners2: those of them with two owners.
+	atOnce        []string
+	atOnceOwners2 int
 	// below counts (source, sample) pairs under the source's connections:
 	// sources being handed over at that moment.
 	below int
@@ -382,25 +388,40 @@ func underLoad(t *testing.T, ns string, s scaleSpec, load *fault.Load, change fu
 			default:
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			tally, gone, err := sampleConns(ctx, s, ns)
+			one, err := sampleSpan(ctx, s, ns)
 			cancel()
 			if err != nil {
 				sampleErr = err
 				time.Sleep(time.Second)
 				continue
 			}
+			tally := one.all
 			res.samples++
-			res.gone = max(res.gone, gone)
-			for src, owners := range tally {
+			res.gone = max(res.gone, one.gone)
+			over := func(owners map[string]int) bool {
 				total := 0
 				for _, n := range owners {
 					total += n
 				}
-				if len(owners) > 1 || total > s.Conns {
-					res.over = append(res.over, fmt.Sprintf("%s %v at %s", src, owners, time.Now().Format("15:04:05.000")))
+				return len(owners) > 1 || total > s.Conns
+			}
+			at := time.Now().Format("15:04:05.000")
+			for src, owners := range tally {
+				if !over(owners) {
+					continue
 				}
+				res.over = append(res.over, fmt.Sprintf("%s %v at %s", src, owners, at))
 				if len(owners) > 1 {
 					res.owners2++
+				}
+				// Above at one moment: at the start or at the end of the
+				// sample (see connSample).
+				start, end := one.start[src], one.end[src]
+				if over(start) || over(end) {
+					res.atOnce = append(res.atOnce, fmt.Sprintf("%s %v at its start, %v at its end, sample ending %s", src, start, end, at))
+					if len(start) > 1 || len(end) > 1 {
+						res.atOnceOwners2++
+					}
 				}
 			}
 			for i := 0; i < s.N; i++ {
@@ -534,6 +555,13 @@ func reportLoad(t *testing.T, r *reporter, res loadResult, s scaleSpec) {
 		r.say("  handover of shard %s's sources (old owner's last answer -> new owner's first): median %.3f s, longest %.3f s, %d sources", k, median.Seconds(), worst.Seconds(), len(res.handover[k]))
 	}
 	r.say("  warehouse side: %d samples; %d (source, sample) pairs above %d connections or with two owners (%d with two owners); %d below (being handed over)", res.samples, len(res.over), s.Conns, res.owners2, res.below)
+	if s.Fronts {
+		r.say("    of those, at one moment (the start or the end of a sample): %d (%d with two owners); the other %d only counting both the closed and the opened connections of a change made during the sample (a sample takes seconds here)",
+			len(res.atOnce), res.atOnceOwners2, len(res.over)-len(res.atOnce))
+		for _, a := range res.atOnce[:min(len(res.atOnce), 5)] {
+			r.say("    e.g. %s", a)
+		}
+	}
 	if s.Fronts {
 		r.say("  front listings no process of their owner holds (PgBouncer still listing a closed client: no client end, or its port reused by another process; left out above): at most %d in one sample", res.gone)
 	}
