@@ -22,6 +22,7 @@
 #   CONNECT_LIMIT=64 bench/scale.sh                 # shard.connectLimit
 #   FRONT_POOL=4 bench/scale.sh                     # server connections per front (default 16)
 #   KEEP_CLUSTER=1 bench/scale.sh                   # leave the cluster and fronts running
+#   LOG_LEVEL=info,shardpool::shard::pool=debug bench/scale.sh  # RUST_LOG of every component
 #   CONNS=1 SCALE_CHANGES=0 bench/scale.sh          # no rollout or rescale; beside a run
 #                                                   # at CONNS=12 it splits shard memory
 #                                                   # into sources and connections
@@ -93,7 +94,8 @@ HELM="$ROOT/e2e/.bin/helm"
 
 log "$SHARDS shards, connect limit $CONNECT_LIMIT"
 "$HELM" --kubeconfig "$KUBECONFIG" upgrade shardpool "$ROOT/charts/shardpool" -n "$SYS" \
-  --reuse-values --set shard.count="$SHARDS" --set shard.connectLimit="$CONNECT_LIMIT" --wait --timeout 180s >/dev/null
+  --reuse-values --set shard.count="$SHARDS" --set shard.connectLimit="$CONNECT_LIMIT" \
+  ${LOG_LEVEL:+--set-string "logLevel=${LOG_LEVEL//,/\\,}"} --wait --timeout 180s >/dev/null
 deadline=$((SECONDS + 180))
 until [ "$(kc -n "$SYS" get pods -l app.kubernetes.io/component=shard -o jsonpath='{range .items[*]}{.metadata.deletionTimestamp}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -cx True || true)" = "$SHARDS" ]; do
   ((SECONDS < deadline)) || { echo "$SHARDS shards not Ready within 180 s" >&2; exit 1; }

@@ -130,6 +130,8 @@ fn note_growth(pool: &Pool, conn: &Conn) {
             application_name = %pool.manager().application_name(),
             size = status.size,
             idle = status.available,
+            waiting = status.waiting,
+            opening = pool.manager().opening(),
             "a query opened a connection above minIdle"
         );
     }

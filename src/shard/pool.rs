@@ -391,6 +391,12 @@ impl Manager {
     /// None, in a demand slot.
     pub async fn open(&self, slot: Option<Slot>) -> Result<ServerConn, ConnectError> {
         let _opening = Opening::new(&self.opening);
+        tracing::debug!(
+            application_name = %self.params.application_name,
+            demand = slot.is_none(),
+            opening = self.opening.load(Ordering::Relaxed),
+            "opening a server connection"
+        );
         if self.closing.load(Ordering::Acquire) {
             return Err(ConnectError::Closed);
         }
@@ -459,6 +465,7 @@ impl managed::Manager for Manager {
 
     async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ConnectError> {
         if !conn.idle_and_alive() {
+            tracing::debug!(application_name = %self.params.application_name, broken = conn.is_broken(), "a checkout found an idle connection closed or unreadable; replaced");
             return Err(RecycleError::message(
                 "connection closed or in an unknown state",
             ));
@@ -597,11 +604,18 @@ pub async fn maintain_with(pool: &Pool, probe: bool) -> usize {
     let mut stale_quota = s.min_idle.saturating_sub(fresh);
     let removed = pool.retain(|conn, m| {
         if !conn.idle_unbroken() || dead.contains(&conn.backend_pid) {
+            tracing::debug!(
+                application_name = %manager.params.application_name,
+                broken = conn.is_broken(),
+                unread = !conn.idle_unbroken() && !conn.is_broken(),
+                "an idle connection was closed by its server or broke; dropped"
+            );
             return false;
         }
         if m.last_used() > s.idle_timeout {
             if stale_quota == 0 {
                 // Idle too long and not needed for minIdle: trimmed.
+                tracing::debug!(application_name = %manager.params.application_name, "an idle connection past idleTimeout trimmed");
                 return false;
             }
             stale_quota -= 1;
