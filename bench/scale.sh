@@ -23,6 +23,9 @@
 #   FRONT_POOL=4 bench/scale.sh                     # server connections per front (default 16)
 #   KEEP_CLUSTER=1 bench/scale.sh                   # leave the cluster and fronts running
 #   LOG_LEVEL=info,shardpool::shard::pool=debug bench/scale.sh  # RUST_LOG of every component
+#   NET_BACKLOG=65536 bench/scale.sh                # net.core.netdev_max_backlog for the run (root;
+#                                                   # restored after): at 72,000 loopback connections
+#                                                   # the default 1,000 drops keepalive probes
 #   CONNS=1 SCALE_CHANGES=0 bench/scale.sh          # no rollout or rescale; beside a run
 #                                                   # at CONNS=12 it splits shard memory
 #                                                   # into sources and connections
@@ -75,7 +78,23 @@ FRONTS_ADMIN_PASSWORD="$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' |
 export FRONTS_ADMIN_PASSWORD
 # shellcheck source=bench/fronts.sh
 source "$BENCH/fronts.sh"
+# The kernel's view of the run: loopback packets dropped because a CPU's
+# input queue was full (net.core.netdev_max_backlog), and established
+# connections the kernel aborted on a timer (keepalive probes or
+# retransmissions unanswered). 72,000 connections whose keepalive probes
+# fire together overflow the default queue of 1,000.
+kernel_counts() {
+  local dropped=0 d
+  while read -r _ d _; do dropped=$((dropped + 0x$d)); done < /proc/net/softnet_stat
+  echo "$dropped $(awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "TCPAbortOnTimeout") c = i; h = 1 } else print $c }' /proc/net/netstat)"
+}
+BACKLOG_WAS="$(cat /proc/sys/net/core/netdev_max_backlog)"
+if [ -n "${NET_BACKLOG:-}" ]; then
+  log "net.core.netdev_max_backlog $BACKLOG_WAS -> $NET_BACKLOG for this run"
+  echo "$NET_BACKLOG" > /proc/sys/net/core/netdev_max_backlog
+fi
 cleanup() {
+  [ -z "${NET_BACKLOG:-}" ] || echo "$BACKLOG_WAS" > /proc/sys/net/core/netdev_max_backlog || true
   if [ -n "${KEEP_CLUSTER:-}" ]; then
     log "KEEP_CLUSTER: left running; stop with: FRONTS_DIR=$FRONTS_DIR bash -c 'source bench/fronts.sh; fronts_stop'; LOCALKUBE_STATE=$LOCALKUBE_STATE e2e/down.sh"
     return
@@ -115,7 +134,9 @@ for ((k = 0; k < FRONTS; k++)); do ports="$ports $((FRONT_BASE + k))"; done
   echo "# shardpool scale benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB"
   echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; $("$PGBOUNCER" --version | head -n 1) x $FRONTS as the warehouse side"
   echo "# N=$N CONNS=$CONNS MAX=$MAX SHARDS=$SHARDS FRONTS=$FRONTS FRONT_POOL=$FRONT_POOL CONNECT_LIMIT=$CONNECT_LIMIT"
+  echo "# net.core.netdev_max_backlog $(cat /proc/sys/net/core/netdev_max_backlog)"
 } > "$OUT"
+read -r dropped0 aborted0 < <(kernel_counts)
 
 log "running the measurement (e2e/tests/scalebench_test.go)"
 cd "$ROOT/e2e"
@@ -124,7 +145,9 @@ SCALE_OUT="$OUT" SCALE_N="$N" SCALE_CONNS="$CONNS" SCALE_MAX="$MAX" SCALE_FRONT_
   SCALE_READY_LIMIT="$READY_LIMIT" SCALE_STEADY_SECONDS="$STEADY_SECONDS" \
   go test -tags scalebench ./tests/ -count=1 -timeout 60m -v -run '^TestScaleBench$' > "$BENCH/.work/scale-test.log" 2>&1 && status=0 || status=$?
 grep -E '^\s*(--- |FAIL|ok|PASS)|_test.go:[0-9]+:' "$BENCH/.work/scale-test.log" | tail -n 60 >&2 || true
-echo "# rerun: N=$N CONNS=$CONNS MAX=$MAX SHARDS=$SHARDS FRONTS=$FRONTS FRONT_POOL=$FRONT_POOL CONNECT_LIMIT=$CONNECT_LIMIT bench/scale.sh" >> "$OUT"
+read -r dropped1 aborted1 < <(kernel_counts)
+echo "kernel during the measurement: $((dropped1 - dropped0)) loopback packets dropped (input queue full), $((aborted1 - aborted0)) connections aborted on a timer (TCPAbortOnTimeout)" >> "$OUT"
+echo "# rerun: ${NET_BACKLOG:+NET_BACKLOG=$NET_BACKLOG }N=$N CONNS=$CONNS MAX=$MAX SHARDS=$SHARDS FRONTS=$FRONTS FRONT_POOL=$FRONT_POOL CONNECT_LIMIT=$CONNECT_LIMIT bench/scale.sh" >> "$OUT"
 cat "$OUT"
 log "results in $OUT (test log: bench/.work/scale-test.log)"
 exit "$status"
