@@ -203,9 +203,16 @@ impl ServerConn {
             .map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
         // A warehouse that vanishes without a word (host gone, network cut)
-        // is noticed on idle connections within about 25 s.
+        // is noticed on idle connections within 25-30 s. The first probe
+        // comes after 10-15 s, at random per connection: the connections a
+        // warm-up or a handover opens in one burst would otherwise probe in
+        // one burst every 10 s for as long as they live, and a burst larger
+        // than a CPU's input queue (net.core.netdev_max_backlog, 1,000 by
+        // default; loopback goes through it) loses probes: three lost in a
+        // row end a healthy connection (thousands a minute at 72,000
+        // connections on one host, see bench/scale.sh).
         let keepalive = socket2::TcpKeepalive::new()
-            .with_time(std::time::Duration::from_secs(10))
+            .with_time(keepalive_time())
             .with_interval(std::time::Duration::from_secs(5))
             .with_retries(3);
         socket2::SockRef::from(&stream)
@@ -631,6 +638,12 @@ impl ServerConn {
     pub fn is_tls(&self) -> bool {
         self.stream.is_tls()
     }
+}
+
+/// Idle time before a server connection's first keepalive probe: 10 s
+/// plus up to 5 s at random (see [`ServerConn::connect_with_keys`]).
+fn keepalive_time() -> std::time::Duration {
+    std::time::Duration::from_millis(rand::random_range(10_000..15_000))
 }
 
 /// Why one of shardpool's own queries failed.
