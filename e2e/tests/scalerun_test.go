@@ -561,8 +561,6 @@ func reportLoad(t *testing.T, r *reporter, res loadResult, s scaleSpec) {
 		for _, a := range res.atOnce[:min(len(res.atOnce), 5)] {
 			r.say("    e.g. %s", a)
 		}
-	}
-	if s.Fronts {
 		r.say("  front listings no process of their owner holds (PgBouncer still listing a closed client: no client end, or its port reused by another process; left out above): at most %d in one sample", res.gone)
 	}
 	if n := len(res.report.Failed()); n > 0 {

@@ -608,7 +608,7 @@ pub async fn maintain_with(pool: &Pool, probe: bool) -> usize {
                 application_name = %manager.params.application_name,
                 broken = conn.is_broken(),
                 unread = !conn.idle_unbroken() && !conn.is_broken(),
-                "an idle connection was closed by its server or broke; dropped"
+                "an idle connection was closed by its server, ended by the kernel (keepalive unanswered) or broke; dropped"
             );
             return false;
         }
