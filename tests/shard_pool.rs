@@ -586,3 +586,79 @@ async fn a_refill_under_load_opens_exactly_the_missing_connection() {
     );
     assert_eq!(seen, "6");
 }
+
+/// A stopping shard first closes, while it still serves, the idle
+/// connections that its sessions could not use (`sources::thin`, through
+/// `pool::take_idle_beyond`): connections in use stay, the most recently
+/// used idle ones stay up to the count wanted, the rest are closed on the
+/// server too, and the pool goes on serving on what is left.
+#[tokio::test]
+async fn a_stopping_shard_closes_what_no_session_could_use_and_keeps_serving() {
+    let pg = TestPg::start("thin");
+    let app = "shardpool/t/thin/0";
+    let pool = pool::build(Manager::new(
+        params(&pg, app),
+        settings(8, 8),
+        pg.password.clone(),
+        Arc::new(ConnectLimit::new(4)),
+    ))
+    .expect("pool");
+    while pool::maintain(&pool).await > 0 {}
+    assert_eq!(pool::counts(&pool), (8, 8, 0));
+    let server_sees = || {
+        pg.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"),
+        )
+    };
+
+    // Two transactions running, one more idle connection used last: three
+    // sessions attached want three connections.
+    let mut a = pool.get().await.expect("get");
+    let mut b = pool.get().await.expect("get");
+    let warm = {
+        let mut c = pool.get().await.expect("get");
+        c.simple("SELECT 1").await.expect("query");
+        c.backend_pid
+    };
+    let in_use = [a.backend_pid, b.backend_pid];
+    let taken = pool::take_idle_beyond(&pool, 3);
+    assert_eq!(taken.len(), 5, "8 open, 3 wanted");
+    assert!(
+        taken
+            .iter()
+            .all(|c| !in_use.contains(&c.backend_pid) && c.backend_pid != warm),
+        "neither a connection in use nor the one used last is taken"
+    );
+    futures::future::join_all(taken.into_iter().map(|c| c.terminate())).await;
+    assert_eq!(pool::counts(&pool), (3, 1, 2));
+    assert_eq!(idle_pids(&pool).into_iter().collect::<Vec<_>>(), [warm]);
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = server_sees();
+        if seen == "3" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, "3", "the server sees the closed ones gone");
+
+    // The running transactions go on; the pool serves on what is left.
+    a.simple("SELECT 1")
+        .await
+        .expect("in use before, still usable");
+    b.simple("SELECT 1")
+        .await
+        .expect("in use before, still usable");
+    drop((a, b));
+    let mut c = pool.get().await.expect("get");
+    c.simple("SELECT 1").await.expect("query");
+    drop(c);
+    assert_eq!(pool::counts(&pool).0, 3, "nothing reopened");
+
+    // No session attached: every idle connection goes.
+    let taken = pool::take_idle_beyond(&pool, 0);
+    assert_eq!(taken.len(), 3);
+    futures::future::join_all(taken.into_iter().map(|c| c.terminate())).await;
+    assert_eq!(pool::counts(&pool), (0, 0, 0));
+}

@@ -715,6 +715,22 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_millis(250u64.saturating_mul(1 << failures.min(3)))
 }
 
+/// Takes out of the pool the idle connections beyond `wanted` open ones
+/// (idle or in use), for the caller to close; the most recently used stay
+/// (the warmest backends, next in line under LIFO). Connections in use are
+/// never taken.
+pub fn take_idle_beyond(pool: &Pool, wanted: usize) -> Vec<ServerConn> {
+    let (open, idle, _) = counts(pool);
+    let mut surplus = open.saturating_sub(wanted).min(idle);
+    // Oldest returned first in the queue: those go.
+    pool.retain(|_, _| {
+        let keep = surplus == 0;
+        surplus = surplus.saturating_sub(1);
+        keep
+    })
+    .removed
+}
+
 /// Current counts: (open, idle, in use).
 pub fn counts(pool: &Pool) -> (usize, usize, usize) {
     let s = pool.status();

@@ -28,6 +28,10 @@ pub struct Source {
     pub server_params: RwLock<Vec<(String, String)>>,
     /// Sessions currently holding a server connection (mid-transaction).
     pub busy: AtomicUsize,
+    /// Routers' sessions on the source, idle or not: the most connections
+    /// they could use at once (a stopping shard keeps that many open while
+    /// it still serves; see [`super::sources::thin`]).
+    pub sessions: AtomicUsize,
     /// Set when the source leaves this shard (or is rebuilt): sessions take
     /// no new transaction on it and send the router elsewhere.
     pub retired: std::sync::atomic::AtomicBool,
@@ -64,6 +68,11 @@ impl Source {
     /// Sessions mid-transaction, or asking the pool for a connection.
     pub fn busy(&self) -> usize {
         self.busy.load(Ordering::SeqCst)
+    }
+
+    /// Routers' sessions on the source now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::SeqCst)
     }
 
     /// Server connections open (idle or in use) or being opened.

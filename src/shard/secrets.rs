@@ -171,6 +171,84 @@ impl SecretCache {
     }
 }
 
+/// How long a Secret read stands in for one the metadata watch has not
+/// seen yet.
+const SECRET_REUSE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Secret reads a standby makes at once while it prefetches.
+const PREFETCH_CONCURRENCY: usize = 4;
+
+impl SecretCache {
+    /// The Secret `ns/name`, read from the API server only when the
+    /// metadata watch does not show the version read before. Builds that
+    /// miss together (hundreds of sources sharing a Secret in a rollout)
+    /// wait for one read, then hit.
+    pub async fn read(
+        &self,
+        client: &Client,
+        watch: &SecretWatch,
+        ns: &str,
+        name: &str,
+    ) -> Result<Arc<Secret>, String> {
+        let watched = watch
+            .get(ns, name)
+            .and_then(|m| m.metadata.resource_version.clone());
+        let cached = |watched: &Option<String>| match watched {
+            Some(v) => self.get(ns, name, v),
+            // The watch of the namespace has not listed yet (a shard that
+            // just took over sources there): a value read moments ago is as
+            // good as a new read, and a newer version the watch shows later
+            // reaches the pools through refresh_passwords.
+            None => self.recent(ns, name, SECRET_REUSE),
+        };
+        if let Some(s) = cached(&watched) {
+            return Ok(s);
+        }
+        let lock = self.read_lock(ns, name);
+        let _reading = lock.lock().await;
+        if let Some(s) = cached(&watched) {
+            return Ok(s);
+        }
+        let secret = Arc::new(fetch(client, ns, name).await?);
+        self.put(ns, name, secret.clone());
+        Ok(secret)
+    }
+
+    /// Reads the Secrets `wanted` (namespace, name) into the cache and
+    /// starts the metadata watches of their namespaces: what a standby does
+    /// for the sources of its shard while it waits for the Lease, so that
+    /// taking over builds every pool without an API round trip (reading
+    /// them after the Lease was taken cost the first answer 0.2-0.3 s per
+    /// handover at full size). Returns how many it could not read (a build
+    /// reads those again and reports why).
+    pub async fn prefetch(
+        &self,
+        client: &Client,
+        watch: &SecretWatch,
+        wanted: HashSet<(String, String)>,
+    ) -> usize {
+        use futures::StreamExt;
+        futures::stream::iter(wanted)
+            .map(|(ns, name)| async move { self.read(client, watch, &ns, &name).await.is_err() })
+            .buffer_unordered(PREFETCH_CONCURRENCY)
+            .filter(|failed| std::future::ready(*failed))
+            .count()
+            .await
+    }
+}
+
+/// Reads Secret `ns/name`; errors say why without any value.
+pub async fn fetch(client: &Client, ns: &str, name: &str) -> Result<Secret, String> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = api.get_opt(name).await.map_err(|e| match e {
+        kube::Error::Api(s) if s.code == 403 => format!(
+            "the shard may not read secret {ns}/{name}: namespace {ns} is not one of the chart's shard.tenantNamespaces (add it, or bind the shard's secrets ClusterRole there)"
+        ),
+        e => format!("reading secret {ns}/{name}: {e}"),
+    })?;
+    secret.ok_or_else(|| format!("secret {ns}/{name} not found"))
+}
+
 impl Drop for SecretWatch {
     fn drop(&mut self) {
         if let Ok(map) = self.namespaces.lock() {
@@ -209,6 +287,104 @@ mod tests {
             c.put("t", &format!("s{i}"), secret("1"));
         }
         assert!(c.entries.lock().expect("lock").len() <= CACHE_ENTRIES);
+    }
+
+    /// A fake API server: GET of a Secret answers it (resourceVersion
+    /// "5") unless its name starts with "missing" (404); the metadata
+    /// watches' list requests get a 503 (the watch has not listed yet, as
+    /// at a standby's start). Records the paths of the Secret GETs.
+    fn fake_api() -> (Client, Arc<Mutex<Vec<String>>>) {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let gets: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = gets.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let path = req.uri().path().to_string();
+                let name = path.rsplit('/').next().unwrap_or_default().to_string();
+                let single = req.uri().query().is_none_or(|q| !q.contains("watch"))
+                    && path.split('/').count() == 7;
+                let (code, body) = if !single {
+                    (
+                        503,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 503, "message": "not now"}),
+                    )
+                } else if name.starts_with("missing") {
+                    record.lock().expect("gets").push(path);
+                    (
+                        404,
+                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found"}),
+                    )
+                } else {
+                    record.lock().expect("gets").push(path);
+                    (
+                        200,
+                        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                        "metadata": {"name": name, "namespace": "t", "resourceVersion": "5"},
+                        "data": {"password": "c2VjcmV0"}}),
+                    )
+                };
+                let resp = Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.to_string().into_bytes()))
+                    .expect("response");
+                send.send_response(resp);
+            }
+        });
+        (Client::new(service, "t"), gets)
+    }
+
+    #[tokio::test]
+    async fn a_standby_reads_its_sources_secrets_once_and_taking_over_reads_none() {
+        let (client, gets) = fake_api();
+        let watch = SecretWatch::new(client.clone(), false);
+        let cache = SecretCache::default();
+        let wanted: HashSet<(String, String)> = [("t", "pw-a"), ("t", "pw-b"), ("t", "missing")]
+            .into_iter()
+            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .collect();
+        let failed = cache.prefetch(&client, &watch, wanted).await;
+        assert_eq!(
+            failed, 1,
+            "the missing one is told, and read again by its build"
+        );
+        let mut read = gets.lock().expect("gets").clone();
+        read.sort();
+        assert_eq!(
+            read,
+            [
+                "/api/v1/namespaces/t/secrets/missing",
+                "/api/v1/namespaces/t/secrets/pw-a",
+                "/api/v1/namespaces/t/secrets/pw-b"
+            ]
+        );
+        assert!(cache.get("t", "pw-a", "5").is_some());
+        // Taking over: every build of a source using pw-a or pw-b finds it
+        // (the watch has not listed: the read of moments ago stands in).
+        for _ in 0..3 {
+            let s = cache
+                .read(&client, &watch, "t", "pw-a")
+                .await
+                .expect("cached");
+            assert_eq!(s.metadata.resource_version.as_deref(), Some("5"));
+            cache
+                .read(&client, &watch, "t", "pw-b")
+                .await
+                .expect("cached");
+        }
+        assert_eq!(
+            gets.lock().expect("gets").len(),
+            3,
+            "no read after the prefetch"
+        );
+        assert!(cache.read(&client, &watch, "t", "missing").await.is_err());
+        assert_eq!(
+            gets.lock().expect("gets").len(),
+            4,
+            "a failed one is read again"
+        );
     }
 
     #[test]

@@ -345,6 +345,7 @@ pub async fn run(
 ) {
     metrics.sessions.inc();
     let _open = OpenSession(&metrics);
+    let _attached = Attached::new(&source);
     // The client needs its server's parameters (server_version, encoding,
     // DateStyle, ...): learnt from the first connection of the pool.
     let mut params = source
@@ -573,6 +574,22 @@ pub async fn run(
         if h.pending > 0 || h.status != b'I' {
             discard(&source, h.conn);
         }
+    }
+}
+
+/// Counts a session on its source for as long as it lives.
+struct Attached(Arc<Source>);
+
+impl Attached {
+    fn new(s: &Arc<Source>) -> Attached {
+        s.sessions.fetch_add(1, Ordering::SeqCst);
+        Attached(s.clone())
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
