@@ -151,6 +151,12 @@ pub async fn fence(
         .await
         .map_err(fail)?
         .len();
+    if ended == 0 {
+        // Nothing to wait for (a clean handover: the predecessor closed
+        // its connections before it let go): one round trip less for
+        // every source's first connection.
+        return Ok(0);
+    }
     let count = format!("SELECT count(*) FROM pg_stat_activity WHERE {filter}");
     let deadline = tokio::time::Instant::now() + wait;
     loop {
