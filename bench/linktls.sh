@@ -147,7 +147,7 @@ done
 out="$BENCH/results/linktls-$(date +%Y%m%d-%H%M%S).txt"
 {
   echo "# pgbench -S -M simple through the router, links.mutualTLS on vs off, $(nproc) cores, all on this machine"
-  echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; $ROUNDS rounds (ABBA order) of $DURATION s per setting and client count; medians; CPU: user + system time per query"
+  echo "# shardpool $(git -C "$ROOT" describe --always --dirty --abbrev=7), release build; $ROUNDS rounds (ABBA order) of $DURATION s per setting and client count; medians; CPU: user + system time per query"
   printf '%-7s %8s %8s %7s %8s %8s %7s %8s %8s %7s\n' clients "tls tps" "pln tps" ratio "tls rtr" "pln rtr" ratio "tls shd" "pln shd" ratio
   for c in $CLIENTS; do
     t=$(tr ';' '\n' <<<"${ROWS["$c true"]}" | sed '/^$/d')

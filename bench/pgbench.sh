@@ -231,7 +231,7 @@ median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else print v
 out="$BENCH/results/pgbench-$(date +%Y%m%d-%H%M%S).txt"
 {
   echo "# pgbench -S (select-only), scale $SCALE, server pool $POOL, $(nproc) cores, all on this machine"
-  echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; PgBouncer $PGB_VERSION, transaction mode (0 = not run: prepared statements need PgBouncer 1.21+)"
+  echo "# shardpool $(git -C "$ROOT" describe --always --dirty --abbrev=7), release build; PgBouncer $PGB_VERSION, transaction mode (0 = not run: prepared statements need PgBouncer 1.21+)"
   echo "# pgb x2: two PgBouncers in a row (client -> PgBouncer -> PgBouncer -> PostgreSQL), the same two hops as router -> shard"
   if [ "$PIN" = 1 ]; then echo "# PIN=1: pgbench and PostgreSQL pinned to CPU 0, PgBouncer(s), router and shard to CPU 1"; fi
   ROUNDS=()

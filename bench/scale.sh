@@ -132,7 +132,7 @@ for ((k = 0; k < FRONTS; k++)); do ports="$ports $((FRONT_BASE + k))"; done
 
 {
   echo "# shardpool scale benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB"
-  echo "# shardpool $(git -C "$ROOT" rev-parse --short HEAD), release build; $("$PGBOUNCER" --version | head -n 1) x $FRONTS as the warehouse side"
+  echo "# shardpool $(git -C "$ROOT" describe --always --dirty --abbrev=7), release build; $("$PGBOUNCER" --version | head -n 1) x $FRONTS as the warehouse side"
   echo "# N=$N CONNS=$CONNS MAX=$MAX SHARDS=$SHARDS FRONTS=$FRONTS FRONT_POOL=$FRONT_POOL CONNECT_LIMIT=$CONNECT_LIMIT"
   echo "# net.core.netdev_max_backlog $(cat /proc/sys/net/core/netdev_max_backlog)"
 } > "$OUT"
