@@ -489,9 +489,10 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // One source at a time, yielding after each: closing is never waited
-    // on, so closing all of them at once would hold the runtime's one
-    // thread for the whole second, and the sessions served meanwhile with it.
+    // One source at a time, yielding after each: closing a connection
+    // never waits (each Terminate is written in one poll), so closing all
+    // of them in one step would hold the runtime's one thread for the
+    // whole second, and the sessions served meanwhile with it.
     let thin_until = tokio::time::Instant::now() + THIN_WAIT;
     let mut thinned = 0;
     for s in &all {
@@ -564,7 +565,8 @@ pub async fn run(cfg: ShardConfig) -> anyhow::Result<i32> {
     if let Err(e) = keeper.release().await {
         tracing::warn!(error = %e, "lease release failed; the successor waits for expiry");
     }
-    // The successor's wait, step by step.
+    // Each step's time; the successor (and the held clients) wait from
+    // the drain's start on.
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
         thin_ms = ms(thinned_at),

@@ -99,6 +99,13 @@ type Cached = (String, Arc<Secret>, std::time::Instant);
 /// Most Secrets whose values a shard keeps (see [`SecretCache`]).
 const CACHE_ENTRIES: usize = 4096;
 
+/// How long a Secret read stands in for one the metadata watch has not
+/// seen yet.
+const SECRET_REUSE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Secret reads a standby makes at once while it prefetches.
+const PREFETCH_CONCURRENCY: usize = 4;
+
 /// Secret values a shard read, by namespace/name, with the
 /// resourceVersion they were read at. A shard taking over hundreds of
 /// sources that share a Secret reads it once, not once per source (one
@@ -169,16 +176,7 @@ impl SecretCache {
             );
         }
     }
-}
 
-/// How long a Secret read stands in for one the metadata watch has not
-/// seen yet.
-const SECRET_REUSE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Secret reads a standby makes at once while it prefetches.
-const PREFETCH_CONCURRENCY: usize = 4;
-
-impl SecretCache {
     /// The Secret `ns/name`, read from the API server only when the
     /// metadata watch does not show the version read before. Builds that
     /// miss together (hundreds of sources sharing a Secret in a rollout)
@@ -217,10 +215,9 @@ impl SecretCache {
     /// Reads the Secrets `wanted` (namespace, name) into the cache and
     /// starts the metadata watches of their namespaces: what a standby does
     /// for the sources of its shard while it waits for the Lease, so that
-    /// taking over builds every pool without an API round trip (reading
-    /// them after the Lease was taken cost the first answer 0.2-0.3 s per
-    /// handover at full size). Returns how many it could not read (a build
-    /// reads those again and reports why).
+    /// taking over builds every pool without an API round trip while the
+    /// clients wait. Returns how many it could not read (a build reads
+    /// those again and reports why).
     pub async fn prefetch(
         &self,
         client: &Client,
