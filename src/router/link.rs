@@ -362,9 +362,11 @@ pub struct Links {
     /// addr -> link; see the module's lock discipline.
     links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
     /// addr -> the lock a connect to it holds (a tokio Mutex, held across
-    /// the connect): the sessions a handover held all ask for the new
-    /// pod's link at once, and one TLS handshake serves them all.
-    connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// the connect), guarding when and why the last connect there failed:
+    /// the sessions a handover held all ask for the new pod's link at
+    /// once, one TLS handshake serves them all, and one failure answers
+    /// every session that waited for it (they do not each try in turn).
+    connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Failed>>>>>,
     /// Mutual TLS settings; None when the release turned it off.
     tls: Option<LinkTls>,
     /// Where the links put the `Released` notes their shards send.
@@ -414,11 +416,26 @@ impl Links {
             }
             Err(_) => Arc::default(),
         };
-        let _connecting = lock.lock().await;
+        let asked = std::time::Instant::now();
+        let mut last_failure = lock.lock().await;
         if let Some(l) = live() {
             return Ok(l);
         }
-        let link = Link::connect(addr, shard, self.tls.as_ref(), self.notes.clone()).await?;
+        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= asked) {
+            // The connect this one waited for failed: its answer stands.
+            return Err(std::io::Error::new(f.kind, f.error.clone()));
+        }
+        let link = match Link::connect(addr, shard, self.tls.as_ref(), self.notes.clone()).await {
+            Ok(link) => link,
+            Err(e) => {
+                *last_failure = Some(Failed {
+                    at: std::time::Instant::now(),
+                    kind: e.kind(),
+                    error: e.to_string(),
+                });
+                return Err(e);
+            }
+        };
         if let Ok(mut m) = self.links.lock() {
             // Another session may have connected meanwhile; keep one.
             if let Some(existing) = m.get(&addr) {
@@ -430,6 +447,14 @@ impl Links {
         }
         Ok(link)
     }
+}
+
+/// A connect to a shard address that failed: when, and why.
+#[derive(Debug)]
+struct Failed {
+    at: std::time::Instant,
+    kind: std::io::ErrorKind,
+    error: String,
 }
 
 /// The next session id for a link with `in_use` open sessions: never 0
@@ -452,6 +477,48 @@ mod tests {
         let free = |id: u32| taken.contains(&id);
         assert_eq!(free_id(&next, taken.len(), free), Some(u32::MAX));
         assert_eq!(free_id(&next, taken.len(), free), Some(3));
+    }
+
+    /// Sessions held by a handover all ask for the new pod's link at once.
+    /// When the one connect they wait for fails (here: a pod that accepts
+    /// TCP but never greets), its failure answers all of them; they do not
+    /// each try again in turn, the last one waiting for all the others.
+    #[tokio::test]
+    async fn one_failed_connect_answers_every_session_that_waited_for_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            let mut silent = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                silent.push(sock);
+            }
+        });
+        let links = Arc::new(Links::new(None));
+        let asks: Vec<_> = (0..4)
+            .map(|_| {
+                let links = links.clone();
+                tokio::spawn(async move { links.get(addr, 0).await.is_err() })
+            })
+            .collect();
+        for ask in asks {
+            assert!(
+                ask.await.expect("task"),
+                "no link to a shard that never greets"
+            );
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connect attempt for the four sessions that asked together"
+        );
+        // A later ask tries again.
+        assert!(links.get(addr, 0).await.is_err());
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -176,57 +176,74 @@ pub(crate) async fn attach(
     let mut counted = false;
     loop {
         let attempt: Result<(), Option<Fatal>> = match router.routes.resolve(ns, name) {
-            Ok((shard, addr)) => match router.links.get(addr, shard).await {
-                Ok(link) => match link.open(&key, statements, who).await {
-                    Some((id, mut inbox, paused)) => {
-                        // Bounded by the hold deadline too: a shard that
-                        // cannot open the session in time (its pool still
-                        // connecting) costs the client no more than
-                        // handoverTimeout before a retryable error.
-                        let wait_until =
-                            deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
-                        match tokio::time::timeout_at(wait_until, inbox.recv()).await {
-                            Ok(Some(f)) if f.kind == Kind::Opened => {
-                                return Ok((
-                                    Attached {
-                                        link,
-                                        id,
-                                        inbox,
-                                        paused,
-                                    },
-                                    f.payload,
-                                ));
-                            }
-                            Ok(Some(f))
-                                if f.kind == Kind::Closed
-                                    && pg::error_code(f.payload.get(5..).unwrap_or_default())
-                                        == Some(DRAINING) =>
-                            {
-                                Err(None)
-                            }
-                            Ok(Some(f)) => Err(Some(fatal(
-                                "08006",
-                                format!(
-                                    "shard refused the session: {}",
-                                    pg::error_field(f.payload.get(5..).unwrap_or_default(), b'M')
+            // The link too is had within the hold: a shard that accepts
+            // connections but does not finish the handshake, or other
+            // sessions' connects queued before this one, cost the client
+            // no more than handoverTimeout.
+            Ok((shard, addr)) => {
+                match tokio::time::timeout_at(deadline, router.links.get(addr, shard))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no link within handoverTimeout",
+                        ))
+                    }) {
+                    Ok(link) => match link.open(&key, statements, who).await {
+                        Some((id, mut inbox, paused)) => {
+                            // Bounded by the hold deadline too: a shard that
+                            // cannot open the session in time (its pool still
+                            // connecting) costs the client no more than
+                            // handoverTimeout before a retryable error.
+                            let wait_until =
+                                deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+                            match tokio::time::timeout_at(wait_until, inbox.recv()).await {
+                                Ok(Some(f)) if f.kind == Kind::Opened => {
+                                    return Ok((
+                                        Attached {
+                                            link,
+                                            id,
+                                            inbox,
+                                            paused,
+                                        },
+                                        f.payload,
+                                    ));
+                                }
+                                Ok(Some(f))
+                                    if f.kind == Kind::Closed
+                                        && pg::error_code(
+                                            f.payload.get(5..).unwrap_or_default(),
+                                        ) == Some(DRAINING) =>
+                                {
+                                    Err(None)
+                                }
+                                Ok(Some(f)) => Err(Some(fatal(
+                                    "08006",
+                                    format!(
+                                        "shard refused the session: {}",
+                                        pg::error_field(
+                                            f.payload.get(5..).unwrap_or_default(),
+                                            b'M'
+                                        )
                                         .unwrap_or("")
-                                ),
-                            ))),
-                            Ok(None) => Err(None),
-                            Err(_) => {
-                                // Not opened in time: drop the half-open session.
-                                link.close(id).await;
-                                Err(None)
+                                    ),
+                                ))),
+                                Ok(None) => Err(None),
+                                Err(_) => {
+                                    // Not opened in time: drop the half-open session.
+                                    link.close(id).await;
+                                    Err(None)
+                                }
                             }
                         }
+                        None => Err(None),
+                    },
+                    Err(e) => {
+                        tracing::debug!(%addr, error = %e, "cannot reach shard");
+                        Err(None)
                     }
-                    None => Err(None),
-                },
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "cannot reach shard");
-                    Err(None)
                 }
-            },
+            }
             Err(RouteError::Unknown) => Err(Some(fatal(
                 "3D000",
                 format!("database \"{ns}.{name}\" does not exist"),

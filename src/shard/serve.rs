@@ -342,6 +342,19 @@ where
                     // behind is paused, the others carry on.
                     let gone = match sessions.get(&id) {
                         Some(intake) => !intake.deliver(frame).await,
+                        None if frame.kind == Kind::Messages => {
+                            // Nothing of it ran here. A session that ended
+                            // on its own told the router so already (this
+                            // crossed it); any other router waiting for an
+                            // answer would wait for its client's timeout.
+                            let msg = pg::error(
+                                "FATAL",
+                                pg::DRAINING,
+                                "this shard has no such session; retry on the source's owner",
+                            );
+                            let _ = outbox.send(Frame::new(id, Kind::Closed, msg)).await;
+                            false
+                        }
                         None => false,
                     };
                     if gone {
@@ -369,4 +382,87 @@ where
     outbox.close();
     let _ = writer.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads frames from `link` until one for `session` arrives (2 s at most).
+    async fn frame_for(link: &mut TcpStream, buf: &mut BytesMut, session: u32) -> Option<Frame> {
+        let read = async {
+            loop {
+                while let Ok(Some(f)) = Frame::decode(buf) {
+                    if f.session == session {
+                        return Some(f);
+                    }
+                }
+                match link.read_buf(buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(2), read)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// A router sending a transaction on a session this shard does not
+    /// know (it ended here, crossing the router's send) is told at once,
+    /// with the SQLSTATE that lets it send the transaction to the source's
+    /// owner: it never waits for an answer that cannot come. The link
+    /// goes on serving.
+    #[tokio::test]
+    async fn messages_for_a_session_the_shard_does_not_know_are_answered_with_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let registry = Arc::new(Registry::default());
+        let mut reg = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(ShardMetrics::register(&mut reg, registry.clone(), 10));
+        let (_draining_tx, draining) = watch::channel(false);
+        let (stop_tx, stop) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            registry,
+            Arc::new(Released::new(0)),
+            metrics,
+            draining,
+            stop,
+        ));
+        let mut link = TcpStream::connect(addr).await.expect("connect");
+        link.write_all(HELLO_V6).await.expect("hello");
+        let mut hello = [0u8; 8];
+        link.read_exact(&mut hello).await.expect("greeting");
+        assert_eq!(&hello, HELLO_V6);
+
+        let mut query = BytesMut::new();
+        query.extend_from_slice(b"Q\0\0\0\x0dSELECT 1\0");
+        let mut out = BytesMut::new();
+        Frame::new(7, Kind::Messages, query.freeze()).encode(&mut out);
+        link.write_all(&out).await.expect("send");
+        let mut buf = BytesMut::new();
+        let answer = frame_for(&mut link, &mut buf, 7)
+            .await
+            .expect("an answer for session 7 within 2 s");
+        assert_eq!(answer.kind, Kind::Closed, "the session is closed");
+        assert_eq!(
+            pg::error_code(answer.payload.get(5..).unwrap_or_default()),
+            Some(pg::DRAINING),
+            "nothing ran: the router may retry on the owner"
+        );
+
+        let mut ping = BytesMut::new();
+        liveness::ping().encode(&mut ping);
+        link.write_all(&ping).await.expect("ping");
+        let pong = frame_for(&mut link, &mut buf, 0)
+            .await
+            .expect("the link still answers");
+        assert_eq!(pong.kind, Kind::Pong);
+
+        let _ = stop_tx.send(true);
+        server.await.expect("serve ends on stop");
+    }
 }
