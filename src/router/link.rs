@@ -255,8 +255,13 @@ impl Link {
                                 .lock()
                                 .ok()
                                 .and_then(|s| s.get(&f.session).cloned());
-                            if let Some(intake) = intake {
-                                let _ = intake.deliver(f).await;
+                            match intake {
+                                Some(intake) => {
+                                    let _ = intake.deliver(f).await;
+                                }
+                                None => {
+                                    tracing::debug!(shard = %reader_link.addr, session = f.session, kind = ?f.kind, "frame for a session this link no longer has")
+                                }
                             }
                         }
                         Ok(None) => break,
@@ -274,10 +279,13 @@ impl Link {
 
     /// Marks the link dead and ends every session on it (their inboxes close).
     fn fail(&self) {
-        self.dead.store(true, Ordering::Relaxed);
+        let first = !self.dead.swap(true, Ordering::Relaxed);
         self.out.close();
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
         if let Ok(mut s) = self.sessions.lock() {
+            if first {
+                tracing::debug!(shard = %self.addr, sessions = s.len(), "link closed");
+            }
             s.clear();
         }
     }

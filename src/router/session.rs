@@ -199,6 +199,17 @@ pub(crate) async fn attach(
                                 deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
                             match tokio::time::timeout_at(wait_until, inbox.recv()).await {
                                 Ok(Some(f)) if f.kind == Kind::Opened => {
+                                    if counted {
+                                        tracing::debug!(
+                                            shard,
+                                            %addr,
+                                            id,
+                                            held_ms = (router.handover_timeout
+                                                - deadline.saturating_duration_since(tokio::time::Instant::now()))
+                                            .as_millis() as u64,
+                                            "held session attached"
+                                        );
+                                    }
                                     return Ok((
                                         Attached {
                                             link,
@@ -378,7 +389,21 @@ where
             }
             r = rd.read_buf(&mut inbuf), if !(attached && *at.paused.borrow()) => {
                 match r {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) | Err(_) => {
+                        if pending > 0 {
+                            // A client that gave up waiting: where it waited.
+                            tracing::debug!(
+                                shard = %at.link.addr,
+                                id = at.id,
+                                attached,
+                                link_alive = at.link.alive(),
+                                pending,
+                                waited_ms = sent_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+                                "client left before its answer"
+                            );
+                        }
+                        break;
+                    }
                     Ok(_) => {}
                 }
                 // Every complete message goes out in one frame.

@@ -215,6 +215,7 @@ where
                 break;
             },
             _ = stop.wait_for(|s| *s) => {
+                tracing::debug!(%peer, sessions = sessions.len(), "stopping: telling the router's sessions to go elsewhere");
                 for id in sessions.keys() {
                     let msg = pg::error(
                         "FATAL",
@@ -358,6 +359,7 @@ where
                         None => false,
                     };
                     if gone {
+                        tracing::debug!(%peer, session = id, "a frame for a session that has ended; dropped");
                         sessions.remove(&id);
                     }
                 }
