@@ -447,23 +447,15 @@ where
                         }
                     }
                     if !attached {
-                        epoch = router.routes.epoch();
-                        let statements = named.encoded().clone();
-                        let (a, _) = attach(router, ns, name, Some(&statements), &who).await?;
-                        router.retarget(pid, a.link.clone(), a.id);
-                        at = a;
-                        attached = true;
                         // Unanswered batches (no Sync yet) died with the old
                         // link: the new shard needs them before this one.
-                        if replay.lost() {
-                            return Err(fatal("08006", "lost the pool shard while this session's unanswered messages were past the replay bound; retry"));
-                        }
-                        for b in replay.batches() {
-                            if !at.link.send(Frame::new(at.id, Kind::Messages, b.clone())).await {
-                                return Err(fatal("08006", "lost the pool shard; retry"));
-                            }
-                        }
+                        epoch = router.routes.epoch();
+                        at = move_to_owner(router, ns, name, &mut named, &who, &replay, pid).await?;
+                        attached = true;
                     }
+                    // Whether anything that may have run is unanswered: a
+                    // Sync or Query sent, or a transaction open.
+                    let owed_before = pending > 0 || status != b'I';
                     let syncs = sync_points(&batch);
                     pending += syncs;
                     if pending > 0 && sent_at.is_none() {
@@ -477,7 +469,18 @@ where
                         wr.write_all(&notice).await.map_err(|_| fatal("08006", "client gone"))?;
                     }
                     if !at.link.send(Frame::new(at.id, Kind::Messages, batch)).await {
-                        attached = false;
+                        // The link died before this batch went out. With
+                        // nothing owed before it, nothing of this
+                        // transaction can have run (unsynced batches roll
+                        // back with the shard's session): it goes to the
+                        // owner now. The client waits for its answer and
+                        // sends nothing more, so waiting for its next bytes
+                        // would hold it until it gives up.
+                        if owed_before {
+                            return Err(fatal("08006", "connection to the pool shard was lost during a transaction; the transaction's outcome is unknown, retry it"));
+                        }
+                        epoch = router.routes.epoch();
+                        at = move_to_owner(router, ns, name, &mut named, &who, &replay, pid).await?;
                     }
                 }
                 if terminate { break; }
@@ -532,15 +535,7 @@ where
                             tracing::info!("shard handing over; holding the session");
                             router.metrics.replayed.inc();
                             epoch = router.routes.epoch();
-                            let statements = named.encoded().clone();
-                            let (a, _) = attach(router, ns, name, Some(&statements), &who).await?;
-                            router.retarget(pid, a.link.clone(), a.id);
-                            at = a;
-                            for b in replay.batches() {
-                                if !at.link.send(Frame::new(at.id, Kind::Messages, b.clone())).await {
-                                    return Err(fatal("08006", "lost the shard during handover; retry"));
-                                }
-                            }
+                            at = move_to_owner(router, ns, name, &mut named, &who, &replay, pid).await?;
                         } else {
                             let msg = pg::error_field(body, b'M').unwrap_or("shard closed the session").to_string();
                             return Err(fatal(pg::error_code(body).unwrap_or("08006"), msg));
@@ -563,6 +558,43 @@ where
         at.link.close(at.id).await;
     }
     Ok(())
+}
+
+/// Opens the session on the source's owner now (holding it, as
+/// [`attach`] does, while there is none), with the client's named
+/// statements, and sends it the batches since the last idle point: only
+/// when none of them can have run (the shard said so, or none was synced).
+async fn move_to_owner(
+    router: &Router,
+    ns: &str,
+    name: &str,
+    named: &mut Named,
+    who: &OpenAs,
+    replay: &Replay,
+    pid: u32,
+) -> Result<Attached, Fatal> {
+    if replay.lost() {
+        return Err(fatal(
+            "08006",
+            "lost the pool shard while this session's unanswered messages were past the replay bound; retry",
+        ));
+    }
+    let statements = named.encoded().clone();
+    let (at, _) = attach(router, ns, name, Some(&statements), who).await?;
+    router.retarget(pid, at.link.clone(), at.id);
+    for b in replay.batches() {
+        if !at
+            .link
+            .send(Frame::new(at.id, Kind::Messages, b.clone()))
+            .await
+        {
+            return Err(fatal(
+                "08006",
+                "lost the pool shard while moving the session; retry",
+            ));
+        }
+    }
+    Ok(at)
 }
 
 /// The 57P01 a drained session ends with, counted by where it ended.

@@ -383,6 +383,20 @@ where
     drop(sessions);
     outbox.close();
     let _ = writer.await;
+    // The writer ended with a FIN. Read (and drop) what the router still
+    // sends until it closes its end: a socket closed with unread bytes is
+    // reset, and a reset discards the frames still on their way, such as
+    // the `Closed` that tells a session to go to the next owner (its
+    // client would wait for its timeout instead).
+    let _ = tokio::time::timeout(LINK_CLOSE_BOUND / 2, async {
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
     Ok(())
 }
 
@@ -465,6 +479,61 @@ mod tests {
         assert_eq!(pong.kind, Kind::Pong);
 
         let _ = stop_tx.send(true);
+        server.await.expect("serve ends on stop");
+    }
+
+    /// A stopping shard closes its end of a link only after the router
+    /// closed its own: until then it reads (and drops) what still comes, so
+    /// the connection ends with two FINs, never a reset (which would
+    /// discard the frames still on their way to the router).
+    #[tokio::test]
+    async fn a_stopping_shard_reads_until_the_router_closes_and_never_resets_the_link() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let registry = Arc::new(Registry::default());
+        let mut reg = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(ShardMetrics::register(&mut reg, registry.clone(), 10));
+        let (_draining_tx, draining) = watch::channel(false);
+        let (stop_tx, stop) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            registry,
+            Arc::new(Released::new(0)),
+            metrics,
+            draining,
+            stop,
+        ));
+        let mut link = TcpStream::connect(addr).await.expect("connect");
+        link.write_all(HELLO_V6).await.expect("hello");
+        let mut hello = [0u8; 8];
+        link.read_exact(&mut hello).await.expect("greeting");
+
+        let _ = stop_tx.send(true);
+        // The shard's FIN: it has nothing more to say.
+        let mut buf = [0u8; 1024];
+        let eof = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            loop {
+                match link.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .expect("the shard closes its end within 2 s");
+        assert!(eof.is_ok(), "a FIN, not a reset: {eof:?}");
+        // The router, not having read that yet, still sends.
+        let mut ping = BytesMut::new();
+        liveness::ping().encode(&mut ping);
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            link.write_all(&ping)
+                .await
+                .expect("the shard still reads what the router sends after its FIN");
+        }
+        link.shutdown().await.expect("the router closes its end");
         server.await.expect("serve ends on stop");
     }
 }
