@@ -347,6 +347,16 @@ impl Link {
         self.alive() && self.out.send(f).await.is_ok()
     }
 
+    /// Forgets a session the shard has ended (it sent `Closed`): nothing
+    /// to tell it. Without this the link would keep the session's intake
+    /// until the link itself ends: one per held retry and per moved
+    /// session, on links that live for weeks.
+    pub fn forget(&self, id: u32) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.remove(&id);
+        }
+    }
+
     /// Forgets a session (after telling the shard).
     pub async fn close(&self, id: u32) {
         if let Ok(mut s) = self.sessions.lock() {

@@ -226,19 +226,27 @@ pub(crate) async fn attach(
                                             f.payload.get(5..).unwrap_or_default(),
                                         ) == Some(DRAINING) =>
                                 {
+                                    link.forget(id);
                                     Err(None)
                                 }
-                                Ok(Some(f)) => Err(Some(fatal(
-                                    "08006",
-                                    format!(
-                                        "shard refused the session: {}",
-                                        pg::error_field(
-                                            f.payload.get(5..).unwrap_or_default(),
-                                            b'M'
-                                        )
-                                        .unwrap_or("")
-                                    ),
-                                ))),
+                                Ok(Some(f)) => {
+                                    if f.kind == Kind::Closed {
+                                        link.forget(id);
+                                    } else {
+                                        link.close(id).await;
+                                    }
+                                    Err(Some(fatal(
+                                        "08006",
+                                        format!(
+                                            "shard refused the session: {}",
+                                            pg::error_field(
+                                                f.payload.get(5..).unwrap_or_default(),
+                                                b'M'
+                                            )
+                                            .unwrap_or("")
+                                        ),
+                                    )))
+                                }
                                 Ok(None) => Err(None),
                                 Err(_) => {
                                     // Not opened in time: drop the half-open session.
@@ -479,6 +487,7 @@ where
                         if owed_before {
                             return Err(fatal("08006", "connection to the pool shard was lost during a transaction; the transaction's outcome is unknown, retry it"));
                         }
+                        tracing::info!(shard = %at.link.addr, "link to the shard gone before the transaction went out; sending it to the source's owner");
                         epoch = router.routes.epoch();
                         at = move_to_owner(router, ns, name, &mut named, &who, &replay, pid).await?;
                     }
@@ -525,10 +534,12 @@ where
                     }
                     Some(f) if f.kind == Kind::Closed && f.payload.is_empty() => {
                         // The server's own FATAL was already passed on.
+                        at.link.forget(at.id);
                         attached = false;
                         break;
                     }
                     Some(f) if f.kind == Kind::Closed => {
+                        at.link.forget(at.id);
                         let body = f.payload.get(5..).unwrap_or_default();
                         if pg::error_code(body) == Some(DRAINING) && replayable && !replay.lost() {
                             // Nothing ran: hand the batches to the next owner.
