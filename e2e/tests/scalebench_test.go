@@ -123,6 +123,9 @@ func TestScaleBench(t *testing.T) {
 	for _, st := range w.snapshot() {
 		served[st.servedBy]++
 	}
+	// Per shard: its RSS growth since before the sources over its
+	// connections.
+	var allGrowth []float64
 	for _, role := range []string{"shard", "router", "operator"} {
 		procs := procsOf(t, role)
 		pods := slices.Sorted(maps.Keys(procs))
@@ -135,6 +138,7 @@ func TestScaleBench(t *testing.T) {
 				if k > 0 {
 					line += fmt.Sprintf(" (before the sources %d KiB; %d sources, %d connections: %.1f KiB per source with its connections, %.1f KiB per connection counting all growth)",
 						before, k, k*s.Conns, float64(rss-before)/float64(k), float64(rss-before)/float64(k*s.Conns))
+					allGrowth = append(allGrowth, float64(rss-before)/float64(k*s.Conns))
 				}
 			}
 			r.say("%s", line)
@@ -145,11 +149,16 @@ func TestScaleBench(t *testing.T) {
 	// during the warm-up, once every source was assigned (a line per
 	// shard: the slope is the cost of a connection, the intercept over
 	// the RSS before the sources the cost of the sources without any).
+	// A fit needs the samples to span a good part of the warm-up: when
+	// the last assignment came late, the few samples after it sit at
+	// nearly one connection count and their slope says nothing (it came
+	// out negative). Then only the bound counting all growth is given.
 	var perConn, perSource []float64
 	for _, n := range names {
 		a, b, ok := linearFit(up.mem[n])
-		if !ok || served[n] == 0 {
-			r.say("memory of %s: too few samples during the warm-up (%d)", n, len(up.mem[n]))
+		lo, hi := xSpan(up.mem[n])
+		if !ok || served[n] == 0 || hi-lo < 0.25*float64(served[n]*s.Conns) {
+			r.say("memory of %s: no fit: %d samples after the last assignment, between %.0f and %.0f open connections (a fit needs a quarter of the shard's %d)", n, len(up.mem[n]), lo, hi, served[n]*s.Conns)
 			continue
 		}
 		ps := (a - float64(up.rssBefore[n])) / float64(served[n])
@@ -160,8 +169,15 @@ func TestScaleBench(t *testing.T) {
 	if len(perConn) > 0 {
 		sort.Float64s(perConn)
 		sort.Float64s(perSource)
-		r.say("memory of the shards: per open connection %.1f-%.1f KiB (target under 24), per served source beyond its connections %.1f-%.1f KiB (target under 40)",
-			perConn[0], perConn[len(perConn)-1], perSource[0], perSource[len(perSource)-1])
+		r.say("memory of the shards (%d of %d fitted): per open connection %.1f-%.1f KiB (target under 24), per served source beyond its connections %.1f-%.1f KiB (target under 40)",
+			len(perConn), len(names), perConn[0], perConn[len(perConn)-1], perSource[0], perSource[len(perSource)-1])
+	} else {
+		r.say("memory of the shards: no fit in this run (see above)")
+	}
+	if len(allGrowth) > 0 {
+		sort.Float64s(allGrowth)
+		r.say("memory of the shards counting all growth over the connections (an upper bound per connection: it includes every source's own cost): %.1f-%.1f KiB",
+			allGrowth[0], allGrowth[len(allGrowth)-1])
 	}
 
 	// 4. Steady state.

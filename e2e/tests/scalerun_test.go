@@ -72,6 +72,19 @@ type warmUp struct {
 	mem map[string][][2]float64
 }
 
+// xSpan is the least and the greatest x of pts (0, 0 for none).
+func xSpan(pts [][2]float64) (lo, hi float64) {
+	for i, p := range pts {
+		if i == 0 || p[0] < lo {
+			lo = p[0]
+		}
+		if i == 0 || p[0] > hi {
+			hi = p[0]
+		}
+	}
+	return lo, hi
+}
+
 // linearFit is the least-squares line y = a + b x through the points.
 func linearFit(pts [][2]float64) (a, b float64, ok bool) {
 	n := float64(len(pts))

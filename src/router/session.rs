@@ -6,7 +6,10 @@
 //! response to them (it drained without running them), the router waits
 //! for the shard's next owner (bounded by `handoverTimeout`) and sends them
 //! there. A batch that may have run is never sent twice: a shard lost
-//! mid-transaction ends the client connection with a retryable error.
+//! mid-transaction ends the client connection with a retryable error. A
+//! link found gone when a transaction is to go out, with nothing owed
+//! before it, sends it to the owner at once: the client waits for its
+//! answer, so nothing it sends would ever trigger the move.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
