@@ -404,6 +404,38 @@ where
 mod tests {
     use super::*;
 
+    /// A shard endpoint serving no source on a loopback port, and a router
+    /// link to it past the greeting (version 6). Flip the sender to stop.
+    async fn linked() -> (TcpStream, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let registry = Arc::new(Registry::default());
+        let mut reg = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(ShardMetrics::register(&mut reg, registry.clone(), 10));
+        // The sender stays with the endpoint's task: never draining.
+        let (draining_tx, draining) = watch::channel(false);
+        let (stop_tx, stop) = watch::channel(false);
+        let server = tokio::spawn(async move {
+            let _draining = draining_tx;
+            serve(
+                listener,
+                None,
+                registry,
+                Arc::new(Released::new(0)),
+                metrics,
+                draining,
+                stop,
+            )
+            .await;
+        });
+        let mut link = TcpStream::connect(addr).await.expect("connect");
+        link.write_all(HELLO_V6).await.expect("hello");
+        let mut hello = [0u8; 8];
+        link.read_exact(&mut hello).await.expect("greeting");
+        assert_eq!(&hello, HELLO_V6);
+        (link, stop_tx, server)
+    }
+
     /// Reads frames from `link` until one for `session` arrives (2 s at most).
     async fn frame_for(link: &mut TcpStream, buf: &mut BytesMut, session: u32) -> Option<Frame> {
         let read = async {
@@ -432,27 +464,7 @@ mod tests {
     /// goes on serving.
     #[tokio::test]
     async fn messages_for_a_session_the_shard_does_not_know_are_answered_with_closed() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let registry = Arc::new(Registry::default());
-        let mut reg = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(ShardMetrics::register(&mut reg, registry.clone(), 10));
-        let (_draining_tx, draining) = watch::channel(false);
-        let (stop_tx, stop) = watch::channel(false);
-        let server = tokio::spawn(serve(
-            listener,
-            None,
-            registry,
-            Arc::new(Released::new(0)),
-            metrics,
-            draining,
-            stop,
-        ));
-        let mut link = TcpStream::connect(addr).await.expect("connect");
-        link.write_all(HELLO_V6).await.expect("hello");
-        let mut hello = [0u8; 8];
-        link.read_exact(&mut hello).await.expect("greeting");
-        assert_eq!(&hello, HELLO_V6);
+        let (mut link, stop_tx, server) = linked().await;
 
         let mut query = BytesMut::new();
         query.extend_from_slice(b"Q\0\0\0\x0dSELECT 1\0");
@@ -488,26 +500,7 @@ mod tests {
     /// discard the frames still on their way to the router).
     #[tokio::test]
     async fn a_stopping_shard_reads_until_the_router_closes_and_never_resets_the_link() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let registry = Arc::new(Registry::default());
-        let mut reg = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(ShardMetrics::register(&mut reg, registry.clone(), 10));
-        let (_draining_tx, draining) = watch::channel(false);
-        let (stop_tx, stop) = watch::channel(false);
-        let server = tokio::spawn(serve(
-            listener,
-            None,
-            registry,
-            Arc::new(Released::new(0)),
-            metrics,
-            draining,
-            stop,
-        ));
-        let mut link = TcpStream::connect(addr).await.expect("connect");
-        link.write_all(HELLO_V6).await.expect("hello");
-        let mut hello = [0u8; 8];
-        link.read_exact(&mut hello).await.expect("greeting");
+        let (mut link, stop_tx, server) = linked().await;
 
         let _ = stop_tx.send(true);
         // The shard's FIN: it has nothing more to say.
